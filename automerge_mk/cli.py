@@ -1,0 +1,472 @@
+"""The command line: the only module that wires the stages together."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import click
+
+from .errors import AutomergeError, DataError, ModelReferenceError, NoSuccessfulTrialError
+from .types import STRATEGY_HELP, SearchSettings, SourceModel, TaskScore
+
+METHODS_HELP = (
+    "Comma-separated merge methods to search per block. Default: linear, task_arithmetic, ties, "
+    "dare_linear, dare_ties. Also: breadcrumbs, breadcrumbs_ties, della, della_linear. All but "
+    "linear need --base."
+)
+
+
+def _range(text: str, label: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{label} must be MIN:MAX, e.g. 0.1:1.0, not {text!r}") from None
+    return low, high
+
+
+def _key_values(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise click.BadParameter(f"{option} takes NAME=VALUE, not {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _data_files(data: dict[str, str], sources: list[SourceModel]) -> dict[str, Path]:
+    """Map each source model's name to its validation file.
+
+    Raises:
+        DataError: when a name matches no model or a model has no data.
+    """
+    by_name = {}
+    for source in sources:
+        by_name[source.name] = source
+        by_name[source.reference] = source
+    files: dict[str, Path] = {}
+    for key, path in data.items():
+        if key not in by_name:
+            raise DataError(
+                f"--data {key}=... names no source model; model names are "
+                f"{', '.join(s.name for s in sources)}"
+            )
+        files[by_name[key].name] = Path(path).expanduser()
+    missing = [s.name for s in sources if s.name not in files]
+    if missing:
+        raise DataError(
+            f"no --data for {', '.join(missing)}: give each source model its validation data "
+            f"as --data NAME=PATH (names: {', '.join(s.name for s in sources)})"
+        )
+    return files
+
+
+def _model_dtype(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def run_search(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Validate everything cheap, then segment, search, write the recipe and build the model.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        AutomergeError: (a subclass) for any problem with the input, before work starts.
+    """
+    from . import evaluate, hub, recipe, report, search, segment, space
+    from .rundir import RunDir
+
+    started = time.perf_counter()
+    # --- checks that cost nothing, before anything is loaded or written ---
+    RunDir.check_free(out, overwrite)
+    segment.parse_strategy(settings.strategy)
+    space.check_methods(settings.methods, has_base=base_ref is not None)
+    space.check_method_parameters(settings.methods, settings.method_parameters)
+    if len(model_refs) < 2:
+        raise ModelReferenceError("give at least two source models to merge")
+    sources = [hub.resolve_model(ref) for ref in model_refs]
+    if len({s.name for s in sources}) < len(sources):
+        raise ModelReferenceError(
+            f"source models share a name ({', '.join(s.name for s in sources)}); "
+            "--data needs distinct folder or repo names"
+        )
+    base = hub.resolve_model(base_ref) if base_ref else None
+    files = _data_files(data, sources)
+    texts = {name: evaluate.load_texts(path, settings.text_column) for name, path in files.items()}
+    everyone = [s.path for s in sources] + ([base.path] if base else [])
+    segment.check_compatible(everyone)
+    reference_model = (base or sources[0]).path
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(reference_model))
+    except Exception as error:
+        raise ModelReferenceError(
+            f"cannot load a tokenizer from {reference_model}: {error}"
+        ) from None
+    tasks = [
+        evaluate.tokenize_task(
+            s.name,
+            texts[s.name],
+            tokenizer,
+            settings.max_length,
+            settings.eval_tokens,
+            settings.seed,
+        )
+        for s in sources
+    ]
+
+    # --- expensive work from here on ---
+    from .engine import MergeEngine
+
+    run = RunDir.create(out, overwrite)
+    blocks = segment.segment_model(reference_model, settings.strategy)
+    dtype = settings.dtype or _model_dtype(reference_model)
+    run.write_json(
+        "settings.json",
+        {
+            "models": [s.model_dump(mode="json") for s in sources],
+            "base": base.model_dump(mode="json") if base else None,
+            "data": {k: str(v) for k, v in files.items()},
+            "settings": settings.model_dump(mode="json"),
+            "dtype": dtype,
+            "blocks": [b.model_dump(mode="json") for b in blocks],
+            "eval_sequences": {t.name: len(t.sequences) for t in tasks},
+        },
+    )
+    engine = MergeEngine(everyone, reference_model, run.path / ".engine", settings.device)
+
+    table: dict[str, tuple[dict[str, TaskScore], float]] = {}
+    reference_losses: dict[str, float] = {}
+    for source in sources:
+        scores = evaluate.score_model(engine.load(engine.sources[source.path]), tasks)
+        reference_losses[source.name] = scores[source.name].loss
+        table[source.name] = scores  # preservation needs every specialist's loss first
+    table = {n: evaluate.with_preservation(s, reference_losses) for n, s in table.items()}
+    run.write_json(
+        "sources.json",
+        {
+            n: {"harmonic_mean": h, "tasks": {t: s.model_dump() for t, s in sc.items()}}
+            for n, (sc, h) in table.items()
+        },
+    )
+
+    names = tuple(s.name for s in sources)
+    to_plan = partial(
+        space.plan_from_config,
+        blocks=blocks,
+        sources=tuple(str(s.path) for s in sources),
+        source_names=names,
+        base=str(base.path) if base else None,
+        settings=settings,
+        dtype=dtype,
+    )
+    objective = search.MergeObjective(engine, tasks, reference_losses, to_plan)
+    optimizer = search.make_optimizer(
+        space.build_space(blocks, names, settings),
+        settings.trials,
+        settings.initial,
+        settings.seed,
+        run.path / ".smac",
+    )
+    results = search.run_search(optimizer, objective, settings.trials, run.append_trial, progress)
+    succeeded = [r for r in results if r.status == "ok"]
+    if not succeeded:
+        raise NoSuccessfulTrialError(
+            f"all {len(results)} trials failed (see {run.path / 'trials.jsonl'}); check the "
+            "source models for NaN/inf weights or narrow --methods / --weight-range"
+        )
+    best = max(succeeded, key=lambda r: r.harmonic_mean)
+    plan = to_plan(best.config)
+    references = {str(m.path): m.pinned for m in sources + ([base] if base else [])}
+    multi = len(plan.methods) > 1
+    command = recipe.reproduce_command(
+        run.path / "recipe.yaml", run.path / "model", multi, plan.seed
+    )
+    recipe_file = run.write_text("recipe.yaml", recipe.recipe_text(plan, references, command))
+    run.write_json("best.json", best.model_dump(mode="json") | {"recipe": "recipe.yaml"})
+
+    recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device)
+    from transformers import AutoModelForCausalLM
+
+    built = AutoModelForCausalLM.from_pretrained(str(run.path / "model")).to(engine.device)
+    final = evaluate.with_preservation(evaluate.score_model(built, tasks), reference_losses)
+    table = {
+        "search (best trial)": (best.tasks, best.harmonic_mean),
+        "model/ (stock mergekit)": final,
+        **table,
+    }
+    run.write_json(
+        "final.json",
+        {"harmonic_mean": final[1], "tasks": {t: s.model_dump() for t, s in final[0].items()}},
+    )
+    plan_rows = [
+        {
+            "block": b.name,
+            "method": c.method,
+            "weights": ", ".join(f"{w:.3f}" for w in c.weights),
+            "densities": ", ".join(f"{d:.3f}" for d in c.densities) if c.densities else "-",
+        }
+        for b, c in zip(plan.blocks, plan.choices)
+    ]
+    run.write_text(
+        "summary.md",
+        report.summary_markdown(
+            f"automerge-mk: {' + '.join(names)}",
+            best,
+            results,
+            table,
+            plan_rows,
+            command,
+            time.perf_counter() - started,
+        ),
+    )
+    return run.path
+
+
+class _Group(click.Group):
+    """Reports user errors as one line and exit code 2, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AutomergeError as error:
+            raise click.ClickException(f"{type(error).__name__}: {error}") from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="automerge-mk")
+def main() -> None:
+    """automerge-mk: search per-block merge recipes with Bayesian optimisation on mergekit."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--strategy", default="layers:4", show_default=True, help=STRATEGY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the blocks as JSON.")
+def segment(model: str, strategy: str, as_json: bool) -> None:
+    """Print the blocks MODEL (a folder or Hub id) is split into."""
+    from .hub import resolve_model
+    from .segment import blocks_to_json, describe_blocks, segment_model
+
+    blocks = segment_model(resolve_model(model).path, strategy)
+    if as_json:
+        click.echo(blocks_to_json(blocks))
+        return
+    rows = describe_blocks(blocks)
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    click.echo("  ".join(k.ljust(w) for k, w in widths.items()))
+    for row in rows:
+        click.echo("  ".join(row[k].ljust(w) for k, w in widths.items()))
+    total = sum(b.parameters for b in blocks)
+    click.echo(
+        f"{len(blocks)} blocks, {sum(len(b.tensors) for b in blocks)} tensors, {total:,} parameters"
+    )
+
+
+def search_options(function):
+    """Options shared by `search` and `demo`."""
+    options = [
+        click.option("--methods", default=",".join(SearchSettings().methods), help=METHODS_HELP),
+        click.option(
+            "--strategy",
+            default="layers:4",
+            show_default=True,
+            help=STRATEGY_HELP,
+        ),
+        click.option(
+            "--weight-range",
+            default="0:1",
+            show_default=True,
+            help="MIN:MAX of each source's weight (two sources: w and 1-w).",
+        ),
+        click.option(
+            "--density-range",
+            default="0.1:1",
+            show_default=True,
+            help="MIN:MAX of each source's density for sparsifying methods.",
+        ),
+        click.option(
+            "--initial",
+            default=20,
+            show_default=True,
+            help="Configurations in SMAC's Sobol initial design.",
+        ),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            help="Seed of the optimiser, the evaluation subset and DARE draws.",
+        ),
+        click.option(
+            "--eval-tokens",
+            type=int,
+            default=None,
+            help="Validation tokens per task (a fixed seeded subset). Default: all.",
+        ),
+        click.option(
+            "--max-length",
+            default=512,
+            show_default=True,
+            help="Truncate validation texts to this many tokens.",
+        ),
+        click.option(
+            "--set",
+            "fixed",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Fix a merge parameter for every trial, e.g. --set lambda=1.0 "
+            "--set int8_mask=true. Unknown keys are rejected.",
+        ),
+        click.option(
+            "--device",
+            default="cpu",
+            show_default=True,
+            help="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N.",
+        ),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _settings(
+    trials,
+    methods,
+    strategy,
+    weight_range,
+    density_range,
+    initial,
+    seed,
+    eval_tokens,
+    max_length,
+    fixed,
+    device,
+    text_column="text",
+    dtype=None,
+):
+    from pydantic import ValidationError
+
+    try:
+        return SearchSettings(
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            strategy=strategy,
+            weight_range=_range(weight_range, "--weight-range"),
+            density_range=_range(density_range, "--density-range"),
+            trials=trials,
+            initial=initial,
+            seed=seed,
+            eval_tokens=eval_tokens,
+            max_length=max_length,
+            text_column=text_column,
+            dtype=dtype,
+            device=device,
+            method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
+        )
+    except ValidationError as error:
+        messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        raise click.BadParameter(messages) from None
+
+
+@main.command("search")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--base", help="The model the sources were fine-tuned from (folder or Hub id).")
+@click.option(
+    "--data",
+    multiple=True,
+    metavar="NAME=PATH",
+    required=True,
+    help="Validation data of the source model NAME (its folder or repo name): "
+    "jsonl, json, csv, parquet or txt. Repeat per model.",
+)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("automerge-run"),
+    show_default=True,
+    help="Run directory: trials.jsonl, best.json, recipe.yaml, model/.",
+)
+@click.option("--trials", default=200, show_default=True, help="Trials in total.")
+@click.option(
+    "--dtype", default=None, help="Merge dtype written in the recipe. Default: the base model's."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+@search_options
+def search_command(
+    models, base, data, text_column, out, trials, dtype, overwrite, quiet, **options
+) -> None:
+    """Search the best per-block merge of MODELS and build it with stock mergekit.
+
+    \b
+    Example:
+      automerge-mk search org/chat org/code --base org/base \\
+          --data chat=val_chat.jsonl --data code=val_code.jsonl --trials 200
+    """
+    settings = _settings(trials, text_column=text_column, dtype=dtype, **options)
+    run = run_search(
+        list(models),
+        base,
+        _key_values(data, "--data"),
+        settings,
+        out,
+        overwrite,
+        progress=not quiet,
+    )
+    click.echo((run / "summary.md").read_text())
+    click.echo(f"Run directory: {run}")
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("automerge-demo"),
+    show_default=True,
+    help="Where the demo models and the demo run go.",
+)
+@click.option("--trials", default=40, show_default=True, help="Trials of the demo search.")
+@search_options
+def demo(out, trials, quiet, **options) -> None:
+    """Build a small base and two trained specialists offline, then search their merge.
+
+    The models are reused on later runs; the demo's own run directory (OUT/run) is replaced.
+    """
+    from .demo import build_demo_models
+
+    if options["initial"] == 20:
+        options["initial"] = 10  # a shorter demo: the default 20 is sized for 200 trials
+    settings = _settings(trials, **options)
+    models = build_demo_models(out / "models", seed=settings.seed, progress=not quiet)
+    names = list(models.specialists)
+    run = run_search(
+        [str(models.specialists[n]) for n in names],
+        str(models.base),
+        {n: str(models.validation[n]) for n in names},
+        settings,
+        out / "run",
+        overwrite=True,
+        progress=not quiet,
+    )
+    click.echo((run / "summary.md").read_text())
+    click.echo(f"Run directory: {run}")

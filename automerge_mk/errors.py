@@ -1,0 +1,37 @@
+"""Errors a user can cause, each raised before expensive work starts and saying what to do."""
+
+
+class AutomergeError(Exception):
+    """Base class: a problem with the user's input or environment, reported without a traceback."""
+
+
+class ModelReferenceError(AutomergeError):
+    """A model reference cannot be resolved to a local folder with a config and weights."""
+
+
+class ArchitectureMismatchError(AutomergeError):
+    """Source models do not share an architecture or tensor shapes, so they cannot be merged."""
+
+
+class MissingBaseModelError(AutomergeError):
+    """A task-vector method (task_arithmetic, ties, dare_*) was asked for without `--base`."""
+
+
+class DataError(AutomergeError):
+    """Validation data is missing, empty, unreadable or lacks the text column."""
+
+
+class SettingsError(AutomergeError):
+    """Search settings contradict each other or name an unknown method, strategy or parameter."""
+
+
+class RecipeError(AutomergeError):
+    """A recipe cannot be written or read faithfully by mergekit."""
+
+
+class OutputExistsError(AutomergeError):
+    """The output directory exists and `--overwrite` was not given."""
+
+
+class NoSuccessfulTrialError(AutomergeError):
+    """Every trial of a search failed (NaN/inf losses), so there is no recipe to write."""

@@ -1,0 +1,212 @@
+"""Stage 3: a MergePlan <-> mergekit YAML, and building a model from it with stock mergekit.
+
+mergekit's `merge_method` is global to a document, so a plan that uses one method becomes one
+`mergekit-yaml` document with per-block parameters as filter lists. A plan that mixes methods
+becomes a `mergekit-multi` set: one named intermediate merge per method, then an unnamed final
+`linear` merge with `normalize: false` whose 0/1 weights pick each tensor from its method's
+intermediate (mergekit-multi writes only the unnamed document to `--out-path`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mergekit.merge_methods import registry
+
+from .errors import RecipeError
+from .space import is_sparsifying, method_accepts, needs_base
+from .types import MergePlan
+
+PART_SUFFIX = "_part"
+
+
+def _values(plan: MergePlan, method: str, pick, fallback: bool) -> list[dict[str, Any]]:
+    entries = [
+        {"filter": f, "value": pick(choice)}
+        for block, choice in zip(plan.blocks, plan.choices)
+        if choice.method == method
+        for f in block.filters
+    ]
+    if fallback:
+        # Tensors of other methods' blocks are computed by this intermediate but never selected;
+        # they still need a value because mergekit requires `weight` for every tensor.
+        entries.append({"value": entries[0]["value"]})
+    return entries
+
+
+def method_document(
+    plan: MergePlan, method: str, name: str | None, references: Mapping[str, str]
+) -> dict[str, Any]:
+    """The mergekit document that merges every block assigned to `method`."""
+    partial = name is not None
+    document: dict[str, Any] = {"name": name} if partial else {}
+    document["merge_method"] = method
+    if needs_base(method):
+        document["base_model"] = references.get(plan.base, plan.base)
+    document["dtype"] = plan.dtype
+    fixed = {k: v for k, v in plan.method_parameters.items() if method_accepts(method, k)}
+    if fixed:
+        document["parameters"] = fixed
+    models = []
+    for index, source in enumerate(plan.sources):
+        parameters = {"weight": _values(plan, method, lambda c, i=index: c.weights[i], partial)}
+        if is_sparsifying(method):
+            parameters["density"] = _values(
+                plan, method, lambda c, i=index: c.densities[i], partial
+            )
+        models.append({"model": references.get(source, source), "parameters": parameters})
+    document["models"] = models
+    return document
+
+
+def selection_document(plan: MergePlan) -> dict[str, Any]:
+    """The final unnamed merge that picks each tensor from its method's intermediate."""
+    models = []
+    for method in plan.methods:
+        weight = [
+            {"filter": f, "value": 1.0}
+            for block, choice in zip(plan.blocks, plan.choices)
+            if choice.method == method
+            for f in block.filters
+        ]
+        weight.append({"value": 0.0})
+        models.append({"model": method + PART_SUFFIX, "parameters": {"weight": weight}})
+    return {
+        "merge_method": "linear",
+        "dtype": plan.dtype,
+        "parameters": {"normalize": False},
+        "models": models,
+    }
+
+
+def plan_documents(
+    plan: MergePlan, references: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The mergekit documents for a plan; `references` maps local paths to pinned ids."""
+    references = references or {}
+    if len(plan.methods) == 1:
+        return [method_document(plan, plan.methods[0], None, references)]
+    parts = [method_document(plan, m, m + PART_SUFFIX, references) for m in plan.methods]
+    return parts + [selection_document(plan)]
+
+
+def is_multi(documents: list[dict[str, Any]]) -> bool:
+    return len(documents) > 1
+
+
+def documents_yaml(documents: list[dict[str, Any]]) -> str:
+    return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
+
+
+def reproduce_command(recipe: Path, out: Path, multi: bool, seed: int | None) -> str:
+    """The plain-mergekit command line that rebuilds a recipe."""
+    seed_option = f" --random-seed {seed}" if seed is not None else ""
+    if multi:
+        return (
+            f"mergekit-multi {recipe} --out-path {out} "
+            f"--intermediate-dir {out.parent / (out.name + '-intermediate')}{seed_option}"
+        )
+    return f"mergekit-yaml {recipe} {out}{seed_option}"
+
+
+def recipe_text(
+    plan: MergePlan, references: Mapping[str, str] | None = None, header: str = ""
+) -> str:
+    """The recipe file: a comment header (how to run it, the seed) and the documents."""
+    documents = plan_documents(plan, references)
+    uses_random = any(is_sparsifying(m) and "dare" in m for m in plan.methods)
+    tool = "mergekit-multi" if is_multi(documents) else "mergekit-yaml"
+    lines = [f"# automerge-mk recipe: run with plain {tool} (see README)."]
+    if plan.seed is not None:
+        note = "DARE draws depend on it" if uses_random else "only random methods use it"
+        lines.append(f"# random seed: {plan.seed} (pass --random-seed {plan.seed}; {note})")
+    lines += [f"# {line}" for line in header.splitlines() if line]
+    return "\n".join(lines) + "\n" + documents_yaml(documents)
+
+
+def check_document_parameters(document: Mapping[str, Any]) -> None:
+    """Reject parameter keys that mergekit would silently ignore for the document's method.
+
+    Raises:
+        RecipeError: naming the method and the unknown key.
+    """
+    method = document.get("merge_method")
+    try:
+        spec = registry.get(method).spec
+    except RuntimeError as error:
+        raise RecipeError(f"unknown merge_method {method!r}") from error
+    known = {p.name for p in spec.parameters}
+    scopes = [document.get("parameters") or {}]
+    scopes += [(m.get("parameters") or {}) for m in document.get("models") or []]
+    for scope in scopes:
+        for key in scope:
+            if key not in known:
+                raise RecipeError(
+                    f"parameter {key!r} is not a parameter of {method} (mergekit would ignore "
+                    f"it silently); known: {', '.join(sorted(known))}"
+                )
+
+
+def load_recipe(text: str) -> list[dict[str, Any]]:
+    """Parse a recipe with safe YAML and check every document's parameter keys.
+
+    Raises:
+        RecipeError: when the text is not a list of mapping documents or has unknown keys.
+    """
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe is not valid YAML: {error}") from error
+    if not documents or not all(isinstance(d, dict) for d in documents):
+        raise RecipeError("a recipe holds one or more YAML mapping documents")
+    for document in documents:
+        check_document_parameters(document)
+    return documents
+
+
+def _mergekit_script(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise RecipeError(f"{name} is not installed; `pip install mergekit`")
+    return found
+
+
+def build_with_mergekit(recipe: Path, out: Path, seed: int | None, device: str = "cpu") -> None:
+    """Build the model of a recipe with stock `mergekit-yaml` / `mergekit-multi` in a subprocess.
+
+    The model is written to `out` through a temporary sibling folder renamed at the end, so a
+    half-written model never sits at `out`.
+
+    Raises:
+        RecipeError: when mergekit fails; its last output lines are included.
+    """
+    documents = load_recipe(recipe.read_text())
+    partial = out.parent / (out.name + ".partial")
+    intermediate = out.parent / (out.name + "-intermediate")
+    for stale in (partial, intermediate):
+        shutil.rmtree(stale, ignore_errors=True)
+    common = ["--no-write-model-card", "--quiet", "--device", device]
+    if seed is not None:
+        common += ["--random-seed", str(seed)]
+    if is_multi(documents):
+        command = [_mergekit_script("mergekit-multi"), str(recipe), "--out-path", str(partial)]
+        command += ["--intermediate-dir", str(intermediate.resolve()), *common]
+    else:
+        command = [_mergekit_script("mergekit-yaml"), str(recipe), str(partial), *common]
+    env = dict(os.environ, TQDM_DISABLE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        raise RecipeError(f"mergekit failed on {recipe} ({' '.join(command)}):\n{tail}")
+    shutil.rmtree(intermediate, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)

@@ -1,0 +1,69 @@
+"""Stage 7: tables and the run's summary.md."""
+
+from __future__ import annotations
+
+import statistics
+
+from .types import TaskScore, TrialResult
+
+ScoredModel = tuple[dict[str, TaskScore], float]
+
+
+def score_table(rows: dict[str, ScoredModel]) -> str:
+    """A markdown table: per model the harmonic mean, then loss / AP / accuracy per task."""
+    tasks = list(next(iter(rows.values()))[0])
+    header = ["model", "H (AP)"] + [f"{t} {k}" for t in tasks for k in ("loss", "AP", "acc")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, (scores, mean) in rows.items():
+        cells = [name, f"{mean:.4f}"]
+        for task in tasks:
+            score = scores.get(task)
+            if score is None:
+                cells += ["-", "-", "-"]
+                continue
+            ap = f"{score.preservation:.4f}" if score.preservation is not None else "-"
+            cells += [f"{score.loss:.4f}", ap, f"{score.accuracy:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def time_breakdown(trials: list[TrialResult]) -> str:
+    """Total and mean seconds per trial phase."""
+    phases = sorted({k for t in trials for k in t.seconds})
+    lines = ["| phase | total s | mean s/trial |", "|---|---|---|"]
+    for phase in phases:
+        values = [t.seconds.get(phase, 0.0) for t in trials]
+        lines.append(f"| {phase} | {sum(values):.1f} | {statistics.mean(values):.3f} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(
+    title: str,
+    best: TrialResult,
+    trials: list[TrialResult],
+    table: dict[str, ScoredModel],
+    plan_rows: list[dict[str, str]],
+    reproduce: str,
+    wall_seconds: float,
+) -> str:
+    """The run's summary.md: what won, how it scores next to the sources, how to rebuild it."""
+    failed = sum(t.status == "failed" for t in trials)
+    plan_lines = ["| block | method | weights | densities |", "|---|---|---|---|"]
+    plan_lines += [
+        f"| {r['block']} | {r['method']} | {r['weights']} | {r['densities']} |" for r in plan_rows
+    ]
+    return (
+        "\n\n".join(
+            [
+                f"# {title}",
+                f"{len(trials)} trials ({failed} failed) in {wall_seconds:.0f} s; best trial "
+                f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time.",
+                "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
+                "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
+                "## Best recipe\n\n" + "\n".join(plan_lines),
+                f"Rebuild with plain mergekit:\n\n```\n{reproduce}\n```",
+                "## Where the time went\n\n" + time_breakdown(trials),
+            ]
+        )
+        + "\n"
+    )

@@ -1,0 +1,351 @@
+"""Stage 1: split a model's tensors into blocks that get their own merge configuration.
+
+The base segmentation traces one forward pass on the meta device (no weights are loaded) with
+hooks on the top-level sub-modules and starts a new block wherever the output's shape
+signature changes. Finer strategies split further: `layers:K` cuts the layer stack into K
+contiguous groups, `components` separates attention tensors from the rest; they combine as
+`layers:4+components`. Tensor names are mergekit's own (its architecture definitions decide
+what a merge touches), so every block is exactly a set of tensors mergekit will merge.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .errors import ArchitectureMismatchError, ModelReferenceError, SettingsError
+from .types import STRATEGY_HELP, Block, Component
+
+# Checked against llama/mistral/qwen2 (self_attn.), gpt2 (attn.), bert (attention.), falcon
+# (self_attention.) module names; norms named after attention (post_attention_layernorm) are not
+# attention tensors.
+_ATTENTION = re.compile(r"(^|\.)(?!\w*norm)\w*(attn|attention)\w*\.")
+
+
+def parse_strategy(strategy: str) -> tuple[int | None, bool]:
+    """Parse a strategy string into (layer groups or None, split components).
+
+    Raises:
+        SettingsError: on an unknown term or a non-positive K.
+    """
+    groups: int | None = None
+    components = False
+    for term in filter(None, (t.strip() for t in strategy.split("+"))):
+        if term == "trace":
+            continue
+        if term == "components":
+            components = True
+        elif term.startswith("layers:") and term[7:].isdigit() and int(term[7:]) > 0:
+            groups = int(term[7:])
+        else:
+            raise SettingsError(f"unknown segmentation strategy {term!r}; use {STRATEGY_HELP}")
+    return groups, components
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Read tensor names and shapes from a folder's safetensors headers, loading no data.
+
+    Raises:
+        ModelReferenceError: when the folder holds no readable safetensors weights.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelReferenceError(
+            f"{folder} holds no *.safetensors weights; convert pickled weights with "
+            "`model.save_pretrained(folder, safe_serialization=True)`"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in reader.keys():
+                    shapes[name] = tuple(reader.get_slice(name).get_shape())
+        except Exception as error:  # safetensors raises several types for a bad header
+            raise ModelReferenceError(f"cannot read {file}: {error}") from error
+    return shapes
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    """Load a model's config.json.
+
+    Raises:
+        ModelReferenceError: when config.json is missing or unreadable.
+    """
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as error:
+        raise ModelReferenceError(f"cannot read the config of {folder}: {error}") from error
+
+
+def merge_tensor_names(folder: Path, config: PretrainedConfig) -> list[str]:
+    """Tensor names mergekit merges for this model, in its order, skipping absent optional ones.
+
+    Raises:
+        ModelReferenceError: when mergekit does not know the architecture.
+    """
+    arch = arch_info_for_config(config)
+    if arch is None:
+        raise ModelReferenceError(
+            f"mergekit has no definition for architecture {config.architectures} of {folder}"
+        )
+    present = set(tensor_shapes(folder))
+    names = []
+    for weight in ConfiguredModelArchitecture(info=arch, config=config).all_weights():
+        if {weight.name, *(weight.aliases or ())} & present:
+            names.append(weight.name)
+        elif not weight.optional:
+            raise ModelReferenceError(f"{folder} lacks tensor {weight.name}")
+    return names
+
+
+def check_compatible(folders: list[Path]) -> None:
+    """Check that all models share architecture, tensor names and shapes.
+
+    Raises:
+        ArchitectureMismatchError: naming the first model and tensor that differ.
+    """
+    first = folders[0]
+    first_arch = load_config(first).architectures
+    first_shapes = tensor_shapes(first)
+    for other in folders[1:]:
+        arch = load_config(other).architectures
+        if arch != first_arch:
+            raise ArchitectureMismatchError(
+                f"{other} is {arch} but {first} is {first_arch}: merge models of one architecture"
+            )
+        shapes = tensor_shapes(other)
+        for name in sorted(set(first_shapes) | set(shapes)):
+            if first_shapes.get(name) != shapes.get(name):
+                raise ArchitectureMismatchError(
+                    f"tensor {name} is {first_shapes.get(name, 'missing')} in {first} but "
+                    f"{shapes.get(name, 'missing')} in {other}: the models do not share a base"
+                )
+
+
+@dataclass
+class _Unit:
+    """A top-level sub-module: an embedding, one layer, a final norm, a head."""
+
+    path: str
+    layer: int | None
+    signature: tuple | None = None
+    order: int = 1 << 30
+    tensors: list[str] = field(default_factory=list)
+
+
+def _top_level_units(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, object]]:
+    # Descend through wrappers (LlamaForCausalLM.model, GPT2LMHeadModel.transformer) until the
+    # layer stack (a ModuleList) and its siblings are reached.
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, torch.nn.ModuleList):
+            for index, element in child.named_children():
+                yield f"{path}.{index}", element
+        elif any(isinstance(m, torch.nn.ModuleList) for m in child.modules()):
+            yield from _top_level_units(child, f"{path}.")
+        elif any(True for _ in child.parameters()):
+            yield path, child
+
+
+def _signature(output: object) -> tuple | None:
+    if isinstance(output, dict):
+        output = next(iter(output.values()), None)
+    if isinstance(output, (tuple, list)):
+        output = next((o for o in output if isinstance(o, torch.Tensor)), None)
+    if not isinstance(output, torch.Tensor):
+        return None
+    # Batch and sequence axes vary with the input; the rest is the block's "type".
+    return (output.dim(), tuple(output.shape[2:] if output.dim() >= 3 else output.shape[1:]))
+
+
+def _trace_units(config: PretrainedConfig) -> list[_Unit]:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    units: list[_Unit] = []
+    hooks = []
+    calls = iter(range(1 << 30))
+
+    def record(unit: _Unit):
+        def hook(_module, _inputs, output):
+            if unit.signature is None:
+                unit.signature, unit.order = _signature(output), next(calls)
+
+        return hook
+
+    for path, module in _top_level_units(model):
+        unit = _Unit(path=path, layer=None)
+        units.append(unit)
+        hooks.append(module.register_forward_hook(record(unit)))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 4), dtype=torch.long, device="meta"))
+    except Exception:  # noqa: BLE001 - a model that cannot run on meta keeps module order
+        pass
+    for hook in hooks:
+        hook.remove()
+    units.sort(key=lambda u: u.order)  # stable: units that never ran keep module order
+    del model
+    return units
+
+
+def _assign_tensors(units: list[_Unit], names: list[str], layer_of: dict[str, int]) -> list[_Unit]:
+    by_length = sorted(units, key=lambda u: -len(u.path))
+    leftovers = _Unit(path="other", layer=None)
+    for name in names:
+        owner = next((u for u in by_length if name.startswith(u.path + ".")), leftovers)
+        owner.tensors.append(name)
+        if name in layer_of:
+            owner.layer = layer_of[name]
+    return [u for u in units + [leftovers] if u.tensors]
+
+
+def _layer_index(config: PretrainedConfig) -> dict[str, int]:
+    arch = arch_info_for_config(config)
+    layer_of: dict[str, int] = {}
+    for module_name in arch.modules:
+        module = ConfiguredModelArchitecture(info=arch, config=config).get_module(module_name)
+        for index in range(module.num_layers()):
+            for weight in module.layer_weights(index):
+                layer_of[weight.name] = index
+    return layer_of
+
+
+def _split_layers(group: list[_Unit], parts: int) -> list[list[_Unit]]:
+    layered = [i for i, u in enumerate(group) if u.layer is not None]
+    if not layered:
+        return [group]
+    parts = min(parts, len(layered))
+    size, extra = divmod(len(layered), parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        bounds.append((layered[start], layered[end - 1]))
+        start = end
+    # Non-layer units before the stack join the first group, those after it the last.
+    chunks = []
+    for part, (first, last) in enumerate(bounds):
+        lo = 0 if part == 0 else first
+        hi = len(group) - 1 if part == parts - 1 else last
+        chunks.append(group[lo : hi + 1])
+    return chunks
+
+
+def _filters(tensors: set[str], all_names: list[str]) -> tuple[str, ...]:
+    """Shortest name prefixes that, as mergekit substring filters, match only these tensors."""
+    chosen: list[str] = []
+    for name in sorted(tensors):
+        if any(f in name for f in chosen):
+            continue
+        parts = name.split(".")
+        candidates = [".".join(parts[:i]) + "." for i in range(1, len(parts))] + [name]
+        for candidate in candidates:
+            if all(n in tensors for n in all_names if candidate in n):
+                chosen.append(candidate)
+                break
+        else:  # pragma: no cover - only when a full name is a substring of another block's name
+            raise SettingsError(f"tensor {name} cannot be selected by a mergekit filter alone")
+    return tuple(chosen)
+
+
+def _block_name(units: list[_Unit], component: Component) -> str:
+    layers = [u.layer for u in units if u.layer is not None]
+    if layers:
+        name = f"L{min(layers)}-{max(layers)}" if len(set(layers)) > 1 else f"L{layers[0]}"
+    else:
+        name = "+".join(u.path.rsplit(".", 1)[-1] for u in units)
+    return name if component == "all" else f"{name}_{'attn' if component == 'attention' else 'mlp'}"
+
+
+def segment_model(folder: Path, strategy: str = "trace") -> tuple[Block, ...]:
+    """Segment a model folder into blocks.
+
+    Args:
+        folder: a transformers model folder (config.json + safetensors).
+        strategy: see `STRATEGY_HELP`.
+
+    Returns:
+        Blocks in forward order; every merged tensor is in exactly one block.
+
+    Raises:
+        SettingsError: on an unknown strategy.
+        ModelReferenceError: when the folder or its architecture cannot be read.
+    """
+    groups, components = parse_strategy(strategy)
+    config = load_config(folder)
+    names = merge_tensor_names(folder, config)
+    shapes = tensor_shapes(folder)
+    layer_of = _layer_index(config)
+    units = _assign_tensors(_trace_units(config), names, layer_of)
+
+    trace_groups: list[list[_Unit]] = []
+    for unit in units:
+        if trace_groups and trace_groups[-1][-1].signature == unit.signature:
+            trace_groups[-1].append(unit)
+        else:
+            trace_groups.append([unit])
+    if groups:
+        trace_groups = [chunk for g in trace_groups for chunk in _split_layers(g, groups)]
+
+    def count(tensors: list[str]) -> int:
+        total = 0
+        for name in tensors:
+            shape = shapes.get(name, ())
+            size = 1
+            for dim in shape:
+                size *= dim
+            total += size
+        return total
+
+    blocks: list[Block] = []
+    for group in trace_groups:
+        tensors = [t for u in group for t in u.tensors]
+        layers = [u.layer for u in group if u.layer is not None]
+        span = (min(layers), max(layers) + 1) if layers else None
+        parts: list[tuple[Component, list[str]]] = [("all", tensors)]
+        if components:
+            attention = [t for t in tensors if _ATTENTION.search(t)]
+            rest = [t for t in tensors if not _ATTENTION.search(t)]
+            if attention and rest:
+                parts = [("attention", attention), ("mlp", rest)]
+        for component, part in parts:
+            blocks.append(
+                Block(
+                    name=_block_name(group, component),
+                    tensors=tuple(part),
+                    filters=_filters(set(part), names),
+                    layers=span,
+                    component=component,
+                    parameters=count(part),
+                )
+            )
+    return tuple(blocks)
+
+
+def describe_blocks(blocks: tuple[Block, ...]) -> list[dict[str, str]]:
+    """Rows for the `segment` table: block, layers, component, filters, tensors, parameters."""
+    rows = []
+    for block in blocks:
+        filters = ", ".join(block.filters)
+        rows.append(
+            {
+                "block": block.name,
+                "layers": f"{block.layers[0]}-{block.layers[1] - 1}" if block.layers else "-",
+                "component": block.component,
+                "filters": filters if len(filters) <= 60 else filters[:57] + "...",
+                "tensors": str(len(block.tensors)),
+                "parameters": f"{block.parameters:,}",
+            }
+        )
+    return rows
+
+
+def blocks_to_json(blocks: tuple[Block, ...]) -> str:
+    return json.dumps([b.model_dump(mode="json") for b in blocks], indent=1)

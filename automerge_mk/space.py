@@ -1,0 +1,182 @@
+"""Stage 2: blocks -> a conditional ConfigSpace, and a sampled configuration -> a MergePlan.
+
+Per block: a categorical `method`, a weight per source (for two sources one weight w, the
+second source gets 1 - w), and a density per source that is active only for sparsifying
+methods (a ConfigSpace InCondition). Method facts come from mergekit's own registry, so a
+method's parameters are never restated here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from ConfigSpace import Categorical, ConfigurationSpace, Float, InCondition
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import BasePolicy, ParameterScope
+
+from .errors import MissingBaseModelError, SettingsError
+from .types import Block, BlockChoice, MergePlan, SearchSettings
+
+DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+# Methods whose parameters the space expresses: a weight per source (+ a density per source
+# when they sparsify). slerp/nuslerp/karcher/model_stock take other parameters (issue 6).
+SUPPORTED_METHODS = DEFAULT_METHODS + ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+SEARCHED_PARAMETERS = frozenset({"weight", "density"})
+
+
+def is_sparsifying(method: str) -> bool:
+    """Whether mergekit's method drops task-vector entries by a density."""
+    return getattr(registry.get(method), "sparsification_method", None) is not None
+
+
+def needs_base(method: str) -> bool:
+    """Whether mergekit's method merges task vectors relative to a base model."""
+    return registry.get(method).spec.contract.base == BasePolicy.REQUIRED
+
+
+def check_methods(methods: tuple[str, ...], has_base: bool) -> None:
+    """Check each method is supported and has the base model it needs.
+
+    Raises:
+        SettingsError: on an unknown or unsupported method.
+        MissingBaseModelError: when a task-vector method is asked for without a base.
+    """
+    for method in methods:
+        if method not in SUPPORTED_METHODS:
+            close = difflib.get_close_matches(method, SUPPORTED_METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingsError(
+                f"unknown or unsupported merge method {method!r}{hint}; "
+                f"choose from {', '.join(SUPPORTED_METHODS)}"
+            )
+    if not has_base:
+        needing = [m for m in methods if needs_base(m)]
+        if needing:
+            raise MissingBaseModelError(
+                f"{', '.join(needing)} merge task vectors relative to a base model: give "
+                "--base BASE (the model the sources were fine-tuned from) or restrict "
+                "--methods to linear"
+            )
+
+
+def check_method_parameters(methods: tuple[str, ...], parameters: Mapping[str, Any]) -> None:
+    """Check fixed parameters (e.g. lambda, normalize) against mergekit's method specs.
+
+    mergekit silently ignores unknown keys (`densty`), so each key must be a shared parameter
+    of at least one chosen method, and its value must validate.
+
+    Raises:
+        SettingsError: naming the unknown key and the known ones.
+    """
+    known: dict[str, Any] = {}
+    for method in methods:
+        for spec in registry.get(method).spec.parameters:
+            if spec.scope == ParameterScope.SHARED:
+                known.setdefault(spec.name, spec)
+    for key, value in parameters.items():
+        if key in SEARCHED_PARAMETERS:
+            raise SettingsError(f"parameter {key!r} is searched per block; do not fix it")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known) + list(SEARCHED_PARAMETERS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingsError(
+                f"unknown merge parameter {key!r}{hint}: none of {', '.join(methods)} accepts "
+                f"it, and mergekit would silently ignore it; known: {', '.join(sorted(known))}"
+            )
+        try:
+            known[key].validate(value)
+        except Exception as error:
+            raise SettingsError(f"bad value {value!r} for parameter {key!r}: {error}") from error
+
+
+def method_accepts(method: str, parameter: str) -> bool:
+    return any(p.name == parameter for p in registry.get(method).spec.parameters)
+
+
+def _name(block: Block, what: str, source: str | None = None) -> str:
+    return f"{block.name}:{what}" + (f":{source}" if source else "")
+
+
+def build_space(
+    blocks: tuple[Block, ...], source_names: tuple[str, ...], settings: SearchSettings
+) -> ConfigurationSpace:
+    """The search space: per block a method, weights and (conditionally) densities."""
+    space = ConfigurationSpace(seed=settings.seed)
+    sparsifying = [m for m in settings.methods if is_sparsifying(m)]
+    for block in blocks:
+        method = Categorical(_name(block, "method"), list(settings.methods))
+        space.add(method)
+        weight_sources = [None] if len(source_names) == 2 else list(source_names)
+        for source in weight_sources:
+            low, high = settings.weight_range
+            default = min(max(0.5, low), high)
+            space.add(Float(_name(block, "weight", source), (low, high), default=default))
+        if not sparsifying:
+            continue
+        for source in source_names:
+            density = Float(
+                _name(block, "density", source),
+                settings.density_range,
+                default=max(settings.density_range[0], min(0.5, settings.density_range[1])),
+            )
+            space.add(density)
+            if len(sparsifying) < len(settings.methods):
+                space.add(InCondition(density, method, sparsifying))
+    return space
+
+
+def plan_from_config(
+    config: Mapping[str, Any],
+    blocks: tuple[Block, ...],
+    sources: tuple[str, ...],
+    source_names: tuple[str, ...],
+    base: str | None,
+    settings: SearchSettings,
+    dtype: str,
+) -> MergePlan:
+    """Turn one sampled configuration into a per-block MergePlan."""
+    choices = []
+    for block in blocks:
+        method = config[_name(block, "method")]
+        if len(source_names) == 2:
+            w = float(config[_name(block, "weight")])
+            weights: tuple[float, ...] = (w, 1.0 - w)
+        else:
+            weights = tuple(float(config[_name(block, "weight", s)]) for s in source_names)
+        densities = None
+        if is_sparsifying(method):
+            densities = tuple(float(config[_name(block, "density", s)]) for s in source_names)
+        choices.append(BlockChoice(method=method, weights=weights, densities=densities))
+    return MergePlan(
+        sources=sources,
+        base=base,
+        blocks=blocks,
+        choices=tuple(choices),
+        dtype=dtype,
+        method_parameters=dict(settings.method_parameters),
+        seed=settings.seed,
+    )
+
+
+def uniform_plan(
+    method: str,
+    weights: tuple[float, ...],
+    densities: tuple[float, ...] | None,
+    blocks: tuple[Block, ...],
+    sources: tuple[str, ...],
+    base: str | None,
+    dtype: str,
+    seed: int | None = None,
+) -> MergePlan:
+    """One method and one set of weights/densities for every block (a baseline merge)."""
+    choice = BlockChoice(method=method, weights=weights, densities=densities)
+    return MergePlan(
+        sources=sources,
+        base=base,
+        blocks=blocks,
+        choices=(choice,) * len(blocks),
+        dtype=dtype,
+        seed=seed,
+    )

@@ -1,0 +1,153 @@
+"""The concepts that cross module boundaries, validated once on construction and frozen."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Component = Literal["all", "attention", "mlp"]
+STRATEGY_HELP = (
+    "'trace' (shape-signature blocks of one forward pass), 'layers:K' (K contiguous layer "
+    "groups), 'components' (attention vs the rest: MLP, norms, embeddings); combine with '+', "
+    "e.g. 'layers:4+components'. The trace is always applied first."
+)
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceModel(Frozen):
+    """A model reference resolved to a local folder.
+
+    `pinned` is what recipes record: the absolute folder for local models, `org/name@sha` for
+    Hub models, so that a recipe always names exactly the weights that were searched.
+    """
+
+    reference: str
+    name: str
+    path: Path
+    revision: str | None = None
+    repo_id: str | None = None
+
+    @property
+    def pinned(self) -> str:
+        if self.repo_id and self.revision:
+            return f"{self.repo_id}@{self.revision}"
+        return str(self.path)
+
+
+class Block(Frozen):
+    """A set of tensors that share one merge configuration.
+
+    `filters` are substrings of tensor names (mergekit's parameter-filter semantics) that match
+    exactly this block's tensors among all of the model's tensors.
+    """
+
+    name: str
+    tensors: tuple[str, ...]
+    filters: tuple[str, ...]
+    layers: tuple[int, int] | None = None
+    component: Component = "all"
+    parameters: int
+
+
+class BlockChoice(Frozen):
+    """The merge chosen for one block: method, a weight per source, a density per source."""
+
+    method: str
+    weights: tuple[float, ...]
+    densities: tuple[float, ...] | None = None
+
+
+class MergePlan(Frozen):
+    """A complete per-block merge: what the optimiser proposes and a recipe encodes."""
+
+    sources: tuple[str, ...]
+    base: str | None
+    blocks: tuple[Block, ...]
+    choices: tuple[BlockChoice, ...]
+    dtype: str = "float32"
+    method_parameters: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _one_choice_per_block(self) -> MergePlan:
+        if len(self.blocks) != len(self.choices):
+            raise ValueError(f"{len(self.blocks)} blocks but {len(self.choices)} choices")
+        for choice in self.choices:
+            if len(choice.weights) != len(self.sources):
+                raise ValueError(f"{len(self.sources)} sources but weights {choice.weights}")
+        return self
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Methods used, in order of first use."""
+        return tuple(dict.fromkeys(c.method for c in self.choices))
+
+
+class TaskScore(Frozen):
+    """A model's scores on one task's validation data."""
+
+    loss: float
+    accuracy: float
+    tokens: int
+    preservation: float | None = None
+
+
+class TrialResult(Frozen):
+    """One finished trial, as written to a line of trials.jsonl."""
+
+    trial: int
+    status: Literal["ok", "failed"]
+    config: dict[str, Any]
+    cost: float
+    harmonic_mean: float
+    tasks: dict[str, TaskScore]
+    seconds: dict[str, float]
+    error: str | None = None
+
+
+def harmonic_mean(values: list[float]) -> float:
+    """n / sum(1/v): zero as soon as one value is zero or not finite."""
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+class SearchSettings(Frozen):
+    """What to search and how much; validated before any model is loaded."""
+
+    methods: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+    strategy: str = "layers:4"
+    weight_range: tuple[float, float] = (0.0, 1.0)
+    density_range: tuple[float, float] = (0.1, 1.0)
+    trials: int = 200
+    initial: int = 20
+    seed: int = 0
+    eval_tokens: int | None = None
+    max_length: int = 512
+    text_column: str = "text"
+    dtype: str | None = None
+    device: str = "cpu"
+    method_parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSettings:
+        if self.initial < 1:
+            raise ValueError("--initial must be at least 1")
+        if self.trials < self.initial:
+            raise ValueError(
+                f"--trials ({self.trials}) is smaller than --initial ({self.initial}): "
+                "the initial design alone would exceed the budget; raise --trials or lower "
+                "--initial"
+            )
+        for label, (low, high) in (("weight", self.weight_range), ("density", self.density_range)):
+            if not low < high:
+                raise ValueError(f"{label} range {low}..{high} is empty: give MIN < MAX")
+        if not (0.0 < self.density_range[0] and self.density_range[1] <= 1.0):
+            raise ValueError("densities must lie in (0, 1]")
+        return self
