@@ -1,7 +1,7 @@
 """Tiny, fully offline demo models: a base LM and two specialists that merging must trade off.
 
 `build_demo_models` trains, on CPU and in seconds, a 4-layer Llama base model on generic text
-and fine-tunes two copies of it on two different synthetic tasks:
+with a light mix of both tasks, then fine-tunes two copies of it on one synthetic task each:
 
 * ``arith``: ``"12 + 7 = 19"`` and ``"9 - 4 = 5"``, with the numbers as whole-word tokens;
 * ``reverse``: ``"rev c a f = f a c"``, reversing a short sequence of letters.
@@ -59,7 +59,8 @@ _BATCH = 64
 _BASE_STEPS = 200
 _BASE_LR = 3e-3
 _SPECIALIST_STEPS = 250
-_SPECIALIST_LR = 2e-3
+# Gentle enough that the specialists keep some of the other task, so merges are not hopeless.
+_SPECIALIST_LR = 1e-3
 _WARMUP = 10
 
 
@@ -156,9 +157,9 @@ def build_demo_models(out_dir: Path, *, seed: int = 0, progress: bool = True) ->
         dtype="float32",
     )
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
     _train(
-        base,
+        model,
         tokenizer,
         _base_corpus(data, seed),
         steps=_BASE_STEPS,
@@ -167,15 +168,15 @@ def build_demo_models(out_dir: Path, *, seed: int = 0, progress: bool = True) ->
         desc="demo base",
         progress=progress,
     )
-    _save(base, tokenizer, out_dir / "base")
-    base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    _save(model, tokenizer, out_dir / "base")
+    base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
     for task in TASKS:
         # Each specialist starts from the same base weights; training order is the only
         # randomness (the Llama config has no dropout), seeded per task.
-        base.load_state_dict(base_state)
+        model.load_state_dict(base_state)
         _train(
-            base,
+            model,
             tokenizer,
             data[task]["train"],
             steps=_SPECIALIST_STEPS,
@@ -184,7 +185,7 @@ def build_demo_models(out_dir: Path, *, seed: int = 0, progress: bool = True) ->
             desc=f"demo {task}",
             progress=progress,
         )
-        _save(base, tokenizer, out_dir / task)
+        _save(model, tokenizer, out_dir / task)
 
     manifest = _Manifest(
         format=_FORMAT,
@@ -368,11 +369,21 @@ def _train(
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     """Save weights as a single model.safetensors plus the tokenizer into `folder`."""
+    from transformers.utils import logging as hf_logging
+
     folder.mkdir(parents=True, exist_ok=True)
-    # safetensors is the default (and, in transformers 5, the only) format; the model is far
-    # below the shard size, so this writes exactly one model.safetensors.
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    # transformers draws its own bar per saved file; our bars (or silence) are the whole story,
+    # so hide it for the duration and restore whatever the caller had.
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        # safetensors is the default (and, in transformers 5, the only) format; the model is far
+        # below the shard size, so this writes exactly one model.safetensors.
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _write_jsonl(path: Path, texts: Iterable[str]) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import transformers
 from mergekit.architecture import get_architecture_info
-from mergekit.common import ModelReference
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
-from mergekit.io.tasks import LoaderCache, ReturnTensor
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge import _model_out_config
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
@@ -132,12 +132,16 @@ class MergeEngine:
         out_config = _model_out_config(config, arch_info, trust_remote_code=False)
         planner = MergePlanner(config, arch_info, self.options, out_model_config=out_config)
         planner._plan()  # plan_in_memory() raises TypeError in mergekit 0.1.5
-        targets = [
-            ReturnTensor(weight_info=w, tensor_task=t, dtype=w.force_dtype or config.out_dtype)
-            for w, t in planner._tensors
-        ]
-        executor = Executor(targets, math_device=self.device, storage_device=self.device)
-        return {task.weight_info.name: value for task, value in executor.run(quiet=True)}
+        # ReturnTensor cannot be constructed in mergekit 0.1.5 (the reason plan_in_memory
+        # raises), so the merge tasks are the targets and the output cast is SaveTensor's.
+        weights = {task: weight for weight, task in planner._tensors}
+        executor = Executor(list(weights), math_device=self.device, storage_device=self.device)
+        merged: Tensors = {}
+        for task, value in executor.run(quiet=True):
+            weight = weights[task]
+            dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
+            merged[weight.name] = value.to(dtype) if dtype else value
+        return merged
 
     def merge(self, recipe_yaml: str, seed: int | None = None) -> Tensors:
         """Run a recipe (one document or a mergekit-multi set) in memory.

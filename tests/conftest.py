@@ -1,0 +1,61 @@
+"""Shared fixtures: small real models built once per test run, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from automerge_mk.demo import DemoModels, build_demo_models
+
+
+def save_model(config, folder: Path, seed: int = 0) -> Path:
+    """Build a randomly initialised model from `config` and save it as safetensors."""
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    values = dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_model(llama_config(), tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        vocab_size=128,
+        n_positions=64,
+        architectures=["GPT2LMHeadModel"],
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return save_model(config, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> DemoModels:
+    """The demo's base and two trained specialists (about 20 s on 2 cores, once per run)."""
+    return build_demo_models(tmp_path_factory.mktemp("demo"), seed=0, progress=False)

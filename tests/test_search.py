@@ -1,0 +1,109 @@
+"""End to end: `search` on the demo specialists, and what its run directory holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from automerge_mk.cli import main
+from automerge_mk.engine import MergeEngine
+from automerge_mk.evaluate import load_texts, score_model, tokenize_task, with_preservation
+from automerge_mk.recipe import documents_yaml, load_recipe, plan_documents
+from automerge_mk.segment import segment_model
+from automerge_mk.space import uniform_plan
+
+TRIALS = 40
+
+
+@pytest.fixture(scope="module")
+def run(demo_models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("search") / "run"
+    names = list(demo_models.specialists)
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
+    arguments += ["--trials", str(TRIALS), "--initial", "10", "--seed", "0"]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(demo_models, tmp_path_factory):
+    """Harmonic-mean AP of each source alone and of a plain linear 0.5/0.5 merge, measured here."""
+    names = list(demo_models.specialists)
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base))
+    tasks = [tokenize_task(n, load_texts(demo_models.validation[n]), tokenizer, 512) for n in names]
+    folders = [demo_models.base, *demo_models.specialists.values()]
+    engine = MergeEngine(folders, demo_models.base, tmp_path_factory.mktemp("scratch"))
+    per_source = {
+        n: score_model(engine.load(engine.sources[demo_models.specialists[n]]), tasks)
+        for n in names
+    }
+    reference = {n: per_source[n][n].loss for n in names}
+    linear = uniform_plan(
+        "linear",
+        (0.5, 0.5),
+        None,
+        segment_model(demo_models.base, "trace"),
+        tuple(str(demo_models.specialists[n]) for n in names),
+        None,
+        "float32",
+    )
+    linear_scores = score_model(
+        engine.load(engine.merge(documents_yaml(plan_documents(linear)))), tasks
+    )
+    return {
+        "tasks": tasks,
+        "reference": reference,
+        "sources": {n: with_preservation(s, reference)[1] for n, s in per_source.items()},
+        "linear": with_preservation(linear_scores, reference)[1],
+    }
+
+
+def test_run_directory_holds_trials_best_recipe_model_and_summary(run):
+    for name in ["trials.jsonl", "best.json", "recipe.yaml", "summary.md", "model/config.json"]:
+        assert (run / name).exists(), name
+    lines = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+    assert [t["trial"] for t in lines] == list(range(TRIALS))
+    first = lines[0]
+    assert set(first["tasks"]) == {"arith", "reverse"}
+    assert {"loss", "accuracy", "preservation"} <= set(first["tasks"]["arith"])
+    assert {"ask", "merge", "evaluate"} <= set(first["seconds"])
+    assert any(key.endswith(":method") for key in first["config"])
+    best = json.loads((run / "best.json").read_text())
+    assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in lines)
+
+
+def test_recipe_is_valid_pinned_and_records_the_seed(run, demo_models):
+    text = (run / "recipe.yaml").read_text()
+    load_recipe(text)
+    assert str(demo_models.specialists["arith"].resolve()) in text
+    assert "--random-seed 0" in text
+
+
+def test_best_merge_beats_each_source_and_a_plain_linear_merge(run, measured):
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model"))
+    scores, harmonic = with_preservation(
+        score_model(model, measured["tasks"]), measured["reference"]
+    )
+    for name, source_harmonic in measured["sources"].items():
+        assert harmonic >= source_harmonic, name
+    assert harmonic >= measured["linear"]
+
+
+def test_stock_model_scores_as_the_search_trial_did(run):
+    best = json.loads((run / "best.json").read_text())
+    final = json.loads((run / "final.json").read_text())
+    assert final["harmonic_mean"] == pytest.approx(best["harmonic_mean"], rel=1e-5)
+
+
+def test_summary_shows_search_and_final_scores_and_how_to_rebuild(run):
+    summary = (run / "summary.md").read_text()
+    assert "search (best trial)" in summary and "model/ (stock mergekit)" in summary
+    assert "mergekit-" in summary and str(run / "recipe.yaml") in summary
