@@ -135,12 +135,14 @@ def run_search(
         for s in sources
     ]
 
-    # --- expensive work from here on ---
-    from .engine import MergeEngine
+    # --- expensive work from here on, once segmentation, dtype and device are checked ---
+    from .engine import MergeEngine, check_device, check_dtype
 
-    run = RunDir.create(out, overwrite)
-    blocks = segment.segment_model(reference_model, settings.strategy)
+    blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
     dtype = settings.dtype or _model_dtype(reference_model)
+    check_dtype(dtype)
+    check_device(settings.device)
+    run = RunDir.create(out, overwrite)
     run.write_json(
         "settings.json",
         {
@@ -244,7 +246,7 @@ def run_search(
 
 
 class _Group(click.Group):
-    """Reports user errors as one line and exit code 2, without a traceback."""
+    """Reports user errors as one line and exit code 1, without a traceback."""
 
     def invoke(self, ctx):
         try:

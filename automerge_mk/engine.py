@@ -28,7 +28,7 @@ from mergekit.scripts.multimerge import load_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .errors import ModelReferenceError
+from .errors import ModelReferenceError, SettingsError
 
 Tensors = dict[str, torch.Tensor]
 
@@ -87,6 +87,35 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def check_device(device: str) -> None:
+    """Raises SettingsError unless `device` is auto, cpu, or a visible CUDA device."""
+    resolved = resolve_device(device)
+    if resolved == "cpu":
+        return
+    try:
+        parsed = torch.device(resolved)
+    except RuntimeError as error:
+        raise SettingsError(
+            f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:N"
+        ) from error
+    if parsed.type != "cuda" or not torch.cuda.is_available():
+        raise SettingsError(f"--device {device!r} is not available here; use --device cpu or auto")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise SettingsError(
+            f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+
+
+def check_dtype(dtype: str) -> None:
+    """Raises SettingsError unless mergekit knows the dtype name (float32, bfloat16, ...)."""
+    try:
+        known = dtype_from_name(dtype)
+    except RuntimeError:
+        known = None
+    if not isinstance(known, torch.dtype) or not known.is_floating_point:
+        raise SettingsError(f"unknown merge dtype {dtype!r}; use float32, bfloat16 or float16")
 
 
 class MergeEngine:

@@ -77,10 +77,14 @@ def check_method_parameters(methods: tuple[str, ...], parameters: Mapping[str, A
                 known.setdefault(spec.name, spec)
     for key, value in parameters.items():
         if key in SEARCHED_PARAMETERS:
-            raise SettingsError(f"parameter {key!r} is searched per block; do not fix it")
+            raise SettingsError(
+                f"parameter {key!r} is searched per block; bound it with --{key}-range instead"
+            )
         if key not in known:
             close = difflib.get_close_matches(key, list(known) + list(SEARCHED_PARAMETERS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if close and close[0] in SEARCHED_PARAMETERS:
+                hint = f" (did you mean {close[0]!r}? it is searched: use --{close[0]}-range)"
             raise SettingsError(
                 f"unknown merge parameter {key!r}{hint}: none of {', '.join(methods)} accepts "
                 f"it, and mergekit would silently ignore it; known: {', '.join(sorted(known))}"

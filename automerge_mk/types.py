@@ -17,7 +17,8 @@ STRATEGY_HELP = (
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN losses of failed trials must survive a JSON round trip (trials.jsonl, resume).
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class SourceModel(Frozen):

@@ -41,7 +41,7 @@ def family(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 def _plan(family, strategy: str, methods: list[str], dtype: str = "float32") -> MergePlan:
     blocks = segment_model(family["base"], strategy)
     choices = []
-    for index, block in enumerate(blocks):
+    for index in range(len(blocks)):
         method = methods[index % len(methods)]
         weight = 0.2 + 0.15 * index
         densities = (
