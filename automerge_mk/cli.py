@@ -285,8 +285,12 @@ def segment(model: str, strategy: str, as_json: bool) -> None:
     )
 
 
-def search_options(function):
-    """Options shared by `search` and `demo`."""
+def search_options(initial: int):
+    """Options shared by `search` and `demo`; `initial` is the default Sobol design size."""
+    return partial(_add_search_options, initial=initial)
+
+
+def _add_search_options(function, initial: int):
     options = [
         click.option("--methods", default=",".join(SearchSettings().methods), help=METHODS_HELP),
         click.option(
@@ -309,7 +313,7 @@ def search_options(function):
         ),
         click.option(
             "--initial",
-            default=20,
+            default=initial,
             show_default=True,
             help="Configurations in SMAC's Sobol initial design.",
         ),
@@ -414,7 +418,7 @@ def _settings(
     "--dtype", default=None, help="Merge dtype written in the recipe. Default: the base model's."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-@search_options
+@search_options(initial=20)
 def search_command(
     models, base, data, text_column, out, trials, dtype, overwrite, quiet, **options
 ) -> None:
@@ -448,7 +452,7 @@ def search_command(
     help="Where the demo models and the demo run go.",
 )
 @click.option("--trials", default=40, show_default=True, help="Trials of the demo search.")
-@search_options
+@search_options(initial=10)
 def demo(out, trials, quiet, **options) -> None:
     """Build a small base and two trained specialists offline, then search their merge.
 
@@ -456,8 +460,6 @@ def demo(out, trials, quiet, **options) -> None:
     """
     from .demo import build_demo_models
 
-    if options["initial"] == 20:
-        options["initial"] = 10  # a shorter demo: the default 20 is sized for 200 trials
     settings = _settings(trials, **options)
     models = build_demo_models(out / "models", seed=settings.seed, progress=not quiet)
     names = list(models.specialists)

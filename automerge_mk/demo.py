@@ -33,7 +33,7 @@ __all__ = ["DemoModels", "build_demo_models"]
 TASKS: tuple[str, ...] = ("arith", "reverse")
 
 # Bumped whenever the recipe below changes, so that an old manifest is rebuilt, not reused.
-_FORMAT = 1
+_FORMAT = 2
 _MANIFEST = "demo.json"
 _WEIGHTS = "model.safetensors"
 
@@ -51,6 +51,7 @@ _REVERSE_LENGTHS = (3, 6)
 _HELD_OUT = 96
 # Reverse has ~300k possible texts; this many distinct training texts is plenty.
 _REVERSE_TRAIN = 4000
+# Generic pre-training texts (with repeats), before the task mix is added.
 _GENERIC_TRAIN = 4000
 # Share of base pre-training batches drawn from the tasks' training texts.
 _BASE_TASK_MIX = 0.2
@@ -269,7 +270,7 @@ def _base_corpus(data: dict[str, dict[str, list[str]]], seed: int) -> list[str]:
     Random word sequences teach the unigram distribution and counting runs teach positional
     structure. The small share of task training text gives the base both formats, so the
     specialists start from a common, sensible point and their task vectors stay small enough
-    to be merged; it is far too little for the base to learn either task itself.
+    to be merged; it is far too little for the base to master either task.
     """
     rng = random.Random(f"demo-{seed}-generic")
     words = _NUMBERS + _LETTERS + _SYMBOLS
@@ -286,7 +287,8 @@ def _base_corpus(data: dict[str, dict[str, list[str]]], seed: int) -> list[str]:
         # Descending runs too, so "reverse order" is not entirely foreign to the base.
         return " ".join(run if rng.random() < 0.5 else reversed(run))
 
-    corpus = [t for t in _distinct(generic_text, _GENERIC_TRAIN) if t not in held_out]
+    # Repeats are kept on purpose: they make the shares of the three kinds the ones above.
+    corpus = [t for t in (generic_text() for _ in range(_GENERIC_TRAIN)) if t not in held_out]
     # Batches sample the list uniformly, so list shares are sampling probabilities.
     per_task = round(len(corpus) * _BASE_TASK_MIX / (1.0 - _BASE_TASK_MIX) / len(TASKS))
     for task in TASKS:

@@ -194,6 +194,12 @@ class MergeEngine:
 
     def load(self, tensors: Tensors) -> PreTrainedModel:
         """Write merged tensors into the live model in place and return it."""
+        unknown = set(tensors) - set(self._parameters)
+        if unknown:
+            raise ModelReferenceError(
+                f"mergekit produced tensors the model lacks: {sorted(unknown)[:3]}; this "
+                "architecture's mergekit definition and transformers class disagree"
+            )
         with torch.no_grad():
             for name, tensor in tensors.items():
                 self._parameters[name].copy_(tensor)
