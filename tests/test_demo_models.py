@@ -16,8 +16,9 @@ SEED = 0
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoModels:
-    return build_demo_models(tmp_path_factory.mktemp("demo"), seed=SEED, progress=False)
+def demo(demo_models: DemoModels) -> DemoModels:
+    """The session's demo build (tests/conftest.py, seed 0)."""
+    return demo_models
 
 
 def _texts(path: Path) -> list[str]:
