@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .errors import AutomergeError, DataError, ModelReferenceError, NoSuccessfulTrialError
-from .types import STRATEGY_HELP, SearchSettings, SourceModel, TaskScore
+from .types import STRATEGY_HELP, Block, SearchSettings, SourceModel
+
+if TYPE_CHECKING:  # evaluate imports torch; --help should not wait for it
+    from .evaluate import TaskData
 
 METHODS_HELP = (
     "Comma-separated merge methods to search per block. Default: linear, task_arithmetic, ties, "
@@ -75,32 +80,39 @@ def _model_dtype(folder: Path) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def run_search(
-    model_refs: list[str],
-    base_ref: str | None,
-    data: dict[str, str],
-    settings: SearchSettings,
-    out: Path,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Validate everything cheap, then segment, search, write the recipe and build the model.
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything `search` needs, checked before anything is loaded or written."""
 
-    Returns:
-        The run directory.
+    sources: list[SourceModel]
+    base: SourceModel | None
+    files: dict[str, Path]
+    tasks: list[TaskData]  # one per source, in source order
+    blocks: tuple[Block, ...]
+    dtype: str
 
-    Raises:
-        AutomergeError: (a subclass) for any problem with the input, before work starts.
-    """
-    from . import evaluate, hub, recipe, report, search, segment, space
-    from .rundir import RunDir
+    @property
+    def reference_model(self) -> Path:
+        return (self.base or self.sources[0]).path
 
-    started = time.perf_counter()
-    # --- checks that cost nothing, before anything is loaded or written ---
-    RunDir.check_free(out, overwrite)
+    @property
+    def folders(self) -> list[Path]:
+        return [s.path for s in self.sources] + ([self.base.path] if self.base else [])
+
+
+def _check_inputs(
+    model_refs: list[str], base_ref: str | None, data: dict[str, str], settings: SearchSettings
+) -> _Inputs:
+    """Resolve and check models, data, methods and parameters; tokenise the data; segment."""
+    from transformers import AutoTokenizer
+
+    from . import evaluate, hub, segment, space
+    from .engine import check_device, check_dtype
+
     segment.parse_strategy(settings.strategy)
     space.check_methods(settings.methods, has_base=base_ref is not None)
     space.check_method_parameters(settings.methods, settings.method_parameters)
+    check_device(settings.device)
     if len(model_refs) < 2:
         raise ModelReferenceError("give at least two source models to merge")
     sources = [hub.resolve_model(ref) for ref in model_refs]
@@ -112,11 +124,10 @@ def run_search(
     base = hub.resolve_model(base_ref) if base_ref else None
     files = _data_files(data, sources)
     texts = {name: evaluate.load_texts(path, settings.text_column) for name, path in files.items()}
-    everyone = [s.path for s in sources] + ([base.path] if base else [])
-    segment.check_compatible(everyone)
     reference_model = (base or sources[0]).path
-    from transformers import AutoTokenizer
-
+    segment.check_compatible([s.path for s in sources] + ([base.path] if base else []))
+    dtype = settings.dtype or _model_dtype(reference_model)
+    check_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(reference_model))
     except Exception as error:
@@ -134,57 +145,74 @@ def run_search(
         )
         for s in sources
     ]
-
-    # --- expensive work from here on, once segmentation, dtype and device are checked ---
-    from .engine import MergeEngine, check_device, check_dtype
-
     blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
-    dtype = settings.dtype or _model_dtype(reference_model)
-    check_dtype(dtype)
-    check_device(settings.device)
+    return _Inputs(sources, base, files, tasks, blocks, dtype)
+
+
+def run_search(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Check every input, then search, write the recipe and build the model with mergekit.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
+    """
+    from . import evaluate, recipe, report, search, space
+    from .engine import MergeEngine
+    from .rundir import RunDir
+
+    started = time.perf_counter()
+    RunDir.check_free(out, overwrite)
+    inputs = _check_inputs(model_refs, base_ref, data, settings)
+
+    # --- expensive work from here on ---
     run = RunDir.create(out, overwrite)
     run.write_json(
         "settings.json",
         {
-            "models": [s.model_dump(mode="json") for s in sources],
-            "base": base.model_dump(mode="json") if base else None,
-            "data": {k: str(v) for k, v in files.items()},
+            "models": [s.model_dump(mode="json") for s in inputs.sources],
+            "base": inputs.base.model_dump(mode="json") if inputs.base else None,
+            "data": {k: str(v) for k, v in inputs.files.items()},
             "settings": settings.model_dump(mode="json"),
-            "dtype": dtype,
-            "blocks": [b.model_dump(mode="json") for b in blocks],
-            "eval_sequences": {t.name: len(t.sequences) for t in tasks},
+            "dtype": inputs.dtype,
+            "blocks": [b.model_dump(mode="json") for b in inputs.blocks],
+            "eval_sequences": {t.name: len(t.sequences) for t in inputs.tasks},
         },
     )
-    engine = MergeEngine(everyone, reference_model, run.path / ".engine", settings.device)
-
-    table: dict[str, tuple[dict[str, TaskScore], float]] = {}
-    reference_losses: dict[str, float] = {}
-    for source in sources:
-        scores = evaluate.score_model(engine.load(engine.sources[source.path]), tasks)
-        reference_losses[source.name] = scores[source.name].loss
-        table[source.name] = scores  # preservation needs every specialist's loss first
-    table = {n: evaluate.with_preservation(s, reference_losses) for n, s in table.items()}
-    run.write_json(
-        "sources.json",
-        {
-            n: {"harmonic_mean": h, "tasks": {t: s.model_dump() for t, s in sc.items()}}
-            for n, (sc, h) in table.items()
-        },
+    engine = MergeEngine(
+        inputs.folders, inputs.reference_model, run.path / ".engine", settings.device
     )
+    # Each specialist's loss on its own task is the reference of AP; score them all first.
+    raw = {
+        s.name: evaluate.score_model(engine.load(engine.sources[s.path]), inputs.tasks)
+        for s in inputs.sources
+    }
+    reference_losses = {name: scores[name].loss for name, scores in raw.items()}
+    table = {n: evaluate.with_preservation(s, reference_losses) for n, s in raw.items()}
+    run.write_json("sources.json", {n: report.scored_json(*scored) for n, scored in table.items()})
 
-    names = tuple(s.name for s in sources)
+    names = tuple(s.name for s in inputs.sources)
     to_plan = partial(
         space.plan_from_config,
-        blocks=blocks,
-        sources=tuple(str(s.path) for s in sources),
+        blocks=inputs.blocks,
+        sources=tuple(str(s.path) for s in inputs.sources),
         source_names=names,
-        base=str(base.path) if base else None,
+        base=str(inputs.base.path) if inputs.base else None,
         settings=settings,
-        dtype=dtype,
+        dtype=inputs.dtype,
     )
-    objective = search.MergeObjective(engine, tasks, reference_losses, to_plan)
+    objective = search.MergeObjective(engine, inputs.tasks, reference_losses, to_plan)
     optimizer = search.make_optimizer(
-        space.build_space(blocks, names, settings),
+        space.build_space(inputs.blocks, names, settings),
         settings.trials,
         settings.initial,
         settings.seed,
@@ -199,49 +227,34 @@ def run_search(
         )
     best = max(succeeded, key=lambda r: r.harmonic_mean)
     plan = to_plan(best.config)
-    references = {str(m.path): m.pinned for m in sources + ([base] if base else [])}
-    multi = len(plan.methods) > 1
+    pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
     command = recipe.reproduce_command(
-        run.path / "recipe.yaml", run.path / "model", multi, plan.seed
+        run.path / "recipe.yaml", run.path / "model", len(plan.methods) > 1, plan.seed
     )
-    recipe_file = run.write_text("recipe.yaml", recipe.recipe_text(plan, references, command))
+    recipe_file = run.write_text("recipe.yaml", recipe.recipe_text(plan, pinned, command))
     run.write_json("best.json", best.model_dump(mode="json") | {"recipe": "recipe.yaml"})
 
     recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device)
     from transformers import AutoModelForCausalLM
 
     built = AutoModelForCausalLM.from_pretrained(str(run.path / "model")).to(engine.device)
-    final = evaluate.with_preservation(evaluate.score_model(built, tasks), reference_losses)
+    final = evaluate.with_preservation(evaluate.score_model(built, inputs.tasks), reference_losses)
+    run.write_json("final.json", report.scored_json(*final))
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
         "model/ (stock mergekit)": final,
         **table,
     }
-    run.write_json(
-        "final.json",
-        {"harmonic_mean": final[1], "tasks": {t: s.model_dump() for t, s in final[0].items()}},
+    summary = report.summary_markdown(
+        f"automerge-mk: {' + '.join(names)}",
+        best,
+        results,
+        table,
+        plan,
+        command,
+        time.perf_counter() - started,
     )
-    plan_rows = [
-        {
-            "block": b.name,
-            "method": c.method,
-            "weights": ", ".join(f"{w:.3f}" for w in c.weights),
-            "densities": ", ".join(f"{d:.3f}" for d in c.densities) if c.densities else "-",
-        }
-        for b, c in zip(plan.blocks, plan.choices)
-    ]
-    run.write_text(
-        "summary.md",
-        report.summary_markdown(
-            f"automerge-mk: {' + '.join(names)}",
-            best,
-            results,
-            table,
-            plan_rows,
-            command,
-            time.perf_counter() - started,
-        ),
-    )
+    run.write_text("summary.md", summary)
     return run.path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from .types import TaskScore, TrialResult
+from .types import MergePlan, TaskScore, TrialResult
 
 ScoredModel = tuple[dict[str, TaskScore], float]
 
@@ -27,6 +27,24 @@ def score_table(rows: dict[str, ScoredModel]) -> str:
     return "\n".join(lines)
 
 
+def scored_json(scores: dict[str, TaskScore], harmonic_mean: float) -> dict:
+    """A model's scores as stored in sources.json / final.json."""
+    return {
+        "harmonic_mean": harmonic_mean,
+        "tasks": {task: score.model_dump() for task, score in scores.items()},
+    }
+
+
+def plan_table(plan: MergePlan) -> str:
+    """The chosen method, weights and densities per block."""
+    lines = ["| block | method | weights | densities |", "|---|---|---|---|"]
+    for block, choice in zip(plan.blocks, plan.choices):
+        weights = ", ".join(f"{w:.3f}" for w in choice.weights)
+        densities = ", ".join(f"{d:.3f}" for d in choice.densities) if choice.densities else "-"
+        lines.append(f"| {block.name} | {choice.method} | {weights} | {densities} |")
+    return "\n".join(lines)
+
+
 def time_breakdown(trials: list[TrialResult]) -> str:
     """Total and mean seconds per trial phase."""
     phases = sorted({k for t in trials for k in t.seconds})
@@ -42,16 +60,12 @@ def summary_markdown(
     best: TrialResult,
     trials: list[TrialResult],
     table: dict[str, ScoredModel],
-    plan_rows: list[dict[str, str]],
+    plan: MergePlan,
     reproduce: str,
     wall_seconds: float,
 ) -> str:
     """The run's summary.md: what won, how it scores next to the sources, how to rebuild it."""
     failed = sum(t.status == "failed" for t in trials)
-    plan_lines = ["| block | method | weights | densities |", "|---|---|---|---|"]
-    plan_lines += [
-        f"| {r['block']} | {r['method']} | {r['weights']} | {r['densities']} |" for r in plan_rows
-    ]
     return (
         "\n\n".join(
             [
@@ -60,7 +74,7 @@ def summary_markdown(
                 f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time.",
                 "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
                 "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
-                "## Best recipe\n\n" + "\n".join(plan_lines),
+                "## Best recipe\n\n" + plan_table(plan),
                 f"Rebuild with plain mergekit:\n\n```\n{reproduce}\n```",
                 "## Where the time went\n\n" + time_breakdown(trials),
             ]

@@ -6,6 +6,8 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
+from conftest import save_model
+from transformers import MistralConfig, Qwen2Config
 
 from automerge_mk.cli import main
 from automerge_mk.errors import SettingsError
@@ -82,3 +84,24 @@ def test_segment_command_prints_a_table_with_parameter_counts(tiny_llama):
     assert lines[0].split() == ["block", "layers", "component", "filters", "tensors", "parameters"]
     assert lines[1].startswith("L0-1")
     assert lines[-1].startswith("3 blocks, 39 tensors")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_llama_like_families_segment_into_layer_groups(family, tmp_path):
+    config_class = {"mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    architecture = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    config = config_class(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        tie_word_embeddings=False,
+        architectures=[architecture],
+    )
+    folder = save_model(config, tmp_path / family)
+    blocks = segment_model(folder, "layers:2+components")
+    assert [b.name for b in blocks] == ["L0-1_attn", "L0-1_mlp", "L2-3_attn", "L2-3_mlp", "lm_head"]
+    assert _covered_once(blocks, folder)
+    assert _filters_select_exactly_their_block(blocks, folder)
