@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ConfigSpace import Configuration, ConfigurationSpace
 from smac import HyperparameterOptimizationFacade, Scenario
+from smac.acquisition.maximizer.local_search import LocalSearch
 from smac.model.random_forest import RandomForest
 from smac.runhistory.dataclasses import TrialValue
 from tqdm.auto import tqdm
@@ -87,6 +90,16 @@ def _failed(trial, config, seconds, error, scores=None) -> TrialResult:
     )
 
 
+class _RepeatableLocalSearch(LocalSearch):
+    """SMAC 2.4.1 dedupes local-search start points through a set, whose order follows
+    Python's per-process hash seed, so one --seed gave different searches in different
+    processes. Sorting the start points by their vector makes a seeded search repeatable."""
+
+    def _get_initial_points(self, *args, **kwargs):
+        points = super()._get_initial_points(*args, **kwargs)
+        return sorted(points, key=lambda c: tuple(np.nan_to_num(c.get_array(), nan=-1.0)))
+
+
 def make_optimizer(
     space: ConfigurationSpace, trials: int, initial: int, seed: int, output: Path
 ) -> HyperparameterOptimizationFacade:
@@ -102,10 +115,13 @@ def make_optimizer(
         seed=seed,
         output_directory=output,
     )
+    maximizer = HyperparameterOptimizationFacade.get_acquisition_maximizer(scenario)
+    maximizer._local_search.__class__ = _RepeatableLocalSearch
     return HyperparameterOptimizationFacade(
         scenario,
         target_function=None,  # trials are run by ask/tell, so every result is recorded first
         model=RandomForest(space, n_jobs=1, log_y=True, seed=seed),
+        acquisition_maximizer=maximizer,
         initial_design=HyperparameterOptimizationFacade.get_initial_design(
             scenario, n_configs=initial, max_ratio=1.0
         ),
@@ -133,7 +149,11 @@ def run_search(
     bar = tqdm(total=trials, desc="search", unit="trial", disable=not progress)
     for trial in range(trials):
         asked = time.perf_counter()
-        info = optimizer.ask()
+        with warnings.catch_warnings():
+            # SMAC's forest averages empty leaves early in a search; harmless, but noisy.
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            info = optimizer.ask()
         ask_seconds = time.perf_counter() - asked
         config = dict(info.config) if isinstance(info.config, Configuration) else info.config
         result = objective(config, trial)
