@@ -171,6 +171,7 @@ def run_search(
     from .rundir import RunDir
 
     started = time.perf_counter()
+    out = out.resolve()  # recipes and rebuild commands must not depend on the working directory
     RunDir.check_free(out, overwrite)
     inputs = _check_inputs(model_refs, base_ref, data, settings)
 

@@ -18,7 +18,8 @@ def save_model(config, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def llama_config(**overrides) -> LlamaConfig:
+def decoder_config(config_class=LlamaConfig, architecture="LlamaForCausalLM", **overrides):
+    """A 4-layer, 32-wide config of a llama-like family (llama, mistral, qwen2 …)."""
     values = dict(
         hidden_size=32,
         num_hidden_layers=4,
@@ -27,12 +28,16 @@ def llama_config(**overrides) -> LlamaConfig:
         intermediate_size=64,
         vocab_size=128,
         tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
+        architectures=[architecture],
         bos_token_id=1,
         eos_token_id=2,
     )
     values.update(overrides)
-    return LlamaConfig(**values)
+    return config_class(**values)
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    return decoder_config(**overrides)
 
 
 @pytest.fixture(scope="session")

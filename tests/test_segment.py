@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
-from conftest import save_model
+from conftest import decoder_config, save_model
 from transformers import MistralConfig, Qwen2Config
 
 from automerge_mk.cli import main
@@ -90,16 +90,7 @@ def test_segment_command_prints_a_table_with_parameter_counts(tiny_llama):
 def test_llama_like_families_segment_into_layer_groups(family, tmp_path):
     config_class = {"mistral": MistralConfig, "qwen2": Qwen2Config}[family]
     architecture = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
-    config = config_class(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=128,
-        tie_word_embeddings=False,
-        architectures=[architecture],
-    )
+    config = decoder_config(config_class, architecture)
     folder = save_model(config, tmp_path / family)
     blocks = segment_model(folder, "layers:2+components")
     assert [b.name for b in blocks] == ["L0-1_attn", "L0-1_mlp", "L2-3_attn", "L2-3_mlp", "lm_head"]
