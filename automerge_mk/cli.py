@@ -149,6 +149,15 @@ def _check_inputs(
     return _Inputs(sources, base, files, tasks, blocks, dtype)
 
 
+def _quiet_libraries() -> None:
+    """Our own bars show progress; per-file bars of datasets and transformers only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run_search(
     model_refs: list[str],
     base_ref: str | None,
@@ -171,6 +180,7 @@ def run_search(
     from .rundir import RunDir
 
     started = time.perf_counter()
+    _quiet_libraries()
     out = out.resolve()  # recipes and rebuild commands must not depend on the working directory
     RunDir.check_free(out, overwrite)
     inputs = _check_inputs(model_refs, base_ref, data, settings)
