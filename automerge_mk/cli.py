@@ -200,11 +200,16 @@ def run_search(
         },
     )
     engine = MergeEngine(
-        inputs.folders, inputs.reference_model, run.path / ".engine", settings.device
+        [s.path for s in inputs.sources],
+        inputs.base.path if inputs.base else None,
+        inputs.reference_model,
+        dtype=inputs.dtype,
+        device=settings.device,
+        cache_order=settings.cache_order,
     )
     # Each specialist's loss on its own task is the reference of AP; score them all first.
     raw = {
-        s.name: evaluate.score_model(engine.load(engine.sources[s.path]), inputs.tasks)
+        s.name: evaluate.score_model(engine.load_source(s.path), inputs.tasks)
         for s in inputs.sources
     }
     reference_losses = {name: scores[name].loss for name, scores in raw.items()}
@@ -368,6 +373,14 @@ def _add_search_options(function, initial: int):
             "--set int8_mask=true. Unknown keys are rejected.",
         ),
         click.option(
+            "--cache-order/--no-cache-order",
+            default=True,
+            show_default=True,
+            help="Keep TIES's magnitude order of every task vector between trials instead of "
+            "sorting again each trial: much faster ties trials for 4 bytes of memory per "
+            "parameter per source model (about 1.1 GB for two 135M-parameter sources).",
+        ),
+        click.option(
             "--device",
             default="cpu",
             show_default=True,
@@ -392,6 +405,7 @@ def _settings(
     max_length,
     fixed,
     device,
+    cache_order,
     text_column="text",
     dtype=None,
 ):
@@ -411,6 +425,7 @@ def _settings(
             text_column=text_column,
             dtype=dtype,
             device=device,
+            cache_order=cache_order,
             method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
         )
     except ValidationError as error:

@@ -1,85 +1,57 @@
-"""Stage 4: merge in memory with mergekit's own planner and kernels, into one live model.
+"""Stage 4: resident sources, mergekit's kernels called per tensor, one live model.
 
-The sources are read once and kept resident; mergekit's `LoaderCache` is given loaders that
-serve those tensors, so each trial runs exactly the graph that `mergekit-yaml` /
-`mergekit-multi` would run on the same recipe (same planner, same kernels, same dtype casts,
-same seeding), minus the disk. Named intermediate documents are served to the final selecting
-document the same way, from memory.
+The base and sources are read once, cast to the merge dtype exactly as mergekit's LoadTensor
+does, and stay on the device for the whole search. A trial calls each block's mergekit merge
+method directly (its public `method([TensorGroup], parameters=...)` API) on those tensors and
+copies every result straight into one live transformers model: no planning graph, no disk, no
+reload. What never changes between trials is computed once:
+
+- the magnitude order TIES needs (an argsort of every task vector, the dominant cost of stock
+  mergekit's ties) is kept as a rank per element, so a trial's mask is `rank < k`, which
+  selects exactly the elements `argsort(...)[:k]` selects (`--cache-order`, 4 bytes per
+  parameter per source);
+- the order in which stock mergekit executes tensors, which randomised methods (DARE, DELLA)
+  need to draw the same masks for the same `--random-seed`.
+
+Every output equals what stock `mergekit-yaml` / `mergekit-multi` writes for the recipe of the
+same plan (tests compare them tensor by tensor).
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from mergekit.architecture import get_architecture_info
-from mergekit.common import ModelReference, dtype_from_name
+from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor
-from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
-from mergekit.io.tasks import LoaderCache
 from mergekit.merge import _model_out_config
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import MergeMethod, TensorEntry, TensorGroup, TensorMetadata
+from mergekit.merge_methods.generalized_task_arithmetic import (
+    GeneralizedTaskArithmeticMerge,
+    get_mask,
+)
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
-from mergekit.scripts.multimerge import load_config
-from safetensors.torch import load_file
+from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import ModelReferenceError, SettingsError
+from .recipe import plan_documents
+from .segment import load_config, merge_tensor_keys
+from .space import method_accepts, needs_base
+from .types import BlockChoice, MergePlan
 
 Tensors = dict[str, torch.Tensor]
-
-
-class ResidentLoader:
-    """Serves in-memory tensors through the interface of mergekit's LazyTensorLoader.
-
-    Checked in mergekit 0.1.5: LoadTensor and the planner use only `index.tensor_paths`,
-    `get_tensor` and `flush`.
-    """
-
-    def __init__(self, tensors: Tensors, folder: Path):
-        self.tensors = tensors
-        self.index = ShardedTensorIndex(
-            base_path=str(folder),
-            is_safetensors=True,
-            tensor_paths={name: "resident" for name in tensors},
-            shards=[],
-        )
-
-    def get_tensor(
-        self,
-        key: str,
-        device: str = "cpu",
-        aliases: list[str] | None = None,
-        raise_on_missing: bool = True,
-    ) -> torch.Tensor | None:
-        for name in [key, *(aliases or [])]:
-            if name in self.tensors:
-                return self.tensors[name].to(device)
-        if raise_on_missing:
-            raise KeyError(key)
-        return None
-
-    def flush(self) -> None:
-        pass
-
-
-def load_folder_tensors(folder: Path, device: str) -> Tensors:
-    """Read every safetensors shard of a model folder onto `device`.
-
-    Raises:
-        ModelReferenceError: naming a shard that cannot be read.
-    """
-    tensors: Tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        try:
-            tensors.update(load_file(str(shard), device=device))
-        except Exception as error:
-            raise ModelReferenceError(f"cannot read weights {shard}: {error}") from error
-    return tensors
+Sink = Callable[[str, torch.Tensor], None]
 
 
 def resolve_device(device: str) -> str:
@@ -118,89 +90,268 @@ def check_dtype(dtype: str) -> None:
         raise SettingsError(f"unknown merge dtype {dtype!r}; use float32, bfloat16 or float16")
 
 
+def load_merge_tensors(
+    folder: Path, keys: dict[str, str], dtype: torch.dtype, device: str
+) -> Tensors:
+    """Read the tensors mergekit merges, by mergekit name, cast to the merge dtype on `device`.
+
+    Raises:
+        ModelReferenceError: naming a file that cannot be read.
+    """
+    where: dict[str, Path] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as reader:
+                where.update(dict.fromkeys(reader.keys(), shard))
+        except Exception as error:
+            raise ModelReferenceError(f"cannot read weights {shard}: {error}") from error
+    tensors: Tensors = {}
+    for shard in dict.fromkeys(where.values()):
+        wanted = {name: key for name, key in keys.items() if where.get(key) == shard}
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as reader:
+                for name, key in wanted.items():
+                    # The same cast as mergekit's LoadTensor: `x.to(dtype)` when it differs.
+                    tensors[name] = reader.get_tensor(key).to(dtype=dtype).to(device)
+        except Exception as error:
+            raise ModelReferenceError(f"cannot read weights {shard}: {error}") from error
+    missing = [name for name, key in keys.items() if key not in where]
+    if missing:
+        raise ModelReferenceError(f"{folder} lacks tensors {missing[:3]}")
+    return tensors
+
+
+def _magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
+    """Each element's position in mergekit's magnitude order, as int32."""
+    magnitudes = delta.abs().reshape(-1)
+    if magnitudes.device.type == "cpu":
+        magnitudes = magnitudes.float()  # as mergekit.sparsify.magnitude does on CPU
+    order = torch.argsort(magnitudes, descending=True)
+    rank = torch.empty(order.numel(), dtype=torch.int32, device=order.device)
+    rank[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
+    return rank
+
+
+@dataclass(frozen=True)
+class RankedMagnitudeMerge(GeneralizedTaskArithmeticMerge):
+    """mergekit's TIES with the magnitude order looked up instead of sorted again.
+
+    `merge_group` mirrors mergekit 0.1.5's GeneralizedTaskArithmeticMerge.merge_group line for
+    line; only `magnitude()`'s `argsort(...)[:k]` becomes `rank < k`, which marks the same
+    elements. tests/test_engine.py compares the result with stock mergekit.
+    """
+
+    rank_of: Callable[[str, Hashable, torch.Tensor], torch.Tensor] | None = None
+
+    def _sparsify(self, name: str, entry_id: Hashable, delta, density: float, rescale: bool):
+        if density >= 1:
+            return delta
+        if density <= 0 or delta.numel() == 0:
+            return torch.zeros_like(delta)
+        k = max(1, int(density * delta.numel()))
+        mask = (self.rank_of(name, entry_id, delta) < k).to(delta.dtype).reshape_as(delta)
+        return rescaled_masked_tensor(delta, mask, RescaleNorm.l1 if rescale else None)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        base = group.base.tensor
+        entries = group.non_base
+        if not entries:
+            return base
+        deltas = base.new_empty((len(entries), *base.shape))
+        for index, entry in enumerate(entries):
+            delta = entry.tensor - base
+            delta = self._sparsify(
+                group.metadata.name,
+                entry.id,
+                delta,
+                parameters["density"][entry.id],
+                parameters["rescale"],
+            )
+            deltas[index] = delta
+            del delta
+        weights = torch.tensor(
+            [parameters["weight"][entry.id] for entry in entries],
+            dtype=deltas.dtype,
+            device=deltas.device,
+        )
+        while deltas.dim() > weights.dim():
+            weights.unsqueeze_(-1)
+        deltas.mul_(weights)
+        if self.consensus_method:
+            mask_dtype = torch.int8 if parameters["int8_mask"] else base.dtype
+            mask = get_mask(deltas, method=self.consensus_method, mask_dtype=mask_dtype)
+            mixed_delta = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed_delta = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if parameters["normalize"]:
+            mixed_delta /= divisor
+        if parameters["lambda"] != 1:
+            mixed_delta *= parameters["lambda"]
+        return (base + mixed_delta).to(base.dtype)
+
+
+def _is_random(method: str) -> bool:
+    sparsification = getattr(registry.get(method), "sparsification_method", None)
+    return sparsification in (SparsificationMethod.random, SparsificationMethod.della_magprune)
+
+
 class MergeEngine:
-    """Resident sources, an in-memory mergekit executor and a live model to evaluate.
+    """Resident sources on a device, per-trial merges with mergekit's kernels, a live model.
 
     Args:
-        folders: every model a recipe may reference (sources and base), as local folders.
-        live_model: the folder whose architecture and non-merged buffers the live model takes.
-        scratch: a folder for the config.json files that name in-memory intermediates.
-        device: where sources stay and kernels run.
+        sources: the source model folders, in the order a plan lists them.
+        base: the base model folder, or None.
+        live_model: the folder whose architecture and buffers the live model takes.
+        dtype: the merge dtype (a recipe's `dtype`).
+        device: where tensors stay and kernels run (auto, cpu, cuda, cuda:N).
+        cache_order: keep TIES's magnitude order between trials (4 bytes per parameter per
+            source) instead of sorting every task vector again on every trial.
         eval_dtype: dtype of the live model (float32 on CPU, where bf16 matmuls are slower).
     """
 
     def __init__(
         self,
-        folders: Iterable[Path],
+        sources: Iterable[Path],
+        base: Path | None,
         live_model: Path,
-        scratch: Path,
+        dtype: str = "float32",
         device: str = "cpu",
+        cache_order: bool = True,
         eval_dtype: torch.dtype = torch.float32,
     ):
         self.device = resolve_device(device)
-        self.scratch = scratch
-        self.config_source = live_model
-        self.options = MergeOptions(device=self.device, quiet=True)
-        self.sources: dict[Path, Tensors] = {}
-        for folder in dict.fromkeys(Path(f) for f in folders):
-            self.sources[folder] = load_folder_tensors(folder, self.device)
-            self._register(str(folder), self.sources[folder], folder)
+        self.dtype = dtype
+        self.source_folders = [Path(s) for s in sources]
+        self.base_folder = Path(base) if base else None
+        self.keys = merge_tensor_keys(live_model, load_config(live_model))
+        merge_dtype = dtype_from_name(dtype)
+        self.resident: dict[Path, Tensors] = {
+            folder: load_merge_tensors(folder, self.keys, merge_dtype, self.device)
+            for folder in dict.fromkeys(self.source_folders + [self.base_folder] * bool(base))
+        }
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             str(live_model), dtype=eval_dtype
         ).to(self.device)
         self.model.eval()
         self._parameters = dict(self.model.named_parameters())
-
-    def _register(self, reference: str, tensors: Tensors, folder: Path) -> None:
-        LoaderCache().loaders[ModelReference.parse(reference)] = ResidentLoader(tensors, folder)
-
-    def _run_document(self, config: MergeConfiguration, seed: int | None) -> Tensors:
-        if seed is not None:
-            transformers.trainer_utils.set_seed(seed)  # as mergekit's run_merge does per document
-        arch_info = get_architecture_info(config, self.options)
-        out_config = _model_out_config(config, arch_info, trust_remote_code=False)
-        planner = MergePlanner(config, arch_info, self.options, out_model_config=out_config)
-        planner._plan()  # plan_in_memory() raises TypeError in mergekit 0.1.5
-        # ReturnTensor cannot be constructed in mergekit 0.1.5 (the reason plan_in_memory
-        # raises), so the merge tasks are the targets and the output cast is SaveTensor's.
-        weights = {task: weight for weight, task in planner._tensors}
-        executor = Executor(list(weights), math_device=self.device, storage_device=self.device)
-        merged: Tensors = {}
-        for task, value in executor.run(quiet=True):
-            weight = weights[task]
-            dtype = dtype_from_name(weight.force_dtype or config.out_dtype)
-            merged[weight.name] = value.to(dtype) if dtype else value
-        return merged
-
-    def merge(self, recipe_yaml: str, seed: int | None = None) -> Tensors:
-        """Run a recipe (one document or a mergekit-multi set) in memory.
-
-        Returns:
-            The final document's tensors, by mergekit tensor name.
-        """
-        configs, dependencies = load_config(recipe_yaml, str(self.scratch))
-        done: dict[str | None, Tensors] = {}
-        while len(done) < len(configs):
-            for name, config in configs.items():
-                if name in done or not dependencies[name] <= set(done):
-                    continue
-                done[name] = self._run_document(config, seed)
-                if name is not None:
-                    folder = self.scratch / name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(self.config_source / "config.json", folder / "config.json")
-                    self._register(str(folder), done[name], folder)
-        return done[None] if None in done else done[next(iter(done))]
-
-    def load(self, tensors: Tensors) -> PreTrainedModel:
-        """Write merged tensors into the live model in place and return it."""
-        unknown = set(tensors) - set(self._parameters)
+        unknown = set(self.keys) - set(self._parameters)
         if unknown:
             raise ModelReferenceError(
-                f"mergekit produced tensors the model lacks: {sorted(unknown)[:3]}; this "
+                f"mergekit merges tensors the model lacks: {sorted(unknown)[:3]}; this "
                 "architecture's mergekit definition and transformers class disagree"
             )
+        self._ranks: dict[tuple[str, Hashable], torch.Tensor] = {}
+        self._schedules: dict[str, list[str]] = {}
+        self._methods: dict[str, MergeMethod] = {}
+        self.cache_order = cache_order
+
+    # --- what never changes between trials ---
+
+    def _rank(self, name: str, entry_id: Hashable, delta: torch.Tensor) -> torch.Tensor:
+        key = (name, entry_id)
+        if key not in self._ranks:
+            self._ranks[key] = _magnitude_rank(delta)
+        return self._ranks[key]
+
+    def _method(self, name: str) -> MergeMethod:
+        if name not in self._methods:
+            method = registry.get(name)
+            sparsification = getattr(method, "sparsification_method", None)
+            if self.cache_order and sparsification == SparsificationMethod.magnitude:
+                values = {f.name: getattr(method, f.name) for f in fields(method)}
+                method = RankedMagnitudeMerge(**values, rank_of=self._rank)
+            self._methods[name] = method
+        return self._methods[name]
+
+    def _stock_schedule(self, plan: MergePlan, method: str) -> list[str]:
+        """Tensor names in the order stock mergekit executes a document of `method`."""
+        if method not in self._schedules:
+            choice = next(c for c in plan.choices if c.method == method)
+            uniform = plan.model_copy(update={"choices": (choice,) * len(plan.blocks)})
+            config = MergeConfiguration.model_validate(plan_documents(uniform)[0])
+            options = MergeOptions(device=self.device, quiet=True)
+            arch_info = get_architecture_info(config, options)
+            out_config = _model_out_config(config, arch_info, trust_remote_code=False)
+            planner = MergePlanner(config, arch_info, options, out_model_config=out_config)
+            planner._plan()
+            executor = Executor([t for _, t in planner._tensors])
+            self._schedules[method] = [
+                handle.task().output_weight.name
+                for handle in executor.schedule.tasks
+                if isinstance(handle.task(), ExecuteMergeMethodTask)
+            ]
+        return self._schedules[method]
+
+    # --- one trial ---
+
+    def _merge_tensor(self, plan: MergePlan, name: str, choice: BlockChoice) -> torch.Tensor:
+        method = self._method(choice.method)
+        entries = [
+            TensorEntry(id=index, tensor=self.resident[Path(source)][name])
+            for index, source in enumerate(plan.sources)
+        ]
+        if needs_base(choice.method):
+            base = self.resident[Path(plan.base)][name]
+            entries.append(TensorEntry(id="base", tensor=base, is_base=True))
+        parameters: dict[str, Any] = {
+            k: v for k, v in plan.method_parameters.items() if method_accepts(choice.method, k)
+        }
+        parameters["weight"] = dict(enumerate(choice.weights))
+        if choice.densities is not None:
+            parameters["density"] = dict(enumerate(choice.densities))
+        group = TensorGroup(entries=tuple(entries), metadata=TensorMetadata(name=name))
+        (merged,) = method((group,), parameters=parameters)
+        return merged
+
+    def merge(self, plan: MergePlan, sink: Sink | None = None) -> Tensors:
+        """Merge a plan; each tensor goes to `sink` (default: kept and returned).
+
+        Randomised methods reproduce stock mergekit's draws: the global RNG is seeded per
+        method document as `run_merge` does, and every tensor of that document is computed in
+        stock order, selected or not.
+        """
+        kept: Tensors = {}
+        sink = sink or kept.__setitem__
+        selecting = len(plan.methods) > 1
+        for method in plan.methods:
+            chosen = {
+                name: choice
+                for block, choice in zip(plan.blocks, plan.choices)
+                if choice.method == method
+                for name in block.tensors
+            }
+            if _is_random(method):
+                transformers.trainer_utils.set_seed(plan.seed)
+                # Unselected tensors take the document's fallback (its first block's values).
+                fallback = next(iter(chosen.values()))
+                order = [(n, chosen.get(n, fallback)) for n in self._stock_schedule(plan, method)]
+            else:
+                order = list(chosen.items())
+            for name, choice in order:
+                merged = self._merge_tensor(plan, name, choice)
+                if name in chosen:
+                    # The final 0/1 linear merge of a multi-method recipe adds +0.0 in float32,
+                    # which turns -0.0 into +0.0; do the same so the values match bit for bit.
+                    sink(name, merged + 0.0 if selecting else merged)
+        return kept
+
+    def load(self, tensors: Tensors) -> PreTrainedModel:
+        """Copy tensors (by mergekit name) into the live model in place and return it."""
         with torch.no_grad():
             for name, tensor in tensors.items():
                 self._parameters[name].copy_(tensor)
         return self.model
+
+    def merge_into_model(self, plan: MergePlan) -> PreTrainedModel:
+        """Merge a plan straight into the live model, one tensor at a time."""
+        with torch.no_grad():
+            self.merge(plan, sink=lambda name, tensor: self._parameters[name].copy_(tensor))
+        return self.model
+
+    def load_source(self, folder: Path) -> PreTrainedModel:
+        """Put a resident source (as cast to the merge dtype) into the live model."""
+        return self.load(self.resident[Path(folder)])

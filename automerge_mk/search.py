@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .engine import MergeEngine
 from .evaluate import TaskData, score_model, with_preservation
-from .recipe import documents_yaml, plan_documents
 from .types import MergePlan, TrialResult
 
 WORST_COST = 1.0  # cost = 1 - harmonic mean of AP, and the harmonic mean is never below 0
@@ -54,8 +53,7 @@ class MergeObjective:
         plan = self.to_plan(config)
         started = time.perf_counter()
         try:
-            merged = self.engine.merge(documents_yaml(plan_documents(plan)), seed=plan.seed)
-            model = self.engine.load(merged)
+            model = self.engine.merge_into_model(plan)
             merge_seconds = time.perf_counter() - started
             scores, mean = with_preservation(score_model(model, self.tasks), self.reference_losses)
         except (RuntimeError, ValueError) as error:  # a kernel failure fails this trial only

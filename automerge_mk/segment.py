@@ -85,11 +85,13 @@ def load_config(folder: Path) -> PretrainedConfig:
         raise ModelReferenceError(f"cannot read the config of {folder}: {error}") from error
 
 
-def merge_tensor_names(folder: Path, config: PretrainedConfig) -> list[str]:
-    """Tensor names mergekit merges for this model, in its order, skipping absent optional ones.
+def merge_tensor_keys(folder: Path, config: PretrainedConfig) -> dict[str, str]:
+    """mergekit's name -> checkpoint key of every tensor mergekit merges, in mergekit's order.
+
+    Absent optional tensors (a tied lm_head) are skipped, as mergekit skips them.
 
     Raises:
-        ModelReferenceError: when mergekit does not know the architecture.
+        ModelReferenceError: when mergekit does not know the architecture or a tensor is missing.
     """
     arch = arch_info_for_config(config)
     if arch is None:
@@ -97,13 +99,19 @@ def merge_tensor_names(folder: Path, config: PretrainedConfig) -> list[str]:
             f"mergekit has no definition for architecture {config.architectures} of {folder}"
         )
     present = set(tensor_shapes(folder))
-    names = []
+    keys = {}
     for weight in ConfiguredModelArchitecture(info=arch, config=config).all_weights():
-        if {weight.name, *(weight.aliases or ())} & present:
-            names.append(weight.name)
+        key = next((k for k in (weight.name, *(weight.aliases or ())) if k in present), None)
+        if key is not None:
+            keys[weight.name] = key
         elif not weight.optional:
             raise ModelReferenceError(f"{folder} lacks tensor {weight.name}")
-    return names
+    return keys
+
+
+def merge_tensor_names(folder: Path, config: PretrainedConfig) -> list[str]:
+    """Tensor names mergekit merges for this model, in its order."""
+    return list(merge_tensor_keys(folder, config))
 
 
 def check_compatible(folders: list[Path]) -> None:

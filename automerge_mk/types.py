@@ -134,6 +134,7 @@ class SearchSettings(Frozen):
     text_column: str = "text"
     dtype: str | None = None
     device: str = "cpu"
+    cache_order: bool = True
     method_parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

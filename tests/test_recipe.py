@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from automerge_mk.engine import MergeEngine, load_folder_tensors
+from automerge_mk.engine import MergeEngine
 from automerge_mk.errors import RecipeError
-from automerge_mk.recipe import documents_yaml, load_recipe, plan_documents, recipe_text
+from automerge_mk.recipe import load_recipe, plan_documents, recipe_text
 from automerge_mk.segment import segment_model
 from automerge_mk.types import BlockChoice, MergePlan
 
@@ -60,8 +60,8 @@ def _plan(family, strategy: str, methods: list[str], dtype: str = "float32") -> 
     )
 
 
-def _engine(family, tmp_path) -> MergeEngine:
-    return MergeEngine(family.values(), family["base"], tmp_path / "scratch")
+def _engine(family) -> MergeEngine:
+    return MergeEngine([family["a"], family["b"]], family["base"], family["base"])
 
 
 def _stock(
@@ -75,7 +75,7 @@ def _stock(
         command = [BIN / "mergekit-yaml", recipe, out]
     result = subprocess.run([str(c) for c in command + seed_args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    return load_folder_tensors(out, "cpu")
+    return load_file(str(out / "model.safetensors"))
 
 
 def _assert_identical(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
@@ -98,7 +98,7 @@ def test_mixed_method_recipe_is_a_mergekit_multi_set_reproducing_the_engine_bit_
         "linear_part",
         None,
     ]
-    engine_tensors = _engine(family, tmp_path).merge(documents_yaml(documents), seed=plan.seed)
+    engine_tensors = _engine(family).merge(plan)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text(plan))
     _assert_identical(engine_tensors, _stock(recipe, tmp_path / "model", multi=True))
@@ -112,7 +112,7 @@ def test_single_method_recipe_is_one_mergekit_yaml_document_with_per_block_filte
     assert len(documents) == 1 and "name" not in documents[0]
     weights = documents[0]["models"][0]["parameters"]["weight"]
     assert len({w["value"] for w in weights}) == len(plan.blocks)  # one value per block
-    engine_tensors = _engine(family, tmp_path).merge(documents_yaml(documents), seed=plan.seed)
+    engine_tensors = _engine(family).merge(plan)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text(plan))
     _assert_identical(engine_tensors, _stock(recipe, tmp_path / "model", multi=False))
@@ -120,12 +120,12 @@ def test_single_method_recipe_is_one_mergekit_yaml_document_with_per_block_filte
 
 def test_per_block_values_change_the_merge(family, tmp_path):
     plan = _plan(family, "layers:2", ["linear"])
-    engine = _engine(family, tmp_path)
-    first = engine.merge(documents_yaml(plan_documents(plan)))
+    engine = _engine(family)
+    first = engine.merge(plan)
     flipped = plan.model_copy(
         update={"choices": (BlockChoice(method="linear", weights=(0.9, 0.1)),) + plan.choices[1:]}
     )
-    second = engine.merge(documents_yaml(plan_documents(flipped)))
+    second = engine.merge(flipped)
     assert not torch.equal(
         first["model.layers.0.mlp.up_proj.weight"], second["model.layers.0.mlp.up_proj.weight"]
     )
@@ -142,7 +142,7 @@ def test_dare_recipe_reproduces_with_the_recorded_seed(family, tmp_path):
     first = _stock(recipe, tmp_path / "one", multi=True, seed=plan.seed)
     second = _stock(recipe, tmp_path / "two", multi=True, seed=plan.seed)
     _assert_identical(first, second)
-    engine_tensors = _engine(family, tmp_path).merge(recipe.read_text(), seed=plan.seed)
+    engine_tensors = _engine(family).merge(plan)
     _assert_identical(first, engine_tensors)
     other_seed = _stock(recipe, tmp_path / "three", multi=True, seed=plan.seed + 1)
     assert not torch.equal(

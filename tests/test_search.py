@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.evaluate import load_texts, score_model, tokenize_task, with_preservation
-from automerge_mk.recipe import documents_yaml, load_recipe, plan_documents
+from automerge_mk.recipe import load_recipe
 from automerge_mk.segment import segment_model
 from automerge_mk.space import uniform_plan
 
@@ -39,11 +39,10 @@ def measured(demo_models, tmp_path_factory):
     names = list(demo_models.specialists)
     tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base))
     tasks = [tokenize_task(n, load_texts(demo_models.validation[n]), tokenizer, 512) for n in names]
-    folders = [demo_models.base, *demo_models.specialists.values()]
-    engine = MergeEngine(folders, demo_models.base, tmp_path_factory.mktemp("scratch"))
+    sources = [demo_models.specialists[n] for n in names]
+    engine = MergeEngine(sources, demo_models.base, demo_models.base)
     per_source = {
-        n: score_model(engine.load(engine.sources[demo_models.specialists[n]]), tasks)
-        for n in names
+        n: score_model(engine.load_source(demo_models.specialists[n]), tasks) for n in names
     }
     reference = {n: per_source[n][n].loss for n in names}
     linear = uniform_plan(
@@ -55,9 +54,7 @@ def measured(demo_models, tmp_path_factory):
         None,
         "float32",
     )
-    linear_scores = score_model(
-        engine.load(engine.merge(documents_yaml(plan_documents(linear)))), tasks
-    )
+    linear_scores = score_model(engine.merge_into_model(linear), tasks)
     return {
         "tasks": tasks,
         "reference": reference,
