@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from automerge_mk.demo import DemoModels, build_demo_models
@@ -58,6 +60,27 @@ def tiny_gpt2(tmp_path_factory) -> Path:
         eos_token_id=2,
     )
     return save_model(config, tmp_path_factory.mktemp("gpt2"))
+
+
+def perturbed_family(base: Path, root: Path, scale: float = 0.05) -> dict[str, Path]:
+    """A base and two 'fine-tunes' of it: the base plus different random perturbations."""
+    folders = {"base": base}
+    tensors = load_file(str(base / "model.safetensors"))
+    for index, name in enumerate(["a", "b"]):
+        folder = root / name
+        shutil.copytree(base, folder)
+        generator = torch.Generator().manual_seed(index)
+        changed = {
+            k: v + scale * torch.randn(v.shape, generator=generator) for k, v in tensors.items()
+        }
+        save_file(changed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def family(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    return perturbed_family(tiny_llama, tmp_path_factory.mktemp("family"))
 
 
 @pytest.fixture(scope="session")

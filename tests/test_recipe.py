@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from automerge_mk.engine import MergeEngine
 from automerge_mk.errors import RecipeError
@@ -18,24 +17,6 @@ from automerge_mk.segment import segment_model
 from automerge_mk.types import BlockChoice, MergePlan
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def family(tiny_llama, tmp_path_factory) -> dict[str, Path]:
-    """A base and two 'fine-tunes' of it: the base plus different random perturbations."""
-    root = tmp_path_factory.mktemp("family")
-    folders = {"base": tiny_llama}
-    for index, name in enumerate(["a", "b"]):
-        folder = root / name
-        shutil.copytree(tiny_llama, folder)
-        generator = torch.Generator().manual_seed(index)
-        tensors = load_file(str(tiny_llama / "model.safetensors"))
-        tensors = {
-            k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()
-        }
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        folders[name] = folder
-    return folders
 
 
 def _plan(family, strategy: str, methods: list[str], dtype: str = "float32") -> MergePlan:
