@@ -95,10 +95,6 @@ class _Inputs:
     def reference_model(self) -> Path:
         return (self.base or self.sources[0]).path
 
-    @property
-    def folders(self) -> list[Path]:
-        return [s.path for s in self.sources] + ([self.base.path] if self.base else [])
-
 
 def _check_inputs(
     model_refs: list[str], base_ref: str | None, data: dict[str, str], settings: SearchSettings

@@ -224,7 +224,6 @@ class MergeEngine:
         eval_dtype: torch.dtype = torch.float32,
     ):
         self.device = resolve_device(device)
-        self.dtype = dtype
         self.source_folders = [Path(s) for s in sources]
         self.base_folder = Path(base) if base else None
         self.keys = merge_tensor_keys(live_model, load_config(live_model))
@@ -325,7 +324,8 @@ class MergeEngine:
                 for name in block.tensors
             }
             if _is_random(method):
-                transformers.trainer_utils.set_seed(plan.seed)
+                if plan.seed is not None:  # run_merge seeds only when given --random-seed
+                    transformers.trainer_utils.set_seed(plan.seed)
                 # Unselected tensors take the document's fallback (its first block's values).
                 fallback = next(iter(chosen.values()))
                 order = [(n, chosen.get(n, fallback)) for n in self._stock_schedule(plan, method)]
