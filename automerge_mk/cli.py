@@ -249,7 +249,10 @@ def run_search(
     recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device)
     from transformers import AutoModelForCausalLM
 
-    built = AutoModelForCausalLM.from_pretrained(str(run.path / "model")).to(engine.device)
+    # Scored in the live model's dtype, so the only difference to the trial could be the merge.
+    built = AutoModelForCausalLM.from_pretrained(
+        str(run.path / "model"), dtype=engine.model.dtype
+    ).to(engine.device)
     final = evaluate.with_preservation(evaluate.score_model(built, inputs.tasks), reference_losses)
     run.write_json("final.json", report.scored_json(*final))
     table = {

@@ -274,7 +274,12 @@ class MergeEngine:
             config = MergeConfiguration.model_validate(plan_documents(uniform)[0])
             options = MergeOptions(device=self.device, quiet=True)
             arch_info = get_architecture_info(config, options)
-            out_config = _model_out_config(config, arch_info, trust_remote_code=False)
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # mergekit sets the deprecated torch_dtype
+            try:
+                out_config = _model_out_config(config, arch_info, trust_remote_code=False)
+            finally:
+                transformers.logging.set_verbosity(verbosity)
             planner = MergePlanner(config, arch_info, options, out_model_config=out_config)
             planner._plan()
             executor = Executor([t for _, t in planner._tensors])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from automerge_mk.cli import main
@@ -104,3 +107,34 @@ def test_summary_shows_search_and_final_scores_and_how_to_rebuild(run):
     summary = (run / "summary.md").read_text()
     assert "search (best trial)" in summary and "model/ (stock mergekit)" in summary
     assert "mergekit-" in summary and str(run / "recipe.yaml") in summary
+
+
+def _as_bfloat16(folder: Path, target: Path) -> Path:
+    shutil.copytree(folder, target)
+    tensors = load_file(str(folder / "model.safetensors"))
+    bf16 = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    save_file(bf16, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_bf16_mixed_recipe_built_by_stock_mergekit_scores_exactly_as_its_trial(
+    demo_models, tmp_path
+):
+    names = list(demo_models.specialists)
+    base = _as_bfloat16(demo_models.base, tmp_path / "base")
+    sources = [_as_bfloat16(demo_models.specialists[n], tmp_path / n) for n in names]
+    arguments = ["search", *(str(s) for s in sources), "--base", str(base), "--quiet"]
+    arguments += ["--out", str(tmp_path / "run"), "--trials", "6", "--initial", "4"]
+    arguments += ["--methods", "ties,dare_ties,task_arithmetic", "--seed", "1"]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["harmonic_mean"] == best["harmonic_mean"]
+    for name in names:
+        assert final["tasks"][name]["loss"] == best["tasks"][name]["loss"]
