@@ -116,7 +116,7 @@ def _batches(task: TaskData, batch_tokens: int) -> list[list[tuple[int, ...]]]:
 
 
 @torch.inference_mode()
-def score_task(model: PreTrainedModel, task: TaskData, batch_tokens: int = 8192) -> TaskScore:
+def score_task(model: PreTrainedModel, task: TaskData, batch_tokens: int = 2048) -> TaskScore:
     """Mean next-token loss and accuracy of `model` over a task's sequences."""
     device = next(model.parameters()).device
     loss_sum, correct, count = 0.0, 0, 0
