@@ -172,7 +172,7 @@ def run_search(
         AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
     """
     from . import evaluate, recipe, report, search, space
-    from .engine import MergeEngine
+    from .engine import MergeEngine, eval_dtype
     from .rundir import RunDir
 
     started = time.perf_counter()
@@ -192,8 +192,11 @@ def run_search(
             "settings": settings.model_dump(mode="json"),
             "dtype": inputs.dtype,
             "blocks": [b.model_dump(mode="json") for b in inputs.blocks],
-            "eval_sequences": {t.name: len(t.sequences) for t in inputs.tasks},
         },
+    )
+    run.write_json(
+        "eval_subset.json",
+        {t.name: {"texts": list(t.indices), "tokens": t.tokens} for t in inputs.tasks},
     )
     engine = MergeEngine(
         [s.path for s in inputs.sources],
@@ -202,6 +205,7 @@ def run_search(
         dtype=inputs.dtype,
         device=settings.device,
         cache_order=settings.cache_order,
+        eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
     )
     # Each specialist's loss on its own task is the reference of AP; score them all first.
     raw = {
@@ -372,6 +376,14 @@ def _add_search_options(function, initial: int):
             "--set int8_mask=true. Unknown keys are rejected.",
         ),
         click.option(
+            "--eval-dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="dtype of the live model that is scored: auto = float32 on CPU (bf16 matmuls "
+            "are slower there), bfloat16 on a GPU. Losses are summed in float32 either way.",
+        ),
+        click.option(
             "--cache-order/--no-cache-order",
             default=True,
             show_default=True,
@@ -405,6 +417,7 @@ def _settings(
     fixed,
     device,
     cache_order,
+    eval_dtype,
     text_column="text",
     dtype=None,
 ):
@@ -425,6 +438,7 @@ def _settings(
             dtype=dtype,
             device=device,
             cache_order=cache_order,
+            eval_dtype=eval_dtype,
             method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
         )
     except ValidationError as error:

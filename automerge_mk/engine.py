@@ -80,6 +80,14 @@ def check_device(device: str) -> None:
         )
 
 
+def eval_dtype(name: str, device: str) -> torch.dtype:
+    """The live model's dtype: 'auto' is float32 on CPU (bf16 matmuls are slower there) and
+    bfloat16 on a GPU."""
+    if name == "auto":
+        return torch.float32 if resolve_device(device) == "cpu" else torch.bfloat16
+    return dtype_from_name(name)
+
+
 def check_dtype(dtype: str) -> None:
     """Raises SettingsError unless mergekit knows the dtype name (float32, bfloat16, ...)."""
     try:

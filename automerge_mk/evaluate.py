@@ -8,6 +8,7 @@ Texts are tokenised once per search and batched by length so few padded position
 from __future__ import annotations
 
 import random
+import weakref
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ class TaskData(BaseModel):
     name: str
     sequences: tuple[tuple[int, ...], ...]
     pad_id: int
+    indices: tuple[int, ...]  # which of the task's texts the sequences come from
 
     @property
     def tokens(self) -> int:
@@ -87,20 +89,25 @@ def tokenize_task(
         DataError: when no text yields at least two tokens.
     """
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    sequences = [tuple(ids) for ids in encoded if len(ids) >= 2]
-    if not sequences:
+    kept = [(i, tuple(ids)) for i, ids in enumerate(encoded) if len(ids) >= 2]
+    if not kept:
         raise DataError(f"task {name!r}: no text has two or more tokens")
     if eval_tokens:
-        random.Random(seed).shuffle(sequences)
-        kept, total = [], 0
-        for sequence in sequences:
+        random.Random(seed).shuffle(kept)
+        subset, total = [], 0
+        for index, sequence in kept:
             if total >= eval_tokens:
                 break
-            kept.append(sequence)
+            subset.append((index, sequence))
             total += len(sequence) - 1
-        sequences = kept
+        kept = sorted(subset)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TaskData(name=name, sequences=tuple(sequences), pad_id=pad)
+    return TaskData(
+        name=name,
+        sequences=tuple(s for _, s in kept),
+        pad_id=pad,
+        indices=tuple(i for i, _ in kept),
+    )
 
 
 def _batches(task: TaskData, batch_tokens: int) -> list[list[tuple[int, ...]]]:
@@ -115,10 +122,41 @@ def _batches(task: TaskData, batch_tokens: int) -> list[list[tuple[int, ...]]]:
     return batches
 
 
+_HEAD_MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _head_can_be_chunked(model: PreTrainedModel) -> bool:
+    """Whether logits are exactly the output embedding applied to the last hidden state.
+
+    Checked once per model on a short input: models that scale or soft-cap their logits
+    (gemma2, cohere …) fail the check and are scored through their full forward instead.
+    """
+    if model not in _HEAD_MATCHES:
+        head, body = model.get_output_embeddings(), model.base_model
+        ok = head is not None and body is not model
+        if ok:
+            device = next(model.parameters()).device
+            ids = torch.arange(1, 9, device=device).unsqueeze(0) % model.config.vocab_size
+            full = model(input_ids=ids).logits
+            hidden = body(input_ids=ids).last_hidden_state
+            ok = torch.equal(full, head(hidden))
+        _HEAD_MATCHES[model] = ok
+    return _HEAD_MATCHES[model]
+
+
 @torch.inference_mode()
-def score_task(model: PreTrainedModel, task: TaskData, batch_tokens: int = 2048) -> TaskScore:
-    """Mean next-token loss and accuracy of `model` over a task's sequences."""
+def score_task(
+    model: PreTrainedModel, task: TaskData, batch_tokens: int = 4096, chunk_rows: int = 1024
+) -> TaskScore:
+    """Mean next-token loss and accuracy of `model` over a task's sequences.
+
+    Batches hold sequences of similar length (few padded positions); the vocabulary
+    projection and the loss run over `chunk_rows` predicted positions at a time, so the
+    full-vocabulary logits of a whole batch never sit in memory at once. Losses are summed in
+    float32 whatever the model's dtype.
+    """
     device = next(model.parameters()).device
+    chunked = _head_can_be_chunked(model)
     loss_sum, correct, count = 0.0, 0, 0
     for batch in _batches(task, batch_tokens):
         width = len(batch[0])
@@ -128,12 +166,20 @@ def score_task(model: PreTrainedModel, task: TaskData, batch_tokens: int = 2048)
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:]
         valid = mask[:, 1:].bool()
-        picked, wanted = logits[valid], targets[valid]
-        loss_sum += torch.nn.functional.cross_entropy(picked, wanted, reduction="sum").item()
-        correct += (picked.argmax(-1) == wanted).sum().item()
+        wanted = ids[:, 1:][valid]
+        if chunked:
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            rows, project = hidden[:, :-1][valid], model.get_output_embeddings()
+        else:
+            rows = model(input_ids=ids, attention_mask=mask).logits[:, :-1][valid]
+            project = None
+        for start in range(0, len(rows), chunk_rows):
+            part = rows[start : start + chunk_rows]
+            logits = (project(part) if project else part).float()
+            target = wanted[start : start + chunk_rows]
+            loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(-1) == target).sum().item()
         count += int(valid.sum().item())
     return TaskScore(loss=loss_sum / count, accuracy=correct / count, tokens=count)
 

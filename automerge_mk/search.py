@@ -136,7 +136,10 @@ def run_search(
     record: Callable[[TrialResult], None],
     progress: bool = True,
 ) -> list[TrialResult]:
-    """Ask, evaluate, record, tell, `trials` times; every result is recorded before SMAC hears it.
+    """Ask, merge, evaluate, tell and record, `trials` times.
+
+    A trial is appended to the run directory (fsynced) before the next is asked for; SMAC's own
+    state is not what a resume reads.
 
     Returns:
         All trial results in order.
@@ -155,9 +158,13 @@ def run_search(
         ask_seconds = time.perf_counter() - asked
         config = dict(info.config) if isinstance(info.config, Configuration) else info.config
         result = objective(config, trial)
-        result = result.model_copy(update={"seconds": {"ask": ask_seconds, **result.seconds}})
-        record(result)
+        recording = time.perf_counter()
         optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
+        # "record": SMAC's tell and building the line; the append + fsync follows it.
+        seconds = {"ask": ask_seconds, **result.seconds}
+        seconds["record"] = time.perf_counter() - recording
+        result = result.model_copy(update={"seconds": seconds})
+        record(result)
         results.append(result)
         best = max(best, result.harmonic_mean)
         elapsed = time.perf_counter() - started

@@ -135,6 +135,7 @@ class SearchSettings(Frozen):
     dtype: str | None = None
     device: str = "cpu"
     cache_order: bool = True
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     method_parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -74,7 +74,9 @@ def test_run_directory_holds_trials_best_recipe_model_and_summary(run):
     first = lines[0]
     assert set(first["tasks"]) == {"arith", "reverse"}
     assert {"loss", "accuracy", "preservation"} <= set(first["tasks"]["arith"])
-    assert {"ask", "merge", "evaluate"} <= set(first["seconds"])
+    assert all({"ask", "merge", "evaluate", "record"} <= set(t["seconds"]) for t in lines)
+    subset = json.loads((run / "eval_subset.json").read_text())
+    assert set(subset) == {"arith", "reverse"} and all(s["texts"] for s in subset.values())
     assert any(key.endswith(":method") for key in first["config"])
     best = json.loads((run / "best.json").read_text())
     assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in lines)

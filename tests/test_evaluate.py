@@ -1,0 +1,56 @@
+"""The evaluator: bucketed, chunked losses equal plain ones; seeded evaluation subsets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from automerge_mk.evaluate import load_texts, score_task, tokenize_task
+
+
+@pytest.fixture(scope="module")
+def model_and_texts(demo_models):
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base))
+    model = AutoModelForCausalLM.from_pretrained(str(demo_models.base), dtype=torch.float32)
+    texts = load_texts(demo_models.validation["arith"]) + load_texts(
+        demo_models.validation["reverse"]
+    )
+    # Very different lengths: 1 to 8 validation texts joined into one.
+    varied = [" ".join(texts[i : i + 1 + i % 8]) for i in range(0, 120, 3)]
+    return model.eval(), tokenizer, varied
+
+
+def _one_at_a_time(model, sequences) -> tuple[float, int]:
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for sequence in sequences:
+            ids = torch.tensor([sequence])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits, ids[0, 1:], reduction="sum"
+            ).item()
+            count += len(sequence) - 1
+    return loss_sum / count, count
+
+
+def test_bucketed_chunked_loss_equals_the_plain_one_example_at_a_time_loss(model_and_texts):
+    model, tokenizer, texts = model_and_texts
+    task = tokenize_task("mixed", texts, tokenizer, max_length=512)
+    lengths = [len(s) for s in task.sequences]
+    assert max(lengths) > 5 * min(lengths)
+    plain, count = _one_at_a_time(model, task.sequences)
+    score = score_task(model, task, batch_tokens=256, chunk_rows=7)  # many batches and chunks
+    assert score.tokens == count
+    assert score.loss == pytest.approx(plain, abs=1e-5)
+
+
+def test_eval_token_subset_is_fixed_by_the_seed(model_and_texts):
+    _, tokenizer, texts = model_and_texts
+    first = tokenize_task("t", texts, tokenizer, 512, eval_tokens=200, seed=0)
+    again = tokenize_task("t", texts, tokenizer, 512, eval_tokens=200, seed=0)
+    other = tokenize_task("t", texts, tokenizer, 512, eval_tokens=200, seed=1)
+    assert first.indices == again.indices and first.sequences == again.sequences
+    assert first.indices != other.indices
+    assert 200 <= first.tokens < 200 + max(len(s) for s in first.sequences)
+    assert len(first.indices) < len(texts)
