@@ -380,8 +380,10 @@ def _add_search_options(function, initial: int):
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
             default="auto",
             show_default=True,
-            help="dtype of the live model that is scored: auto = float32 on CPU (bf16 matmuls "
-            "are slower there), bfloat16 on a GPU. Losses are summed in float32 either way.",
+            help="dtype of the live model that is scored: auto = float32 on CPU (the most precise "
+            "losses; on AVX512 CPUs bfloat16 can be about 2x faster, see "
+            "scripts/results/bench_search.md) and bfloat16 on a GPU. Losses are summed in "
+            "float32 either way.",
         ),
         click.option(
             "--cache-order/--no-cache-order",

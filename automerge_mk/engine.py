@@ -81,8 +81,8 @@ def check_device(device: str) -> None:
 
 
 def eval_dtype(name: str, device: str) -> torch.dtype:
-    """The live model's dtype: 'auto' is float32 on CPU (bf16 matmuls are slower there) and
-    bfloat16 on a GPU."""
+    """The live model's dtype: 'auto' is float32 on CPU, for precise losses (bfloat16 is faster
+    on some CPUs, slower on others), and bfloat16 on a GPU."""
     if name == "auto":
         return torch.float32 if resolve_device(device) == "cpu" else torch.bfloat16
     return dtype_from_name(name)
@@ -218,7 +218,7 @@ class MergeEngine:
         device: where tensors stay and kernels run (auto, cpu, cuda, cuda:N).
         cache_order: keep TIES's magnitude order between trials (4 bytes per parameter per
             source) instead of sorting every task vector again on every trial.
-        eval_dtype: dtype of the live model (float32 on CPU, where bf16 matmuls are slower).
+        eval_dtype: dtype of the live model that is scored.
     """
 
     def __init__(
