@@ -119,8 +119,11 @@ def load_merge_tensors(
         try:
             with safe_open(str(shard), framework="pt", device="cpu") as reader:
                 for name, key in wanted.items():
-                    # The same cast as mergekit's LoadTensor: `x.to(dtype)` when it differs.
-                    tensors[name] = reader.get_tensor(key).to(dtype=dtype).to(device)
+                    # The same cast as mergekit's LoadTensor (`x.to(dtype)`); copy=True so the
+                    # tensor owns its memory instead of viewing the memory-mapped file, which a
+                    # later rewrite of the file or page-cache eviction would reach into.
+                    tensor = reader.get_tensor(key)
+                    tensors[name] = tensor.to(dtype=dtype, device=device, copy=True)
         except Exception as error:
             raise ModelReferenceError(f"cannot read weights {shard}: {error}") from error
     missing = [name for name, key in keys.items() if key not in where]
