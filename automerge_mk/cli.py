@@ -213,8 +213,10 @@ def run_search(
         for s in inputs.sources
     }
     reference_losses = {name: scores[name].loss for name, scores in raw.items()}
-    table = {n: evaluate.with_preservation(s, reference_losses) for n, s in raw.items()}
-    run.write_json("sources.json", {n: report.scored_json(*scored) for n, scored in table.items()})
+    sources_scored = {n: evaluate.with_preservation(s, reference_losses) for n, s in raw.items()}
+    run.write_json(
+        "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
+    )
 
     names = tuple(s.name for s in inputs.sources)
     to_plan = partial(
@@ -262,8 +264,10 @@ def run_search(
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
         "model/ (stock mergekit)": final,
-        **table,
+        **sources_scored,
     }
+    alone = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
+    report.progress_plot(results, run.path / "progress.png", alone)
     summary = report.summary_markdown(
         f"automerge-mk: {' + '.join(names)}",
         best,

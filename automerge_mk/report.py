@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 from .types import MergePlan, TaskScore, TrialResult
 
@@ -45,6 +46,37 @@ def plan_table(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
+def best_so_far(trials: list[TrialResult]) -> list[float]:
+    """The best harmonic mean found up to and including each trial."""
+    best, curve = 0.0, []
+    for trial in trials:
+        best = max(best, trial.harmonic_mean)
+        curve.append(best)
+    return curve
+
+
+def progress_plot(trials: list[TrialResult], path: Path, references: dict[str, float]) -> Path:
+    """Best-so-far harmonic-mean AP vs trial as a PNG, with horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or wanted
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=120)
+    numbers = [t.trial + 1 for t in trials]
+    axes.scatter(numbers, [t.harmonic_mean for t in trials], s=8, alpha=0.4, label="trial")
+    axes.step(numbers, best_so_far(trials), where="post", color="C1", label="best so far")
+    for index, (name, value) in enumerate(references.items()):
+        axes.axhline(value, linestyle="--", linewidth=1, color=f"C{index + 2}", label=name)
+    axes.set_xlabel("trial")
+    axes.set_ylabel("harmonic mean of AP")
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
+
+
 def time_breakdown(trials: list[TrialResult]) -> str:
     """Total and mean seconds per trial phase."""
     phases = sorted({k for t in trials for k in t.seconds})
@@ -75,6 +107,7 @@ def summary_markdown(
                 "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
                 "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
                 "## Best recipe\n\n" + plan_table(plan),
+                "![best harmonic-mean AP so far vs trial](progress.png)",
                 f"Rebuild with plain mergekit:\n\n```\n{reproduce}\n```",
                 "## Where the time went\n\n" + time_breakdown(trials),
             ]

@@ -140,3 +140,8 @@ def test_bf16_mixed_recipe_built_by_stock_mergekit_scores_exactly_as_its_trial(
     assert final["harmonic_mean"] == best["harmonic_mean"]
     for name in names:
         assert final["tasks"][name]["loss"] == best["tasks"][name]["loss"]
+
+
+def test_progress_plot_is_a_png_linked_from_the_summary(run):
+    assert (run / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](progress.png)" in (run / "summary.md").read_text()
