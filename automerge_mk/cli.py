@@ -321,6 +321,12 @@ def segment(model: str, strategy: str, as_json: bool) -> None:
     )
 
 
+def hub_options(function):
+    """--private and --branch, shared by `push` and `search --push-to-hub`."""
+    function = click.option("--branch", default=None, help="Commit to this branch.")(function)
+    return click.option("--private", is_flag=True, help="Create the repo private.")(function)
+
+
 def search_options(initial: int):
     """Options shared by `search` and `demo`; `initial` is the default Sobol design size."""
     return partial(_add_search_options, initial=initial)
@@ -476,9 +482,23 @@ def _settings(
     "--dtype", default=None, help="Merge dtype written in the recipe. Default: the base model's."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--push-to-hub", "push_to", metavar="REPO", help="Publish the result to this repo.")
+@hub_options
 @search_options(initial=20)
 def search_command(
-    models, base, data, text_column, out, trials, dtype, overwrite, quiet, **options
+    models,
+    base,
+    data,
+    text_column,
+    out,
+    trials,
+    dtype,
+    overwrite,
+    quiet,
+    push_to,
+    private,
+    branch,
+    **options,
 ) -> None:
     """Search the best per-block merge of MODELS and build it with stock mergekit.
 
@@ -499,6 +519,30 @@ def search_command(
     )
     click.echo((run / "summary.md").read_text())
     click.echo(f"Run directory: {run}")
+    if push_to:
+        _push(run, push_to, private, branch)
+
+
+def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
+    from .hub import publish
+
+    click.echo(f"Publishing {run} to {repo} ...")
+    url = publish(run, repo, private=private, branch=branch)
+    click.echo(f"Published: {url}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("repo")
+@hub_options
+def push(run_dir: Path, repo: str, private: bool, branch: str | None) -> None:
+    """Publish a finished run to the Hub repo REPO (org/name) in one commit.
+
+    Uploads model/ (safetensors, config, tokenizer), recipe.yaml, trials.jsonl, progress.png,
+    summary.md and a model card. The token comes from HF_TOKEN or `hf auth login`, the server
+    from HF_ENDPOINT. A failed upload changes nothing locally; run the command again.
+    """
+    _push(run_dir.resolve(), repo, private, branch)
 
 
 @main.command()

@@ -35,3 +35,11 @@ class OutputExistsError(AutomergeError):
 
 class NoSuccessfulTrialError(AutomergeError):
     """Every trial of a search failed (NaN/inf losses), so there is no recipe to write."""
+
+
+class RunDirectoryError(AutomergeError):
+    """A run directory lacks what a step needs (e.g. `push` before the model was built)."""
+
+
+class PublishError(AutomergeError):
+    """An upload to the Hub failed; the run directory is intact and the push can be retried."""

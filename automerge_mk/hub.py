@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import ModelReferenceError
+from .errors import ModelReferenceError, PublishError, RunDirectoryError
 from .types import SourceModel
 
 # What a merge and the evaluator read; no pickled weights, no remote code.
@@ -86,3 +86,180 @@ def _check_folder(model: SourceModel, trust_remote_code: bool) -> None:
             f"{model.reference}: no *.safetensors weights in {model.path} (pickled .bin weights "
             "are not loaded; convert with save_pretrained(..., safe_serialization=True))"
         )
+
+
+# --- publishing ---------------------------------------------------------------------------
+
+# What a published repo holds besides the model folder's own files.
+RUN_FILES = ("recipe.yaml", "trials.jsonl", "progress.png", "summary.md")
+
+
+def _run_json(run_dir: Path, name: str) -> dict:
+    try:
+        return json.loads((run_dir / name).read_text())
+    except (OSError, ValueError) as error:
+        raise RunDirectoryError(
+            f"{run_dir} is not a finished automerge-mk run ({name}: {error}); run "
+            "`automerge-mk search` to completion first"
+        ) from None
+
+
+def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], float]:
+    """PR_i = accuracy_i(merged) / accuracy_i(specialist i), and PD = max PR - min PR."""
+    rates = {}
+    for task, score in final["tasks"].items():
+        own = sources[task]["tasks"][task]["accuracy"]
+        rates[task] = score["accuracy"] / own if own > 0 else 0.0
+    return rates, max(rates.values()) - min(rates.values())
+
+
+def card_text(run_dir: Path, repo_id: str) -> str:
+    """The model card (README.md) of a run: metadata, scores, plot, recipe, how to rebuild it.
+
+    Raises:
+        RunDirectoryError: when the run is not finished.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    settings = _run_json(run_dir, "settings.json")
+    final = _run_json(run_dir, "final.json")
+    sources = _run_json(run_dir, "sources.json")
+    trials = (run_dir / "trials.jsonl").read_text().count("\n")
+    recipe = (run_dir / "recipe.yaml").read_text()
+    models = [SourceModel(**m) for m in settings["models"]]
+    base = SourceModel(**settings["base"]) if settings.get("base") else None
+    pinned = [m.pinned for m in models + ([base] if base else [])]
+    rates, discrepancy = preservation_rates(final, sources)
+    tasks = list(final["tasks"])
+    header = "| model | H (AP) | " + " | ".join(f"{t} AP | {t} PR" for t in tasks) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(tasks))]
+    rows = {"this merge": final} | {f"{name} alone": value for name, value in sources.items()}
+    for name, scores in rows.items():
+        cells = [name, f"{scores['harmonic_mean']:.4f}"]
+        for task in tasks:
+            own = sources[task]["tasks"][task]["accuracy"]
+            accuracy = scores["tasks"][task]["accuracy"]
+            ap = scores["tasks"][task]["preservation"]
+            cells += [f"{ap:.4f}", f"{accuracy / own:.4f}" if own else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    local = [m.reference for m in models + ([base] if base else []) if not m.repo_id]
+    local_note = (
+        f"\n\nThe recipe names local folders ({', '.join(local)}); replace them with the "
+        "models' Hub ids to rebuild elsewhere."
+        if local
+        else ""
+    )
+    seed = settings["settings"]["seed"]
+    tool = "mergekit-multi" if "\n---\n" in recipe else "mergekit-yaml"
+    rebuild = (
+        f"mergekit-multi recipe.yaml --out-path merged --intermediate-dir "
+        f'"$PWD/merged-parts" --random-seed {seed}'
+        if tool == "mergekit-multi"
+        else f"mergekit-yaml recipe.yaml merged --random-seed {seed}"
+    )
+    body = f"""# {repo_id.split("/")[-1]}
+
+A merge of {", ".join(f"`{p}`" for p in pinned[: len(models)])}
+{f"(base `{pinned[-1]}`) " if base else ""}found by automerge-mk on top of
+[mergekit](https://github.com/arcee-ai/mergekit):
+SMAC's Bayesian optimisation chose a merge method, weights and densities for every block of the
+network over {trials} trials, and stock mergekit built this model from the recipe below.
+
+## Preservation on the validation data
+
+AP = a specialist's validation loss on its own task / this model's loss on it; H is the harmonic
+mean of AP over tasks. PR = next-token accuracy of this model / of the task's specialist;
+preservation discrepancy PD = max PR - min PR = **{discrepancy:.4f}**.
+
+{chr(10).join(lines)}
+
+![best harmonic-mean AP so far vs trial](progress.png)
+
+## Recipe
+
+```yaml
+{recipe.rstrip()}
+```
+
+## Reproduce with plain mergekit
+
+```bash
+pip install mergekit
+{rebuild}
+```{local_note}
+"""
+    data = ModelCardData(
+        # Hub metadata names repos; local folders are named in the text instead.
+        base_model=[m.pinned for m in models + ([base] if base else []) if m.repo_id] or None,
+        tags=["merge", "mergekit", "automerge-mk"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model_relation="merge",
+    )
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
+
+
+def publish(
+    run_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    branch: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Create (or reuse) a Hub model repo and upload model, recipe, trials, plot and card in
+    one commit.
+
+    Args:
+        run_dir: a finished run directory (with `model/`).
+        repo_id: `org/name` of the target repo.
+        private: create the repo private.
+        branch: commit to this branch (created from main when missing).
+        token: a Hub token; default: HF_TOKEN or the stored login.
+        endpoint: the Hub URL; default: HF_ENDPOINT or huggingface.co.
+
+    Returns:
+        The commit URL.
+
+    Raises:
+        RunDirectoryError: when the run has no built model.
+        PublishError: when the Hub refuses or cannot be reached; nothing local was changed.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    model = run_dir / "model"
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        raise RunDirectoryError(f"{model} holds no built model; finish `automerge-mk search` first")
+    card = card_text(run_dir, repo_id).encode()
+    operations = [
+        CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        for path in sorted(model.iterdir())
+        if path.is_file() and path.name not in ("README.md", "mergekit_config.yml")
+    ]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
+        for name in RUN_FILES
+        if (run_dir / name).is_file()
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message="automerge-mk: merged model, recipe, trials and card",
+            revision=branch,
+        )
+    except Exception as error:  # huggingface_hub and httpx raise many types for one cause
+        message = f"{type(error).__name__}: {error}"
+        if token:
+            message = message.replace(token, "***")
+        raise PublishError(
+            f"upload of {run_dir} to {repo_id} failed ({message}). The run directory is "
+            f"unchanged; retry with: automerge-mk push {run_dir} {repo_id}"
+        ) from None
+    return commit.commit_url

@@ -87,3 +87,25 @@ def family(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 def demo_models(tmp_path_factory) -> DemoModels:
     """The demo's base and two trained specialists (about 20 s on 2 cores, once per run)."""
     return build_demo_models(tmp_path_factory.mktemp("demo"), seed=0, progress=False)
+
+
+DEMO_TRIALS = 40
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_models, tmp_path_factory) -> Path:
+    """A finished `search` run on the demo specialists (40 trials, seed 0)."""
+    from click.testing import CliRunner
+
+    from automerge_mk.cli import main
+
+    out = tmp_path_factory.mktemp("search") / "run"
+    names = list(demo_models.specialists)
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
+    arguments += ["--trials", str(DEMO_TRIALS), "--initial", "10", "--seed", "0"]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out

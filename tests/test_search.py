@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import DEMO_TRIALS as TRIALS
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,21 +20,10 @@ from automerge_mk.recipe import load_recipe
 from automerge_mk.segment import segment_model
 from automerge_mk.space import uniform_plan
 
-TRIALS = 40
-
 
 @pytest.fixture(scope="module")
-def run(demo_models, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("search") / "run"
-    names = list(demo_models.specialists)
-    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
-    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
-    arguments += ["--trials", str(TRIALS), "--initial", "10", "--seed", "0"]
-    for name in names:
-        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
-    result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return out
+def run(demo_run) -> Path:
+    return demo_run
 
 
 @pytest.fixture(scope="module")
