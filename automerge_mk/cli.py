@@ -111,13 +111,14 @@ def _check_inputs(
     check_device(settings.device)
     if len(model_refs) < 2:
         raise ModelReferenceError("give at least two source models to merge")
-    sources = [hub.resolve_model(ref) for ref in model_refs]
+    trust = settings.trust_remote_code
+    sources = [hub.resolve_model(ref, trust_remote_code=trust) for ref in model_refs]
     if len({s.name for s in sources}) < len(sources):
         raise ModelReferenceError(
             f"source models share a name ({', '.join(s.name for s in sources)}); "
             "--data needs distinct folder or repo names"
         )
-    base = hub.resolve_model(base_ref) if base_ref else None
+    base = hub.resolve_model(base_ref, trust_remote_code=trust) if base_ref else None
     files = _data_files(data, sources)
     texts = {name: evaluate.load_texts(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).path
@@ -386,6 +387,12 @@ def _add_search_options(function, initial: int):
             "--set int8_mask=true. Unknown keys are rejected.",
         ),
         click.option(
+            "--trust-remote-code",
+            is_flag=True,
+            help="Accept models whose config needs code from their repository (off: such "
+            "models are refused). Only for repositories you trust.",
+        ),
+        click.option(
             "--eval-dtype",
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
             default="auto",
@@ -430,6 +437,7 @@ def _settings(
     device,
     cache_order,
     eval_dtype,
+    trust_remote_code,
     text_column="text",
     dtype=None,
 ):
@@ -451,6 +459,7 @@ def _settings(
             device=device,
             cache_order=cache_order,
             eval_dtype=eval_dtype,
+            trust_remote_code=trust_remote_code,
             method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
         )
     except ValidationError as error:

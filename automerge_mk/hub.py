@@ -9,6 +9,7 @@ the resolved commit sha, which recipes record.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -52,7 +53,14 @@ def _download(reference: str, repo_id: str, revision: str | None) -> SourceModel
     from huggingface_hub import snapshot_download  # deferred: only Hub ids need it
 
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=MERGE_FILES))
+        path = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=MERGE_FILES,
+                endpoint=os.environ.get("HF_ENDPOINT"),
+            )
+        )
     except Exception as error:  # huggingface_hub raises many types; all mean "not available"
         raise ModelReferenceError(
             f"cannot fetch {reference} from the Hub: {type(error).__name__}: {error}. "
@@ -243,7 +251,8 @@ def publish(
         if (run_dir / name).is_file()
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
-    api = HfApi(endpoint=endpoint, token=token)
+    # HF_ENDPOINT is read here, not only when huggingface_hub was imported.
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT"), token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch:

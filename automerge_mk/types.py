@@ -136,6 +136,7 @@ class SearchSettings(Frozen):
     device: str = "cpu"
     cache_order: bool = True
     eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
     method_parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -1,0 +1,98 @@
+"""Publishing a run to a Hub-protocol server on 127.0.0.1 with huggingface_hub's real client."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from click.testing import CliRunner
+from hub_server import HubServer
+from huggingface_hub import ModelCard, snapshot_download
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from automerge_mk.cli import main
+
+TOKEN = "hf_fakeTOKENforTESTS0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    hub = HubServer(tmp_path_factory.mktemp("hub")).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub_env(server, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    return server
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _push(run: Path, repo: str, *extra: str):
+    return CliRunner().invoke(main, ["push", str(run), repo, *extra])
+
+
+def test_pushed_repo_downloads_loads_and_equals_the_local_model(demo_run, hub_env, tmp_path):
+    result = _push(demo_run, "me/demo-merge")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    local = snapshot_download("me/demo-merge", endpoint=hub_env.url, cache_dir=tmp_path / "c")
+    local = Path(local)
+    for name in ["recipe.yaml", "trials.jsonl", "progress.png", "README.md", "config.json"]:
+        assert (local / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32)
+    expected = load_file(str(demo_run / "model" / "model.safetensors"))
+    parameters = dict(model.named_parameters())
+    for name, tensor in expected.items():
+        assert torch.equal(parameters[name], tensor.float()), name
+
+
+def test_card_parses_and_carries_the_merge_metadata(demo_run, hub_env, tmp_path):
+    assert _push(demo_run, "me/card-check").exit_code == 0
+    readme = tmp_path / "README.md"
+    readme.write_bytes(hub_env.files("me/card-check")["README.md"])
+    card = ModelCard.load(readme)
+    data = card.data.to_dict()
+    assert {"merge", "mergekit", "automerge-mk"} <= set(data["tags"])
+    assert data["library_name"] == "transformers"
+    assert data["base_model_relation"] == "merge"
+    assert "mergekit-multi recipe.yaml" in card.text or "mergekit-yaml recipe.yaml" in card.text
+    assert "PD = max PR - min PR" in card.text and "progress.png" in card.text
+
+
+def test_failed_commit_keeps_the_run_and_a_retry_succeeds(demo_run, hub_env):
+    before = _digests(demo_run)
+    hub_env.fail_commits = 1
+    failed = _push(demo_run, "me/retry")
+    assert failed.exit_code == 1
+    assert "PublishError" in failed.output and f"automerge-mk push {demo_run}" in failed.output
+    assert _digests(demo_run) == before
+    again = _push(demo_run, "me/retry")
+    assert again.exit_code == 0, again.output
+    assert "README.md" in hub_env.files("me/retry")
+    assert _digests(demo_run) == before
+
+
+def test_the_token_is_sent_but_never_printed_stored_or_uploaded(demo_run, hub_env):
+    result = _push(demo_run, "me/secret-check")
+    assert result.exit_code == 0
+    assert any(auth == f"Bearer {TOKEN}" for _, _, auth in hub_env.requests)
+    assert TOKEN not in result.output
+    for path in demo_run.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    for name, content in hub_env.files("me/secret-check").items():
+        assert TOKEN.encode() not in content, name
