@@ -51,22 +51,21 @@ def resolve_model(reference: str, trust_remote_code: bool = False) -> SourceMode
 
 def _download(reference: str, repo_id: str, revision: str | None) -> SourceModel:
     from huggingface_hub import snapshot_download  # deferred: only Hub ids need it
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # HF_ENDPOINT / HF_HUB_CACHE are read here, not only when huggingface_hub was imported.
+    where = {"endpoint": os.environ.get("HF_ENDPOINT"), "cache_dir": os.environ.get("HF_HUB_CACHE")}
     try:
         path = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=MERGE_FILES,
-                endpoint=os.environ.get("HF_ENDPOINT"),
-            )
+            snapshot_download(repo_id, revision=revision, allow_patterns=MERGE_FILES, **where)
         )
-    except Exception as error:  # huggingface_hub raises many types; all mean "not available"
+    except LocalEntryNotFoundError:
         raise ModelReferenceError(
-            f"cannot fetch {reference} from the Hub: {type(error).__name__}: {error}. "
-            "Check the id and revision, your network or HF_TOKEN; offline, populate the cache "
-            "first (HF_HUB_OFFLINE=1 reads only the cache)"
+            f"{reference} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE=1 reads only the cache): download it once online first"
         ) from None
+    except Exception:  # noqa: BLE001 - mirrors refuse listing routes (401/404): fetch by name
+        path = _download_by_name(reference, repo_id, revision, where)
     return SourceModel(
         reference=reference,
         name=repo_id.split("/")[1],
@@ -74,6 +73,53 @@ def _download(reference: str, repo_id: str, revision: str | None) -> SourceModel
         revision=path.name,
         repo_id=repo_id,
     )
+
+
+def _download_by_name(reference: str, repo_id: str, revision: str | None, where: dict) -> Path:
+    """Fetch the files a merge needs one by one, for mirrors that serve files but not the
+    repo-listing routes snapshot_download uses (model_info, tree). Optional files may be
+    refused (401/404)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    def fetch(name: str, required: bool) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision, **where))
+        except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as error:
+            raise ModelReferenceError(
+                f"{reference}: {type(error).__name__} on the Hub; check the id and revision, "
+                "and HF_TOKEN for private or gated repos"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - any refusal of an optional file is fine
+            if required:
+                raise ModelReferenceError(
+                    f"cannot fetch {name} of {reference}: {type(error).__name__}: {error}"
+                ) from None
+            return None
+
+    config = fetch("config.json", required=True)
+    index = fetch("model.safetensors.index.json", required=False)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            fetch(shard, required=True)
+    else:
+        fetch("model.safetensors", required=True)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+    ):
+        fetch(name, required=False)  # fmt: skip
+    return config.parent
 
 
 def _check_folder(model: SourceModel, trust_remote_code: bool) -> None:

@@ -96,3 +96,87 @@ def test_the_token_is_sent_but_never_printed_stored_or_uploaded(demo_run, hub_en
             assert TOKEN.encode() not in path.read_bytes(), path
     for name, content in hub_env.files("me/secret-check").items():
         assert TOKEN.encode() not in content, name
+
+
+# --- resolving Hub ids against the server ---
+
+
+@pytest.fixture(scope="module")
+def hub_family(server, family):
+    """The perturbed llama family uploaded as org/base, org/a, org/b; their commit shas."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    shas = {}
+    for name in ("base", "a", "b"):
+        api.create_repo(f"org/{name}", exist_ok=True)
+        info = api.upload_folder(repo_id=f"org/{name}", folder_path=str(family[name]))
+        shas[name] = info.oid
+    return shas
+
+
+@pytest.fixture
+def hub_cache(hub_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_hub_id_resolves_to_main_and_to_a_pinned_commit(hub_family, hub_cache, family):
+    from automerge_mk.hub import resolve_model
+
+    main_model = resolve_model("org/a")
+    assert (
+        main_model.revision == hub_family["a"] and main_model.pinned == f"org/a@{hub_family['a']}"
+    )
+    pinned = resolve_model(f"org/a@{hub_family['a']}")
+    assert pinned.path == main_model.path
+    assert (pinned.path / "model.safetensors").read_bytes() == (
+        family["a"] / "model.safetensors"
+    ).read_bytes()
+
+
+def test_missing_repo_or_revision_is_a_clear_error(hub_family, hub_cache):
+    from automerge_mk.errors import ModelReferenceError
+    from automerge_mk.hub import resolve_model
+
+    with pytest.raises(ModelReferenceError, match="RepositoryNotFoundError"):
+        resolve_model("org/absent")
+    with pytest.raises(ModelReferenceError, match="RevisionNotFoundError"):
+        resolve_model("org/a@" + "f" * 40)
+
+
+def test_mirror_refusing_repo_listing_still_resolves_by_file(hub_family, hub_cache, hub_env):
+    from automerge_mk.hub import resolve_model
+
+    hub_env.fail_next("/api/models/org/b", status=401, count=50)  # model_info, tree, paths-info
+    try:
+        model = resolve_model("org/b")
+    finally:
+        hub_env._fail_rules.clear()
+    assert model.revision == hub_family["b"]
+    assert (model.path / "config.json").is_file() and (model.path / "model.safetensors").is_file()
+
+
+def test_search_on_hub_ids_pins_shas_and_publishes(server, hub_cache, demo_models, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=server.url, token=TOKEN)
+    shas = {}
+    folders = {"demo-base": demo_models.base, **demo_models.specialists}
+    for name, folder in folders.items():
+        api.create_repo(f"org/{name}", exist_ok=True)
+        shas[name] = api.upload_folder(repo_id=f"org/{name}", folder_path=str(folder)).oid
+    out = tmp_path / "run"
+    arguments = ["search", "org/arith", "org/reverse", "--base", "org/demo-base", "--quiet"]
+    arguments += ["--out", str(out), "--trials", "4", "--initial", "3"]
+    arguments += ["--methods", "ties,task_arithmetic", "--push-to-hub", "me/hub-merge"]
+    for name in ("arith", "reverse"):
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    recipe = (out / "recipe.yaml").read_text()
+    for name, sha in shas.items():
+        assert f"org/{name}@{sha}" in recipe
+    assert "Published:" in result.output
+    card = server.files("me/hub-merge")["README.md"].decode()
+    assert f"org/arith@{shas['arith']}" in card.split("---")[1]  # base_model metadata
