@@ -72,3 +72,8 @@ def test_models_needing_remote_code_are_refused_by_default(tiny_llama, tmp_path)
     )
     with pytest.raises(ModelReferenceError, match="--trust-remote-code"):
         resolve_model(str(folder))
+
+
+def test_pinned_hub_id_resolves_offline_from_the_cache(offline_cache):
+    model = resolve_model(f"org/tiny@{SHA}")
+    assert model.revision == SHA and model.path == offline_cache / "snapshots" / SHA

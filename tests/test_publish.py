@@ -180,3 +180,25 @@ def test_search_on_hub_ids_pins_shas_and_publishes(server, hub_cache, demo_model
     assert "Published:" in result.output
     card = server.files("me/hub-merge")["README.md"].decode()
     assert f"org/arith@{shas['arith']}" in card.split("---")[1]  # base_model metadata
+
+
+def test_push_to_a_branch_creates_it(demo_run, hub_env):
+    result = _push(demo_run, "me/branched", "--branch", "dev", "--private")
+    assert result.exit_code == 0, result.output
+    assert "dev" in hub_env.branches("me/branched")
+    assert "README.md" in hub_env.files("me/branched", revision="dev")
+
+
+def test_unreachable_hub_is_a_clear_error_with_the_retry_command(demo_run, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    before = _digests(demo_run)
+    result = _push(demo_run, "me/unreachable")
+    assert result.exit_code == 1 and "PublishError" in result.output
+    assert f"automerge-mk push {demo_run} me/unreachable" in result.output
+    assert TOKEN not in result.output and _digests(demo_run) == before
