@@ -14,8 +14,10 @@ import click
 from .errors import AutomergeError, DataError, ModelReferenceError, NoSuccessfulTrialError
 from .types import STRATEGY_HELP, Block, SearchSettings, SourceModel
 
-if TYPE_CHECKING:  # evaluate imports torch; --help should not wait for it
+if TYPE_CHECKING:  # these import torch; --help should not wait for it
+    from .engine import MergeEngine
     from .evaluate import TaskData
+    from .rundir import RunDir
 
 METHODS_HELP = (
     "Comma-separated merge methods to search per block. Default: linear, task_arithmetic, ties, "
@@ -155,30 +157,31 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_search(
+@dataclass(frozen=True)
+class _Session:
+    """A run directory with resident sources and the specialists' reference scores."""
+
+    run: RunDir
+    inputs: _Inputs
+    engine: MergeEngine
+    reference_losses: dict[str, float]
+    sources_scored: dict[str, tuple]
+
+
+def _open_session(
     model_refs: list[str],
     base_ref: str | None,
     data: dict[str, str],
     settings: SearchSettings,
     out: Path,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Check every input, then search, write the recipe and build the model with mergekit.
-
-    Returns:
-        The run directory.
-
-    Raises:
-        AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
-    """
-    from . import evaluate, recipe, report, search, space
+    overwrite: bool,
+) -> _Session:
+    """Check every input, then create the run directory, load the engine, score the sources."""
+    from . import evaluate, report
     from .engine import MergeEngine, eval_dtype
     from .rundir import RunDir
 
-    started = time.perf_counter()
     _quiet_libraries()
-    out = out.resolve()  # recipes and rebuild commands must not depend on the working directory
     RunDir.check_free(out, overwrite)
     inputs = _check_inputs(model_refs, base_ref, data, settings)
 
@@ -218,6 +221,78 @@ def run_search(
     run.write_json(
         "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
     )
+    return _Session(run, inputs, engine, reference_losses, sources_scored)
+
+
+def _score_baselines(session: _Session, objective, settings: SearchSettings) -> dict:
+    """The five methods at fixed settings, scored like trials; saved as baselines.json."""
+    from . import report, space
+
+    inputs = session.inputs
+    plans = space.baseline_plans(
+        inputs.blocks,
+        tuple(str(s.path) for s in inputs.sources),
+        str(inputs.base.path) if inputs.base else None,
+        inputs.dtype,
+        settings.seed,
+    )
+    results = {
+        label: objective.evaluate_plan(plan, -1, {"baseline": label})
+        for label, plan in plans.items()
+    }
+    session.run.write_json(
+        "baselines.json",
+        {label: report.scored_json(r.tasks, r.harmonic_mean) for label, r in results.items()},
+    )
+    return {label: (r.tasks, r.harmonic_mean) for label, r in results.items()}
+
+
+def run_baselines(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool = False,
+) -> tuple[Path, str]:
+    """Score the five default methods at fixed settings; return the run directory and table."""
+    from . import report, search
+
+    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite)
+    objective = search.MergeObjective(
+        session.engine, session.inputs.tasks, session.reference_losses, to_plan=None
+    )
+    rows = _score_baselines(session, objective, settings)
+    rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
+    table = report.score_table(rows)
+    session.run.write_text("baselines.md", table + "\n")
+    return session.run.path, table
+
+
+def run_search(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Check every input, then search, write the recipe and build the model with mergekit.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
+    """
+    from . import evaluate, recipe, report, search, space
+
+    started = time.perf_counter()
+    # Recipes and rebuild commands must not depend on the working directory.
+    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite)
+    run, inputs, engine = session.run, session.inputs, session.engine
+    reference_losses, sources_scored = session.reference_losses, session.sources_scored
 
     names = tuple(s.name for s in inputs.sources)
     to_plan = partial(
@@ -262,9 +337,11 @@ def run_search(
     ).to(engine.device)
     final = evaluate.with_preservation(evaluate.score_model(built, inputs.tasks), reference_losses)
     run.write_json("final.json", report.scored_json(*final))
+    baselines = _score_baselines(session, objective, settings)
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
         "model/ (stock mergekit)": final,
+        **{f"baseline: {label}": scored for label, scored in baselines.items()},
         **sources_scored,
     }
     alone = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
@@ -538,6 +615,52 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
     click.echo(f"Publishing {run} to {repo} ...")
     url = publish(run, repo, private=private, branch=branch)
     click.echo(f"Published: {url}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--base", help="The model the sources were fine-tuned from (folder or Hub id).")
+@click.option(
+    "--data",
+    multiple=True,
+    metavar="NAME=PATH",
+    required=True,
+    help="Validation data of the source model NAME, as for `search`.",
+)
+@click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("automerge-baselines"),
+    show_default=True,
+    help="Where baselines.json / baselines.md go.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--eval-tokens", type=int, default=None, help="Validation tokens per task.")
+@click.option("--max-length", default=512, show_default=True, help="Truncate texts to this.")
+@click.option("--seed", default=0, show_default=True, help="Evaluation subset and DARE seed.")
+@click.option("--dtype", default=None, help="Merge dtype. Default: the base model's.")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--trust-remote-code", is_flag=True, help="Accept models that need remote code.")
+def baselines(models, base, data, text_column, out, overwrite, eval_tokens, max_length, seed,
+              dtype, device, trust_remote_code) -> None:  # fmt: skip
+    """Score the five usual merges of MODELS at fixed settings, like search trials.
+
+    \b
+    linear, task_arithmetic: weights 0.5/0.5 (1/N each for N sources);
+    ties, dare_linear, dare_ties: the same weights and density 0.5 --
+    the values of mergekit's README examples. Without --base only linear is scored.
+    """
+    settings = SearchSettings(
+        trials=1, initial=1, seed=seed, eval_tokens=eval_tokens, max_length=max_length,
+        text_column=text_column, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code,
+        methods=("linear",) if base is None else SearchSettings().methods,
+    )  # fmt: skip
+    run, table = run_baselines(list(models), base, _key_values(data, "--data"), settings, out,
+                               overwrite)  # fmt: skip
+    click.echo(table)
+    click.echo(f"Saved in {run}")
 
 
 @main.command()

@@ -50,7 +50,10 @@ class MergeObjective:
         self.to_plan = to_plan
 
     def __call__(self, config: dict[str, Any], trial: int) -> TrialResult:
-        plan = self.to_plan(config)
+        return self.evaluate_plan(self.to_plan(config), trial, config)
+
+    def evaluate_plan(self, plan: MergePlan, trial: int, config: dict[str, Any]) -> TrialResult:
+        """Merge a plan into the live model and score it; failures become failed results."""
         started = time.perf_counter()
         try:
             model = self.engine.merge_into_model(plan)

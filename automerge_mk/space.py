@@ -184,3 +184,28 @@ def uniform_plan(
         dtype=dtype,
         seed=seed,
     )
+
+
+# The fixed settings users reach for first, as in mergekit's README examples: equal weights
+# (0.5/0.5 for two sources) and density 0.5 for the sparsifying methods.
+BASELINE_DENSITY = 0.5
+
+
+def baseline_plans(
+    blocks: tuple[Block, ...],
+    sources: tuple[str, ...],
+    base: str | None,
+    dtype: str,
+    seed: int | None,
+) -> dict[str, MergePlan]:
+    """The five default methods at fixed, documented settings, one plan each (linear alone
+    when there is no base model)."""
+    weights = (1.0 / len(sources),) * len(sources) if len(sources) > 2 else (0.5, 0.5)
+    plans = {}
+    for method in DEFAULT_METHODS:
+        if needs_base(method) and base is None:
+            continue
+        densities = (BASELINE_DENSITY,) * len(sources) if is_sparsifying(method) else None
+        label = f"{method} w={weights[0]:.2g}" + (f" d={BASELINE_DENSITY}" if densities else "")
+        plans[label] = uniform_plan(method, weights, densities, blocks, sources, base, dtype, seed)
+    return plans

@@ -135,3 +135,27 @@ def test_bf16_mixed_recipe_built_by_stock_mergekit_scores_exactly_as_its_trial(
 def test_progress_plot_is_a_png_linked_from_the_summary(run):
     assert (run / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](progress.png)" in (run / "summary.md").read_text()
+
+
+def test_baselines_command_scores_the_five_methods_like_trials(demo_models, measured, tmp_path):
+    names = list(demo_models.specialists)
+    arguments = ["baselines", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(tmp_path / "b")]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    saved = json.loads((tmp_path / "b" / "baselines.json").read_text())
+    methods = [label.split()[0] for label in saved]
+    assert methods == ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+    # Scored exactly as the independent linear 0.5/0.5 measurement of this module.
+    assert saved["linear w=0.5"]["harmonic_mean"] == pytest.approx(measured["linear"], rel=1e-6)
+    assert "dare_ties w=0.5 d=0.5" in result.output
+
+
+def test_summary_compares_the_best_with_the_baselines(run):
+    summary = (run / "summary.md").read_text()
+    assert summary.count("| baseline: ") == 5
+    best = json.loads((run / "best.json").read_text())["harmonic_mean"]
+    baselines = json.loads((run / "baselines.json").read_text())
+    assert best >= max(b["harmonic_mean"] for b in baselines.values())
