@@ -344,8 +344,10 @@ def run_search(
         **{f"baseline: {label}": scored for label, scored in baselines.items()},
         **sources_scored,
     }
-    alone = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
-    report.progress_plot(results, run.path / "progress.png", alone)
+    references = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
+    label, (_, value) = max(baselines.items(), key=lambda item: item[1][1])
+    references[f"best baseline ({label})"] = value
+    report.progress_plot(results, run.path / "progress.png", references)
     summary = report.summary_markdown(
         f"automerge-mk: {' + '.join(names)}",
         best,
