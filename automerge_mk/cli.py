@@ -407,6 +407,91 @@ def hub_options(function):
     return click.option("--private", is_flag=True, help="Create the repo private.")(function)
 
 
+def _with(function, options):
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def source_options(function):
+    """Models, base and validation data: shared by `search` and `baselines`."""
+    return _with(
+        function,
+        [
+            click.argument("models", nargs=-1, required=True),
+            click.option(
+                "--base", help="The model the sources were fine-tuned from (folder or Hub id)."
+            ),
+            click.option(
+                "--data",
+                multiple=True,
+                metavar="NAME=PATH",
+                required=True,
+                help="Validation data of the source model NAME (its folder or repo name): "
+                "jsonl, json, csv, parquet or txt. Repeat per model.",
+            ),
+            click.option(
+                "--text-column", default="text", show_default=True, help="Column holding the text."
+            ),
+            click.option(
+                "--dtype",
+                default=None,
+                help="Merge dtype written in the recipe. Default: the base model's.",
+            ),
+            click.option("--overwrite", is_flag=True, help="Replace an existing --out directory."),
+        ],
+    )
+
+
+def evaluation_options(function):
+    """How merges are scored and where: shared by `search`, `demo` and `baselines`."""
+    return _with(
+        function,
+        [
+            click.option(
+                "--seed",
+                default=0,
+                show_default=True,
+                help="Seed of the evaluation subset, DARE draws and (search) the optimiser.",
+            ),
+            click.option(
+                "--eval-tokens",
+                type=int,
+                default=None,
+                help="Validation tokens per task (a fixed seeded subset). Default: all.",
+            ),
+            click.option(
+                "--max-length",
+                default=512,
+                show_default=True,
+                help="Truncate validation texts to this many tokens.",
+            ),
+            click.option(
+                "--trust-remote-code",
+                is_flag=True,
+                help="Accept models whose config needs code from their repository (off: such "
+                "models are refused). Only for repositories you trust.",
+            ),
+            click.option(
+                "--eval-dtype",
+                type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                default="auto",
+                show_default=True,
+                help="dtype of the live model that is scored: auto = float32 on CPU (the most "
+                "precise losses; on AVX512 CPUs bfloat16 can be about 2x faster, see "
+                "scripts/results/bench_search.md) and bfloat16 on a GPU. Losses are summed in "
+                "float32 either way.",
+            ),
+            click.option(
+                "--device",
+                default="cpu",
+                show_default=True,
+                help="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N.",
+            ),
+        ],
+    )
+
+
 def search_options(initial: int):
     """Options shared by `search` and `demo`; `initial` is the default Sobol design size."""
     return partial(_add_search_options, initial=initial)
@@ -440,46 +525,12 @@ def _add_search_options(function, initial: int):
             help="Configurations in SMAC's Sobol initial design.",
         ),
         click.option(
-            "--seed",
-            default=0,
-            show_default=True,
-            help="Seed of the optimiser, the evaluation subset and DARE draws.",
-        ),
-        click.option(
-            "--eval-tokens",
-            type=int,
-            default=None,
-            help="Validation tokens per task (a fixed seeded subset). Default: all.",
-        ),
-        click.option(
-            "--max-length",
-            default=512,
-            show_default=True,
-            help="Truncate validation texts to this many tokens.",
-        ),
-        click.option(
             "--set",
             "fixed",
             multiple=True,
             metavar="KEY=VALUE",
             help="Fix a merge parameter for every trial, e.g. --set lambda=1.0 "
             "--set int8_mask=true. Unknown keys are rejected.",
-        ),
-        click.option(
-            "--trust-remote-code",
-            is_flag=True,
-            help="Accept models whose config needs code from their repository (off: such "
-            "models are refused). Only for repositories you trust.",
-        ),
-        click.option(
-            "--eval-dtype",
-            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-            default="auto",
-            show_default=True,
-            help="dtype of the live model that is scored: auto = float32 on CPU (the most precise "
-            "losses; on AVX512 CPUs bfloat16 can be about 2x faster, see "
-            "scripts/results/bench_search.md) and bfloat16 on a GPU. Losses are summed in "
-            "float32 either way.",
         ),
         click.option(
             "--cache-order/--no-cache-order",
@@ -489,17 +540,20 @@ def _add_search_options(function, initial: int):
             "sorting again each trial: much faster ties trials for 4 bytes of memory per "
             "parameter per source model (about 1.1 GB for two 135M-parameter sources).",
         ),
-        click.option(
-            "--device",
-            default="cpu",
-            show_default=True,
-            help="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N.",
-        ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    return evaluation_options(_with(function, options))
+
+
+def _validated(**values) -> SearchSettings:
+    """SearchSettings, with a validation failure reported as a bad parameter."""
+    from pydantic import ValidationError
+
+    try:
+        return SearchSettings(**values)
+    except ValidationError as error:
+        messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+        raise click.BadParameter(messages) from None
 
 
 def _settings(
@@ -520,44 +574,28 @@ def _settings(
     text_column="text",
     dtype=None,
 ):
-    from pydantic import ValidationError
-
-    try:
-        return SearchSettings(
-            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-            strategy=strategy,
-            weight_range=_range(weight_range, "--weight-range"),
-            density_range=_range(density_range, "--density-range"),
-            trials=trials,
-            initial=initial,
-            seed=seed,
-            eval_tokens=eval_tokens,
-            max_length=max_length,
-            text_column=text_column,
-            dtype=dtype,
-            device=device,
-            cache_order=cache_order,
-            eval_dtype=eval_dtype,
-            trust_remote_code=trust_remote_code,
-            method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
-        )
-    except ValidationError as error:
-        messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
-        raise click.BadParameter(messages) from None
+    return _validated(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        strategy=strategy,
+        weight_range=_range(weight_range, "--weight-range"),
+        density_range=_range(density_range, "--density-range"),
+        trials=trials,
+        initial=initial,
+        seed=seed,
+        eval_tokens=eval_tokens,
+        max_length=max_length,
+        text_column=text_column,
+        dtype=dtype,
+        device=device,
+        cache_order=cache_order,
+        eval_dtype=eval_dtype,
+        trust_remote_code=trust_remote_code,
+        method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
+    )
 
 
 @main.command("search")
-@click.argument("models", nargs=-1, required=True)
-@click.option("--base", help="The model the sources were fine-tuned from (folder or Hub id).")
-@click.option(
-    "--data",
-    multiple=True,
-    metavar="NAME=PATH",
-    required=True,
-    help="Validation data of the source model NAME (its folder or repo name): "
-    "jsonl, json, csv, parquet or txt. Repeat per model.",
-)
-@click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
+@source_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -566,10 +604,6 @@ def _settings(
     help="Run directory: trials.jsonl, best.json, recipe.yaml, model/.",
 )
 @click.option("--trials", default=200, show_default=True, help="Trials in total.")
-@click.option(
-    "--dtype", default=None, help="Merge dtype written in the recipe. Default: the base model's."
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Publish the result to this repo.")
 @hub_options
 @search_options(initial=20)
@@ -620,16 +654,7 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
 
 
 @main.command()
-@click.argument("models", nargs=-1, required=True)
-@click.option("--base", help="The model the sources were fine-tuned from (folder or Hub id).")
-@click.option(
-    "--data",
-    multiple=True,
-    metavar="NAME=PATH",
-    required=True,
-    help="Validation data of the source model NAME, as for `search`.",
-)
-@click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
+@source_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -637,15 +662,8 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
     show_default=True,
     help="Where baselines.json / baselines.md go.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-@click.option("--eval-tokens", type=int, default=None, help="Validation tokens per task.")
-@click.option("--max-length", default=512, show_default=True, help="Truncate texts to this.")
-@click.option("--seed", default=0, show_default=True, help="Evaluation subset and DARE seed.")
-@click.option("--dtype", default=None, help="Merge dtype. Default: the base model's.")
-@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--trust-remote-code", is_flag=True, help="Accept models that need remote code.")
-def baselines(models, base, data, text_column, out, overwrite, eval_tokens, max_length, seed,
-              dtype, device, trust_remote_code) -> None:  # fmt: skip
+@evaluation_options
+def baselines(models, base, data, text_column, dtype, overwrite, out, **evaluation) -> None:
     """Score the five usual merges of MODELS at fixed settings, like search trials.
 
     \b
@@ -653,12 +671,14 @@ def baselines(models, base, data, text_column, out, overwrite, eval_tokens, max_
     ties, dare_linear, dare_ties: the same weights and density 0.5 --
     the values of mergekit's README examples. Without --base only linear is scored.
     """
-    settings = SearchSettings(
-        trials=1, initial=1, seed=seed, eval_tokens=eval_tokens, max_length=max_length,
-        text_column=text_column, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code,
+    settings = _validated(
+        trials=1,
+        initial=1,
+        text_column=text_column,
+        dtype=dtype,
         methods=("linear",) if base is None else SearchSettings().methods,
-    )  # fmt: skip
+        **evaluation,
+    )
     run, table = run_baselines(list(models), base, _key_values(data, "--data"), settings, out,
                                overwrite)  # fmt: skip
     click.echo(table)
