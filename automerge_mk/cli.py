@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING
 import click
 
 from .errors import AutomergeError, DataError, ModelReferenceError, NoSuccessfulTrialError
-from .types import STRATEGY_HELP, Block, SearchSettings, SourceModel
+from .types import METRIC_HELP, STRATEGY_HELP, Block, SearchSettings, SourceModel, TaskScore
 
 if TYPE_CHECKING:  # these import torch; --help should not wait for it
+    from transformers import PreTrainedTokenizerBase
+
     from .engine import MergeEngine
-    from .evaluate import TaskData
+    from .evaluate import Metric, TaskData
     from .rundir import RunDir
 
 METHODS_HELP = (
@@ -92,6 +94,8 @@ class _Inputs:
     tasks: list[TaskData]  # one per source, in source order
     blocks: tuple[Block, ...]
     dtype: str
+    metrics: tuple[Metric, ...]
+    tokenizer: PreTrainedTokenizerBase
 
     @property
     def reference_model(self) -> Path:
@@ -111,6 +115,7 @@ def _check_inputs(
     space.check_methods(settings.methods, has_base=base_ref is not None)
     space.check_method_parameters(settings.methods, settings.method_parameters)
     check_device(settings.device)
+    metrics = tuple(evaluate.parse_metric(spec) for spec in settings.metrics)
     if len(model_refs) < 2:
         raise ModelReferenceError("give at least two source models to merge")
     trust = settings.trust_remote_code
@@ -122,7 +127,7 @@ def _check_inputs(
         )
     base = hub.resolve_model(base_ref, trust_remote_code=trust) if base_ref else None
     files = _data_files(data, sources)
-    texts = {name: evaluate.load_texts(path, settings.text_column) for name, path in files.items()}
+    rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).path
     segment.check_compatible([s.path for s in sources] + ([base.path] if base else []))
     dtype = settings.dtype or _model_dtype(reference_model)
@@ -136,7 +141,7 @@ def _check_inputs(
     tasks = [
         evaluate.tokenize_task(
             s.name,
-            texts[s.name],
+            rows[s.name],
             tokenizer,
             settings.max_length,
             settings.eval_tokens,
@@ -144,8 +149,14 @@ def _check_inputs(
         )
         for s in sources
     ]
+    unlabelled = [t.name for t in tasks if not t.labels]
+    if unlabelled and any(m.name == "label_accuracy" for m in metrics):
+        raise DataError(
+            f"--metric label_accuracy needs prompt/label data; {', '.join(unlabelled)} "
+            "has plain texts"
+        )
     blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
-    return _Inputs(sources, base, files, tasks, blocks, dtype)
+    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer)
 
 
 def _quiet_libraries() -> None:
@@ -164,8 +175,17 @@ class _Session:
     run: RunDir
     inputs: _Inputs
     engine: MergeEngine
-    reference_losses: dict[str, float]
+    references: dict[str, TaskScore]  # each task under its own specialist
     sources_scored: dict[str, tuple]
+
+    def objective(self, to_plan=None):
+        """The target function on this session's engine, data, references and metrics."""
+        from .search import MergeObjective
+
+        inputs = self.inputs
+        return MergeObjective(
+            self.engine, inputs.tasks, self.references, to_plan, inputs.metrics, inputs.tokenizer
+        )
 
 
 def _open_session(
@@ -211,17 +231,21 @@ def _open_session(
         cache_order=settings.cache_order,
         eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
     )
-    # Each specialist's loss on its own task is the reference of AP; score them all first.
+    # Each specialist's scores on its own task are the reference of AP and PR; score them first.
     raw = {
-        s.name: evaluate.score_model(engine.load_source(s.path), inputs.tasks)
+        s.name: evaluate.score_model(
+            engine.load_source(s.path), inputs.tasks, inputs.metrics, inputs.tokenizer
+        )
         for s in inputs.sources
     }
-    reference_losses = {name: scores[name].loss for name, scores in raw.items()}
-    sources_scored = {n: evaluate.with_preservation(s, reference_losses) for n, s in raw.items()}
+    references = {name: scores[name] for name, scores in raw.items()}
+    sources_scored = {
+        n: evaluate.with_preservation(s, references, inputs.metrics) for n, s in raw.items()
+    }
     run.write_json(
         "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
     )
-    return _Session(run, inputs, engine, reference_losses, sources_scored)
+    return _Session(run, inputs, engine, references, sources_scored)
 
 
 def _score_baselines(session: _Session, objective, settings: SearchSettings) -> dict:
@@ -256,13 +280,10 @@ def run_baselines(
     overwrite: bool = False,
 ) -> tuple[Path, str]:
     """Score the five default methods at fixed settings; return the run directory and table."""
-    from . import report, search
+    from . import report
 
     session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite)
-    objective = search.MergeObjective(
-        session.engine, session.inputs.tasks, session.reference_losses, to_plan=None
-    )
-    rows = _score_baselines(session, objective, settings)
+    rows = _score_baselines(session, session.objective(), settings)
     rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
     table = report.score_table(rows)
     session.run.write_text("baselines.md", table + "\n")
@@ -286,13 +307,13 @@ def run_search(
     Raises:
         AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
     """
-    from . import evaluate, recipe, report, search, space
+    from . import recipe, report, search, space
 
     started = time.perf_counter()
     # Recipes and rebuild commands must not depend on the working directory.
     session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite)
     run, inputs, engine = session.run, session.inputs, session.engine
-    reference_losses, sources_scored = session.reference_losses, session.sources_scored
+    sources_scored = session.sources_scored
 
     names = tuple(s.name for s in inputs.sources)
     to_plan = partial(
@@ -304,7 +325,7 @@ def run_search(
         settings=settings,
         dtype=inputs.dtype,
     )
-    objective = search.MergeObjective(engine, inputs.tasks, reference_losses, to_plan)
+    objective = session.objective(to_plan)
     optimizer = search.make_optimizer(
         space.build_space(inputs.blocks, names, settings),
         settings.trials,
@@ -335,7 +356,7 @@ def run_search(
     built = AutoModelForCausalLM.from_pretrained(
         str(run.path / "model"), dtype=engine.model.dtype
     ).to(engine.device)
-    final = evaluate.with_preservation(evaluate.score_model(built, inputs.tasks), reference_losses)
+    final = objective.score(built)
     run.write_json("final.json", report.scored_json(*final))
     baselines = _score_baselines(session, objective, settings)
     table = {
@@ -428,7 +449,9 @@ def source_options(function):
                 metavar="NAME=PATH",
                 required=True,
                 help="Validation data of the source model NAME (its folder or repo name): "
-                "jsonl, json, csv, parquet or txt. Repeat per model.",
+                "jsonl, json, csv, parquet or txt, holding texts (--text-column) or prompt/label "
+                "pairs (columns prompt and label; scored on the label only, as "
+                "prompt + ' ' + label). Repeat per model.",
             ),
             click.option(
                 "--text-column", default="text", show_default=True, help="Column holding the text."
@@ -472,6 +495,7 @@ def evaluation_options(function):
                 help="Accept models whose config needs code from their repository (off: such "
                 "models are refused). Only for repositories you trust.",
             ),
+            click.option("--metric", "metrics", multiple=True, metavar="SPEC", help=METRIC_HELP),
             click.option(
                 "--eval-dtype",
                 type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
@@ -571,6 +595,7 @@ def _settings(
     cache_order,
     eval_dtype,
     trust_remote_code,
+    metrics=(),
     text_column="text",
     dtype=None,
 ):
@@ -590,6 +615,7 @@ def _settings(
         cache_order=cache_order,
         eval_dtype=eval_dtype,
         trust_remote_code=trust_remote_code,
+        metrics=tuple(metrics),
         method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
     )
 

@@ -43,3 +43,7 @@ class RunDirectoryError(AutomergeError):
 
 class PublishError(AutomergeError):
     """An upload to the Hub failed; the run directory is intact and the push can be retried."""
+
+
+class MetricError(AutomergeError):
+    """A user metric (`--metric`) raised or returned something other than a finite number."""

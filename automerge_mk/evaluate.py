@@ -1,22 +1,29 @@
-"""Stage 5: validation data, token losses, and the preservation objective.
+"""Stage 5: validation data, token losses, task metrics and the preservation objective.
 
 AP_i = L_i(S_i) / L_i(merged) for each task i with specialist S_i; the search maximises the
 harmonic mean of AP over tasks, which punishes a merge that keeps one task and drops another.
+PR_i = metric_i(merged) / metric_i(S_i) reports a real metric beside it: label accuracy for
+prompt/label data, next-token accuracy for plain text, or a user callable (`--metric`).
 Texts are tokenised once per search and batched by length so few padded positions are computed.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import math
 import random
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import DataError
-from .types import TaskScore, harmonic_mean
+from .errors import DataError, MetricError, SettingsError
+from .types import BUILT_IN_METRICS, TaskScore, harmonic_mean
 
 # `datasets` builder per file suffix (checked: datasets 5.2 packaged modules).
 _BUILDERS = {
@@ -29,26 +36,90 @@ _BUILDERS = {
 
 
 class TaskData(BaseModel):
-    """One task's tokenised validation sequences."""
+    """One task's tokenised validation sequences.
+
+    Plain texts score every token (`starts` are 1). Prompt/label examples are scored on the
+    label's tokens only (`starts` = where the label begins), and carry what label accuracy
+    needs: the label set, each example's answer, and either each label's single token (when
+    every label is one token after every prompt: the accuracy then comes free from the loss
+    pass) or every example's candidate sequences (prompt + each label).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     sequences: tuple[tuple[int, ...], ...]
     pad_id: int
-    indices: tuple[int, ...]  # which of the task's texts the sequences come from
+    indices: tuple[int, ...]  # which of the task's rows the sequences come from
+    starts: tuple[int, ...] = ()  # first scored position per sequence; empty: all 1
+    rows: tuple[dict[str, Any], ...] = ()  # the rows themselves, for user metrics
+    labels: tuple[str, ...] = ()  # the label set of a prompt/label task
+    answers: tuple[int, ...] = ()  # index into `labels` per sequence
+    label_tokens: tuple[int, ...] = ()  # one token per label, when that suffices
+    candidates: tuple[tuple[tuple[tuple[int, ...], int], ...], ...] = ()  # (ids, start) per label
 
     @property
     def tokens(self) -> int:
-        """Predicted positions: each sequence predicts all but its first token."""
-        return sum(len(s) - 1 for s in self.sequences)
+        """Scored positions: each sequence predicts its tokens from its start on."""
+        starts = self.starts or (1,) * len(self.sequences)
+        return sum(len(s) - b for s, b in zip(self.sequences, starts))
 
 
-def load_texts(path: Path, text_column: str = "text") -> list[str]:
-    """Load a task's texts with `datasets` (jsonl/json/csv/parquet/txt).
+class Metric(NamedTuple):
+    """A task metric for PR: built in (`function` None) or `function(model, tokenizer, rows)`."""
+
+    name: str
+    function: Callable[..., float] | None = None
+    lower_is_better: bool = False
+
+
+def parse_metric(spec: str) -> Metric:
+    """A `--metric` value -> Metric, importing the user's function now (before any work).
 
     Raises:
-        DataError: when the file is missing, unreadable, empty or lacks `text_column`.
+        SettingsError: for a malformed spec, a module that cannot be imported, or a missing
+            or non-callable function.
+    """
+    if spec in BUILT_IN_METRICS:
+        return Metric(spec)
+    name, _, target = spec.partition("=")
+    lower = target.endswith(":min")
+    target = target.removesuffix(":min").removesuffix(":max")
+    module_name, _, attribute = target.rpartition(":")
+    if not (name.isidentifier() and module_name and attribute):
+        raise SettingsError(
+            f"--metric {spec!r}: give NAME=module:function (or NAME=file.py:function), "
+            f"or one of {', '.join(BUILT_IN_METRICS)}"
+        )
+    if name in BUILT_IN_METRICS:
+        raise SettingsError(f"--metric {spec!r}: {name!r} is a built-in metric's name")
+    try:
+        if module_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if spec_ is None or spec_.loader is None or not Path(module_name).is_file():
+                raise FileNotFoundError(module_name)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - any import failure is the user's to fix
+        raise SettingsError(
+            f"--metric {spec!r}: cannot import {module_name}: {type(error).__name__}: {error}"
+        ) from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise SettingsError(f"--metric {spec!r}: {module_name} has no function {attribute!r}")
+    return Metric(name, function, lower)
+
+
+def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
+    """Load a task's examples with `datasets` (jsonl/json/csv/parquet/txt).
+
+    A row is a plain text (`text_column`) or a prompt/label pair (columns `prompt` and `label`,
+    scored as prompt + " " + label). Rows keep all their columns, for user metrics.
+
+    Raises:
+        DataError: when the file is missing, unreadable, empty or has neither kind of column.
     """
     import datasets  # deferred: importing datasets costs seconds and only searches need it
 
@@ -64,20 +135,46 @@ def load_texts(path: Path, text_column: str = "text") -> list[str]:
     except Exception as error:
         raise DataError(f"cannot read data file {path}: {error}") from error
     column = "text" if builder == "text" else text_column
-    if column not in dataset.column_names:
+    columns = dataset.column_names
+    if column in columns:
+        rows = [r for r in dataset if isinstance(r[column], str) and r[column].strip()]
+        rows = [r | {"text": r[column]} for r in rows]
+    elif {"prompt", "label"} <= set(columns):
+        rows = [
+            r | {"label": str(r["label"])}
+            for r in dataset
+            if isinstance(r["prompt"], str) and r["prompt"].strip() and str(r["label"]).strip()
+        ]
+    else:
         raise DataError(
-            f"{path} has no column {column!r}; its columns are {dataset.column_names}: "
-            "pass --text-column"
+            f"{path} has no column {column!r} and no prompt/label columns; its columns are "
+            f"{columns}: pass --text-column, or give prompt and label columns"
         )
-    texts = [t for t in dataset[column] if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise DataError(f"data file {path} has no non-empty text in column {column!r}")
-    return texts
+    if not rows:
+        raise DataError(f"data file {path} has no non-empty example")
+    if "label" in rows[0] and "text" not in rows[0] and len({r["label"] for r in rows}) < 2:
+        raise DataError(f"{path}: prompt/label data needs at least two distinct labels")
+    return rows
+
+
+def load_texts(path: Path, text_column: str = "text") -> list[str]:
+    """The texts of a plain-text data file (see `load_rows`)."""
+    rows = load_rows(path, text_column)
+    if "text" not in rows[0]:
+        raise DataError(f"{path} holds prompt/label examples, not texts")
+    return [r["text"] for r in rows]
+
+
+def _labelled(prompt: list[int], full: list[int], max_length: int) -> tuple[tuple[int, ...], int]:
+    """prompt + label ids cut to `max_length` from the left; and where the label starts."""
+    start = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), len(prompt))
+    cut = max(0, len(full) - max_length)
+    return tuple(full[cut:]), max(1, start - cut)
 
 
 def tokenize_task(
     name: str,
-    texts: list[str],
+    rows: Sequence[str] | Sequence[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     eval_tokens: int | None = None,
@@ -85,40 +182,78 @@ def tokenize_task(
 ) -> TaskData:
     """Tokenise once; with `eval_tokens`, keep a seeded random subset of about that many tokens.
 
+    `rows` are texts, or rows from `load_rows` (texts or prompt/label pairs).
+
     Raises:
         DataError: when no text yields at least two tokens.
     """
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    kept = [(i, tuple(ids)) for i, ids in enumerate(encoded) if len(ids) >= 2]
+    rows = [{"text": r} if isinstance(r, str) else r for r in rows]
+    labelled = "text" not in rows[0]
+    if labelled:
+        labels = tuple(sorted({r["label"] for r in rows}))
+        prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+        per_label = {
+            label: tokenizer([f"{r['prompt']} {label}" for r in rows])["input_ids"]
+            for label in labels
+        }
+        candidates = [
+            tuple(_labelled(p, per_label[label][i], max_length) for label in labels)
+            for i, p in enumerate(prompts)
+        ]
+        answers = [labels.index(r["label"]) for r in rows]
+        encoded = [c[a] for c, a in zip(candidates, answers)]
+    else:
+        ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+        encoded = [(tuple(s), 1) for s in ids["input_ids"]]
+    kept = [i for i, (ids, start) in enumerate(encoded) if len(ids) >= 2 and start < len(ids)]
     if not kept:
         raise DataError(f"task {name!r}: no text has two or more tokens")
     if eval_tokens:
         random.Random(seed).shuffle(kept)
         subset, total = [], 0
-        for index, sequence in kept:
+        for index in kept:
             if total >= eval_tokens:
                 break
-            subset.append((index, sequence))
-            total += len(sequence) - 1
+            subset.append(index)
+            total += len(encoded[index][0]) - 1
         kept = sorted(subset)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TaskData(
-        name=name,
-        sequences=tuple(s for _, s in kept),
-        pad_id=pad,
-        indices=tuple(i for i, _ in kept),
-    )
-
-
-def _batches(task: TaskData, batch_tokens: int) -> list[list[tuple[int, ...]]]:
-    ordered = sorted(task.sequences, key=len, reverse=True)
-    batches: list[list[tuple[int, ...]]] = []
-    for sequence in ordered:
-        # Sorted by length, the first sequence of a batch is its longest: padding stays small.
-        if batches and len(batches[-1][0]) * (len(batches[-1]) + 1) <= batch_tokens:
-            batches[-1].append(sequence)
+    task = {
+        "name": name,
+        "sequences": tuple(encoded[i][0] for i in kept),
+        "starts": tuple(encoded[i][1] for i in kept),
+        "pad_id": pad,
+        "indices": tuple(kept),
+        "rows": tuple(rows[i] for i in kept),
+    }
+    if labelled:
+        chosen = [candidates[i] for i in kept]
+        # One forward pass suffices when every label is one token after the same context.
+        tokens = {tuple(ids[-1] for ids, _ in options) for options in chosen}
+        one_token = len(tokens) == 1 and len(set(next(iter(tokens)))) == len(labels)
+        one_token = one_token and all(
+            len(ids) - start == 1 and ids[:-1] == options[0][0][:-1]
+            for options in chosen
+            for ids, start in options
+        )
+        task |= {"labels": labels, "answers": tuple(answers[i] for i in kept)}
+        if one_token:
+            task["label_tokens"] = next(iter(tokens))
         else:
-            batches.append([sequence])
+            task["candidates"] = tuple(chosen)
+    return TaskData(**task)
+
+
+def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of sequences grouped into batches of similar length."""
+    ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in ordered:
+        # Sorted by length, the first sequence of a batch is its longest: padding stays small.
+        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
     return batches
 
 
@@ -144,58 +279,174 @@ def _head_can_be_chunked(model: PreTrainedModel) -> bool:
     return _HEAD_MATCHES[model]
 
 
-@torch.inference_mode()
-def score_task(
-    model: PreTrainedModel, task: TaskData, batch_tokens: int = 4096, chunk_rows: int = 1024
-) -> TaskScore:
-    """Mean next-token loss and accuracy of `model` over a task's sequences.
+class _SequenceScores(NamedTuple):
+    loss: torch.Tensor  # summed loss per sequence (float64)
+    correct: torch.Tensor  # argmax hits per sequence
+    count: torch.Tensor  # scored positions per sequence
+    choice: torch.Tensor | None  # per sequence, the best of `label_tokens` at its first position
+
+
+def _score_sequences(
+    model: PreTrainedModel,
+    sequences: Sequence[tuple[int, ...]],
+    starts: Sequence[int],
+    pad_id: int,
+    batch_tokens: int,
+    chunk_rows: int,
+    label_tokens: Sequence[int] = (),
+) -> _SequenceScores:
+    """Per-sequence loss sums, hits and counts over positions `start..len-1`.
 
     Batches hold sequences of similar length (few padded positions); the vocabulary
-    projection and the loss run over `chunk_rows` predicted positions at a time, so the
+    projection and the loss run over `chunk_rows` scored positions at a time, so the
     full-vocabulary logits of a whole batch never sit in memory at once. Losses are summed in
     float32 whatever the model's dtype.
     """
     device = next(model.parameters()).device
     chunked = _head_can_be_chunked(model)
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in _batches(task, batch_tokens):
-        width = len(batch[0])
-        ids = torch.full((len(batch), width), task.pad_id, dtype=torch.long)
+    n = len(sequences)
+    loss = torch.zeros(n, dtype=torch.float64)
+    correct = torch.zeros(n, dtype=torch.long)
+    count = torch.zeros(n, dtype=torch.long)
+    choice = torch.zeros(n, dtype=torch.long) if label_tokens else None
+    wanted_labels = torch.tensor(label_tokens, device=device) if label_tokens else None
+    for batch in _batches([len(s) for s in sequences], batch_tokens):
+        width = len(sequences[batch[0]])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, sequence in enumerate(batch):
+        scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+        for row, index in enumerate(batch):
+            sequence = sequences[index]
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        valid = mask[:, 1:].bool()
-        wanted = ids[:, 1:][valid]
+            scored[row, starts[index] - 1 : len(sequence) - 1] = True  # row p predicts p+1
+        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+        wanted = ids[:, 1:][scored]
+        owner = torch.tensor(batch, device=device).unsqueeze(1).expand_as(scored)[scored]
         if chunked:
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            rows, project = hidden[:, :-1][valid], model.get_output_embeddings()
+            rows, project = hidden[:, :-1][scored], model.get_output_embeddings()
         else:
-            rows = model(input_ids=ids, attention_mask=mask).logits[:, :-1][valid]
+            rows = model(input_ids=ids, attention_mask=mask).logits[:, :-1][scored]
             project = None
         for start in range(0, len(rows), chunk_rows):
             part = rows[start : start + chunk_rows]
             logits = (project(part) if project else part).float()
             target = wanted[start : start + chunk_rows]
-            loss_sum += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
-            correct += (logits.argmax(-1) == target).sum().item()
-        count += int(valid.sum().item())
-    return TaskScore(loss=loss_sum / count, accuracy=correct / count, tokens=count)
+            who = owner[start : start + chunk_rows].cpu()
+            losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            loss.index_add_(0, who, losses.double().cpu())
+            correct.index_add_(0, who, (logits.argmax(-1) == target).long().cpu())
+            count.index_add_(0, who, torch.ones_like(who))
+            if wanted_labels is not None:
+                # One scored position per sequence: the label's only token.
+                choice[who] = logits[:, wanted_labels].argmax(-1).cpu()
+    return _SequenceScores(loss, correct, count, choice)
 
 
-def score_model(model: PreTrainedModel, tasks: list[TaskData]) -> dict[str, TaskScore]:
+def _label_accuracy(
+    model: PreTrainedModel, task: TaskData, found: _SequenceScores, batch_tokens: int
+) -> float:
+    """Share of examples whose answer is the label with the highest log-likelihood."""
+    answers = torch.tensor(task.answers)
+    if task.label_tokens:
+        return (found.choice == answers).double().mean().item()
+    flat = [option for options in task.candidates for option in options]
+    scores = _score_sequences(
+        model, [ids for ids, _ in flat], [start for _, start in flat], task.pad_id,
+        batch_tokens, 1024,
+    )  # fmt: skip
+    loglik = -scores.loss.view(len(task.candidates), len(task.labels))
+    return (loglik.argmax(-1) == answers).double().mean().item()
+
+
+@torch.inference_mode()
+def score_task(
+    model: PreTrainedModel,
+    task: TaskData,
+    batch_tokens: int = 4096,
+    chunk_rows: int = 1024,
+    metrics: Sequence[Metric] = (),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> TaskScore:
+    """Mean loss and next-token accuracy of `model` over a task's scored tokens, and its metrics.
+
+    Label accuracy is computed for prompt/label tasks; each user metric is called as
+    `function(model, tokenizer, rows)` on the task's rows.
+    """
+    starts = task.starts or (1,) * len(task.sequences)
+    found = _score_sequences(
+        model, task.sequences, starts, task.pad_id, batch_tokens, chunk_rows, task.label_tokens
+    )
+    total = int(found.count.sum())
+    values = {}
+    if task.labels:
+        values["label_accuracy"] = _label_accuracy(model, task, found, batch_tokens)
+    for metric in metrics:
+        if metric.function is not None:
+            values[metric.name] = _user_metric(metric, model, tokenizer, task)
+    return TaskScore(
+        loss=found.loss.sum().item() / total,
+        accuracy=int(found.correct.sum()) / total,
+        tokens=total,
+        metrics=values,
+    )
+
+
+def _user_metric(metric: Metric, model, tokenizer, task: TaskData) -> float:
+    """Call a user metric; whatever goes wrong becomes a MetricError naming it and the task."""
+    try:
+        value = float(metric.function(model, tokenizer, list(task.rows)))
+    except Exception as error:  # noqa: BLE001 - the user's code may raise anything
+        raise MetricError(
+            f"metric {metric.name!r} failed on task {task.name!r}: {type(error).__name__}: {error}"
+        ) from error
+    if not math.isfinite(value):
+        raise MetricError(f"metric {metric.name!r} returned {value} on task {task.name!r}")
+    return value
+
+
+def score_model(
+    model: PreTrainedModel,
+    tasks: list[TaskData],
+    metrics: Sequence[Metric] = (),
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, TaskScore]:
     """Scores of one model on every task."""
-    return {task.name: score_task(model, task) for task in tasks}
+    return {
+        task.name: score_task(model, task, metrics=metrics, tokenizer=tokenizer) for task in tasks
+    }
+
+
+def rate_metric(score: TaskScore, metrics: Sequence[Metric] = ()) -> Metric:
+    """The metric PR uses for a task: the first `--metric`, else its default."""
+    if metrics:
+        return metrics[0]
+    return Metric("label_accuracy" if "label_accuracy" in score.metrics else "token_accuracy")
 
 
 def with_preservation(
-    scores: dict[str, TaskScore], reference_losses: dict[str, float]
+    scores: dict[str, TaskScore],
+    references: dict[str, TaskScore],
+    metrics: Sequence[Metric] = (),
 ) -> tuple[dict[str, TaskScore], float]:
-    """Add AP_i = L_i(S_i) / L_i(merged) to each task score; return them and their harmonic mean."""
+    """Add AP and PR to each task score; return them and the harmonic mean of AP.
+
+    `references` holds each task's score under its own specialist:
+    AP_i = L_i(S_i) / L_i(merged) and PR_i = metric_i(merged) / metric_i(S_i) (inverted for a
+    lower-is-better metric).
+    """
     out = {}
     for name, score in scores.items():
-        ap = reference_losses[name] / score.loss if score.loss > 0 else 0.0
-        out[name] = score.model_copy(update={"preservation": ap})
+        reference = references[name]
+        ap = reference.loss / score.loss if score.loss > 0 else 0.0
+        metric = rate_metric(score, metrics)
+        mine, theirs = score.value(metric.name), reference.value(metric.name)
+        if metric.lower_is_better:
+            mine, theirs = theirs, mine
+        rate = mine / theirs if theirs > 0 else 0.0
+        out[name] = score.model_copy(
+            update={"preservation": ap, "rate": rate, "rate_metric": metric.name}
+        )
     values = [s.preservation for s in out.values()]
     return out, harmonic_mean(values)

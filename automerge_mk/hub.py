@@ -158,13 +158,19 @@ def _run_json(run_dir: Path, name: str) -> dict:
         ) from None
 
 
-def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], float]:
-    """PR_i = accuracy_i(merged) / accuracy_i(specialist i), and PD = max PR - min PR."""
-    rates = {}
+def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], float, str]:
+    """PR_i of the final model as its run computed them, PD = max PR - min PR, and the metric.
+
+    Runs from before PR was stored get PR from next-token accuracy.
+    """
+    rates, metric = {}, "token_accuracy"
     for task, score in final["tasks"].items():
-        own = sources[task]["tasks"][task]["accuracy"]
-        rates[task] = score["accuracy"] / own if own > 0 else 0.0
-    return rates, max(rates.values()) - min(rates.values())
+        if score.get("rate") is not None:
+            rates[task], metric = score["rate"], score.get("rate_metric") or metric
+        else:
+            own = sources[task]["tasks"][task]["accuracy"]
+            rates[task] = score["accuracy"] / own if own > 0 else 0.0
+    return rates, max(rates.values()) - min(rates.values()), metric
 
 
 def card_text(run_dir: Path, repo_id: str) -> str:
@@ -183,18 +189,16 @@ def card_text(run_dir: Path, repo_id: str) -> str:
     models = [SourceModel(**m) for m in settings["models"]]
     base = SourceModel(**settings["base"]) if settings.get("base") else None
     pinned = [m.pinned for m in models + ([base] if base else [])]
-    rates, discrepancy = preservation_rates(final, sources)
+    _, discrepancy, metric = preservation_rates(final, sources)
     tasks = list(final["tasks"])
     header = "| model | H (AP) | " + " | ".join(f"{t} AP | {t} PR" for t in tasks) + " |"
     lines = [header, "|" + "---|" * (2 + 2 * len(tasks))]
     rows = {"this merge": final} | {f"{name} alone": value for name, value in sources.items()}
     for name, scores in rows.items():
         cells = [name, f"{scores['harmonic_mean']:.4f}"]
+        scored = preservation_rates(scores, sources)[0]
         for task in tasks:
-            own = sources[task]["tasks"][task]["accuracy"]
-            accuracy = scores["tasks"][task]["accuracy"]
-            ap = scores["tasks"][task]["preservation"]
-            cells += [f"{ap:.4f}", f"{accuracy / own:.4f}" if own else "-"]
+            cells += [f"{scores['tasks'][task]['preservation']:.4f}", f"{scored[task]:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     local = [m.reference for m in models + ([base] if base else []) if not m.repo_id]
     local_note = (
@@ -222,7 +226,7 @@ network over {trials} trials, and stock mergekit built this model from the recip
 ## Preservation on the validation data
 
 AP = a specialist's validation loss on its own task / this model's loss on it; H is the harmonic
-mean of AP over tasks. PR = next-token accuracy of this model / of the task's specialist;
+mean of AP over tasks. PR = {metric.replace("_", " ")} of this model / of the task's specialist;
 preservation discrepancy PD = max PR - min PR = **{discrepancy:.4f}**.
 
 {chr(10).join(lines)}

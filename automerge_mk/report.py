@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -11,27 +12,51 @@ ScoredModel = tuple[dict[str, TaskScore], float]
 
 
 def score_table(rows: dict[str, ScoredModel]) -> str:
-    """A markdown table: per model the harmonic mean, then loss / AP / accuracy per task."""
-    tasks = list(next(iter(rows.values()))[0])
-    header = ["model", "H (AP)"] + [f"{t} {k}" for t in tasks for k in ("loss", "AP", "acc")]
+    """A markdown table: per model H and PD, then loss / AP / metric / PR per task.
+
+    The metric is the one PR is computed from (label or next-token accuracy, or the first
+    `--metric`); rows without AP or PR (no reference) show "-".
+    """
+    first = next(iter(rows.values()))[0]
+    names = {t: s.rate_metric or "token_accuracy" for t, s in first.items()}
+    header = ["model", "H (AP)", "PD"] + [
+        f"{t} {k}" for t in names for k in ("loss", "AP", names[t], "PR")
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, (scores, mean) in rows.items():
-        cells = [name, f"{mean:.4f}"]
-        for task in tasks:
+        pd = discrepancy(scores)
+        cells = [name, f"{mean:.4f}", "-" if math.isnan(pd) else f"{pd:.4f}"]
+        for task in names:
             score = scores.get(task)
             if score is None:
-                cells += ["-", "-", "-"]
+                cells += ["-"] * 4
                 continue
-            ap = f"{score.preservation:.4f}" if score.preservation is not None else "-"
-            cells += [f"{score.loss:.4f}", ap, f"{score.accuracy:.4f}"]
+            cells += [
+                f"{score.loss:.4f}",
+                _number(score.preservation),
+                _number(score.value(names[task])),
+                _number(score.rate),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def discrepancy(scores: dict[str, TaskScore]) -> float:
+    """PD = max PR - min PR over tasks (NaN when PR is unknown)."""
+    rates = [s.rate for s in scores.values() if s.rate is not None]
+    return max(rates) - min(rates) if rates else math.nan
+
+
 def scored_json(scores: dict[str, TaskScore], harmonic_mean: float) -> dict:
-    """A model's scores as stored in sources.json / final.json."""
+    """A model's scores as stored in sources.json / final.json / baselines.json."""
+    pd = discrepancy(scores)
     return {
         "harmonic_mean": harmonic_mean,
+        "pd": None if math.isnan(pd) else pd,
         "tasks": {task: score.model_dump() for task, score in scores.items()},
     }
 

