@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .errors import AutomergeError, DataError, ModelReferenceError, NoSuccessfulTrialError
+from .errors import (
+    AutomergeError,
+    DataError,
+    ModelReferenceError,
+    NoSuccessfulTrialError,
+    SettingsError,
+)
 from .types import METRIC_HELP, STRATEGY_HELP, Block, SearchSettings, SourceModel, TaskScore
 
 if TYPE_CHECKING:  # these import torch; --help should not wait for it
@@ -116,6 +122,8 @@ def _check_inputs(
     space.check_method_parameters(settings.methods, settings.method_parameters)
     check_device(settings.device)
     metrics = tuple(evaluate.parse_metric(spec) for spec in settings.metrics)
+    if len({m.name for m in metrics}) < len(metrics):
+        raise SettingsError(f"--metric names repeat: {', '.join(m.name for m in metrics)}")
     if len(model_refs) < 2:
         raise ModelReferenceError("give at least two source models to merge")
     trust = settings.trust_remote_code
@@ -152,8 +160,9 @@ def _check_inputs(
     unlabelled = [t.name for t in tasks if not t.labels]
     if unlabelled and any(m.name == "label_accuracy" for m in metrics):
         raise DataError(
-            f"--metric label_accuracy needs prompt/label data; {', '.join(unlabelled)} "
-            "has plain texts"
+            f"--metric label_accuracy needs prompt/label data with at most "
+            f"{evaluate.MAX_LABELS} labels; {', '.join(unlabelled)} has plain texts or "
+            "free-form answers"
         )
     blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
     return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer)
@@ -220,7 +229,10 @@ def _open_session(
     )
     run.write_json(
         "eval_subset.json",
-        {t.name: {"texts": list(t.indices), "tokens": t.tokens} for t in inputs.tasks},
+        {
+            t.name: {"texts": list(t.indices), "tokens": t.tokens, "computed": t.computed_tokens}
+            for t in inputs.tasks
+        },
     )
     engine = MergeEngine(
         [s.path for s in inputs.sources],
@@ -332,6 +344,7 @@ def run_search(
         settings.initial,
         settings.seed,
         run.path / ".smac",
+        settings.optimizer,
     )
     results = search.run_search(optimizer, objective, settings.trials, run.append_trial, progress)
     succeeded = [r for r in results if r.status == "ok"]
@@ -549,6 +562,14 @@ def _add_search_options(function, initial: int):
             help="Configurations in SMAC's Sobol initial design.",
         ),
         click.option(
+            "--optimizer",
+            type=click.Choice(["smac", "random"]),
+            default="smac",
+            show_default=True,
+            help="smac: random-forest Bayesian optimisation; random: uniform random search of "
+            "the same space (a baseline for the optimiser).",
+        ),
+        click.option(
             "--set",
             "fixed",
             multiple=True,
@@ -587,6 +608,7 @@ def _settings(
     weight_range,
     density_range,
     initial,
+    optimizer,
     seed,
     eval_tokens,
     max_length,
@@ -606,6 +628,7 @@ def _settings(
         density_range=_range(density_range, "--density-range"),
         trials=trials,
         initial=initial,
+        optimizer=optimizer,
         seed=seed,
         eval_tokens=eval_tokens,
         max_length=max_length,

@@ -64,6 +64,13 @@ class TaskData(BaseModel):
         starts = self.starts or (1,) * len(self.sequences)
         return sum(len(s) - b for s, b in zip(self.sequences, starts))
 
+    @property
+    def computed_tokens(self) -> int:
+        """Positions a forward pass computes (what `--eval-tokens` budgets), candidates included."""
+        if self.candidates:
+            return sum(len(ids) for options in self.candidates for ids, _ in options)
+        return sum(len(s) for s in self.sequences)
+
 
 class Metric(NamedTuple):
     """A task metric for PR: built in (`function` None) or `function(model, tokenizer, rows)`."""
@@ -138,13 +145,14 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     columns = dataset.column_names
     if column in columns:
         rows = [r for r in dataset if isinstance(r[column], str) and r[column].strip()]
+        if "prompt" in columns and any(r[column] is None and r["prompt"] for r in dataset):
+            raise DataError(
+                f"{path} mixes texts (column {column!r}) and prompt/label rows: use one kind"
+            )
         rows = [r | {"text": r[column]} for r in rows]
     elif {"prompt", "label"} <= set(columns):
-        rows = [
-            r | {"label": str(r["label"])}
-            for r in dataset
-            if isinstance(r["prompt"], str) and r["prompt"].strip() and str(r["label"]).strip()
-        ]
+        rows = [_labelled_row(r, dataset.features["label"], path) for r in dataset]
+        rows = [r for r in rows if r["prompt"].strip()]
     else:
         raise DataError(
             f"{path} has no column {column!r} and no prompt/label columns; its columns are "
@@ -157,6 +165,22 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     return rows
 
 
+def _labelled_row(row: dict[str, Any], feature, path: Path) -> dict[str, Any]:
+    """A prompt/label row with its label as a clean string (class names for ClassLabel)."""
+    label, prompt = row["label"], row["prompt"]
+    if label is None or (isinstance(label, float) and math.isnan(label)) or prompt is None:
+        raise DataError(f"{path}: a row has no prompt or no label: {row}")
+    if hasattr(feature, "int2str"):
+        label = feature.int2str(label)
+    elif isinstance(label, float) and label.is_integer():
+        label = int(label)  # a numeric column with gaps is read as floats
+    label = str(label).strip()
+    if not label:
+        raise DataError(f"{path}: a row has an empty label: {row}")
+    row = {k: v for k, v in row.items() if k != "text"}  # "text" marks plain-text rows
+    return row | {"prompt": str(prompt), "label": label}
+
+
 def load_texts(path: Path, text_column: str = "text") -> list[str]:
     """The texts of a plain-text data file (see `load_rows`)."""
     rows = load_rows(path, text_column)
@@ -165,11 +189,29 @@ def load_texts(path: Path, text_column: str = "text") -> list[str]:
     return [r["text"] for r in rows]
 
 
-def _labelled(prompt: list[int], full: list[int], max_length: int) -> tuple[tuple[int, ...], int]:
-    """prompt + label ids cut to `max_length` from the left; and where the label starts."""
-    start = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), len(prompt))
-    cut = max(0, len(full) - max_length)
-    return tuple(full[cut:]), max(1, start - cut)
+MAX_LABELS = 64  # more distinct labels: free-form completions, scored by loss only
+
+
+def _label_start(prompt: list[int], full: list[int]) -> int:
+    """Where the label's tokens start in prompt + label (the first token that differs)."""
+    return next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), len(prompt))
+
+
+def _candidates(
+    prompt: list[int], fulls: list[list[int]], max_length: int
+) -> tuple[tuple[tuple[int, ...], int], ...] | None:
+    """(ids, label start) per label, within `max_length`; None when a label cannot fit.
+
+    Too long sequences lose prompt tokens after the first one (BOS), by the same count for
+    every label, so that all labels are compared on the same context.
+    """
+    starts = [_label_start(prompt, full) for full in fulls]
+    cut = max(0, max(map(len, fulls)) - max_length)
+    if cut and cut > min(starts) - 1:
+        return None
+    return tuple(
+        (tuple(full[:1] + full[1 + cut :]), start - cut) for full, start in zip(fulls, starts)
+    )
 
 
 def tokenize_task(
@@ -179,10 +221,12 @@ def tokenize_task(
     max_length: int,
     eval_tokens: int | None = None,
     seed: int = 0,
+    one_pass: bool = True,
 ) -> TaskData:
     """Tokenise once; with `eval_tokens`, keep a seeded random subset of about that many tokens.
 
-    `rows` are texts, or rows from `load_rows` (texts or prompt/label pairs).
+    `rows` are texts, or rows from `load_rows` (texts or prompt/label pairs). `one_pass=False`
+    scores every label as its own sequence even where one pass would do (for checking).
 
     Raises:
         DataError: when no text yields at least two tokens.
@@ -191,23 +235,34 @@ def tokenize_task(
     labelled = "text" not in rows[0]
     if labelled:
         labels = tuple(sorted({r["label"] for r in rows}))
+        # A label set is scored in full for label accuracy; free-form answers only by loss.
+        scored = labels if len(labels) <= MAX_LABELS else None
         prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
         per_label = {
             label: tokenizer([f"{r['prompt']} {label}" for r in rows])["input_ids"]
-            for label in labels
+            for label in scored or ()
         }
-        candidates = [
-            tuple(_labelled(p, per_label[label][i], max_length) for label in labels)
-            for i, p in enumerate(prompts)
-        ]
+        candidates, encoded = [], []
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            if scored:
+                options = _candidates(prompt, [per_label[x][i] for x in labels], max_length)
+                answer = options[labels.index(row["label"])] if options else ((), 0)
+            else:
+                own = tokenizer(f"{row['prompt']} {row['label']}")["input_ids"]
+                options = _candidates(prompt, [own], max_length)
+                answer = options[0] if options else ((), 0)
+            candidates.append(options)
+            encoded.append(answer)
         answers = [labels.index(r["label"]) for r in rows]
-        encoded = [c[a] for c, a in zip(candidates, answers)]
     else:
         ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
         encoded = [(tuple(s), 1) for s in ids["input_ids"]]
     kept = [i for i, (ids, start) in enumerate(encoded) if len(ids) >= 2 and start < len(ids)]
     if not kept:
-        raise DataError(f"task {name!r}: no text has two or more tokens")
+        raise DataError(
+            f"task {name!r}: no example has two or more tokens"
+            + (f" and a label that fits in --max-length {max_length}" if labelled else "")
+        )
     if eval_tokens:
         random.Random(seed).shuffle(kept)
         subset, total = [], 0
@@ -226,7 +281,7 @@ def tokenize_task(
         "indices": tuple(kept),
         "rows": tuple(rows[i] for i in kept),
     }
-    if labelled:
+    if labelled and scored:
         chosen = [candidates[i] for i in kept]
         # One forward pass suffices when every label is one token after the same context.
         tokens = {tuple(ids[-1] for ids, _ in options) for options in chosen}
@@ -237,7 +292,7 @@ def tokenize_task(
             for ids, start in options
         )
         task |= {"labels": labels, "answers": tuple(answers[i] for i in kept)}
-        if one_token:
+        if one_token and one_pass:
             task["label_tokens"] = next(iter(tokens))
         else:
             task["candidates"] = tuple(chosen)
@@ -345,7 +400,11 @@ def _score_sequences(
 
 
 def _label_accuracy(
-    model: PreTrainedModel, task: TaskData, found: _SequenceScores, batch_tokens: int
+    model: PreTrainedModel,
+    task: TaskData,
+    found: _SequenceScores,
+    batch_tokens: int,
+    chunk_rows: int,
 ) -> float:
     """Share of examples whose answer is the label with the highest log-likelihood."""
     answers = torch.tensor(task.answers)
@@ -354,7 +413,7 @@ def _label_accuracy(
     flat = [option for options in task.candidates for option in options]
     scores = _score_sequences(
         model, [ids for ids, _ in flat], [start for _, start in flat], task.pad_id,
-        batch_tokens, 1024,
+        batch_tokens, chunk_rows,
     )  # fmt: skip
     loglik = -scores.loss.view(len(task.candidates), len(task.labels))
     return (loglik.argmax(-1) == answers).double().mean().item()
@@ -380,8 +439,8 @@ def score_task(
     )
     total = int(found.count.sum())
     values = {}
-    if task.labels:
-        values["label_accuracy"] = _label_accuracy(model, task, found, batch_tokens)
+    if task.answers and (task.label_tokens or task.candidates):
+        values["label_accuracy"] = _label_accuracy(model, task, found, batch_tokens, chunk_rows)
     for metric in metrics:
         if metric.function is not None:
             values[metric.name] = _user_metric(metric, model, tokenizer, task)
@@ -444,7 +503,8 @@ def with_preservation(
         mine, theirs = score.value(metric.name), reference.value(metric.name)
         if metric.lower_is_better:
             mine, theirs = theirs, mine
-        rate = mine / theirs if theirs > 0 else 0.0
+        # A ratio of metric values means something only for positive values.
+        rate = mine / theirs if mine >= 0 and theirs > 0 else None
         out[name] = score.model_copy(
             update={"preservation": ap, "rate": rate, "rate_metric": metric.name}
         )

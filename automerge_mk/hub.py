@@ -159,18 +159,21 @@ def _run_json(run_dir: Path, name: str) -> dict:
 
 
 def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], float, str]:
-    """PR_i of the final model as its run computed them, PD = max PR - min PR, and the metric.
+    """PR_i of the final model as its run computed them, PD = max PR - min PR, and the
+    metric(s) they come from.
 
     Runs from before PR was stored get PR from next-token accuracy.
     """
-    rates, metric = {}, "token_accuracy"
+    rates, metrics = {}, set()
     for task, score in final["tasks"].items():
         if score.get("rate") is not None:
-            rates[task], metric = score["rate"], score.get("rate_metric") or metric
+            rates[task] = score["rate"]
+            metrics.add(score.get("rate_metric") or "token_accuracy")
         else:
             own = sources[task]["tasks"][task]["accuracy"]
             rates[task] = score["accuracy"] / own if own > 0 else 0.0
-    return rates, max(rates.values()) - min(rates.values()), metric
+            metrics.add("token_accuracy")
+    return rates, max(rates.values()) - min(rates.values()), " / ".join(sorted(metrics))
 
 
 def card_text(run_dir: Path, repo_id: str) -> str:

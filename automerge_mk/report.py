@@ -17,8 +17,10 @@ def score_table(rows: dict[str, ScoredModel]) -> str:
     The metric is the one PR is computed from (label or next-token accuracy, or the first
     `--metric`); rows without AP or PR (no reference) show "-".
     """
-    first = next(iter(rows.values()))[0]
-    names = {t: s.rate_metric or "token_accuracy" for t, s in first.items()}
+    names: dict[str, str] = {}
+    for scores, _ in rows.values():  # a failed row may have no task scores
+        for task, score in scores.items():
+            names.setdefault(task, score.rate_metric or "token_accuracy")
     header = ["model", "H (AP)", "PD"] + [
         f"{t} {k}" for t in names for k in ("loss", "AP", names[t], "PR")
     ]

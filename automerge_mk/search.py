@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 from ConfigSpace import Configuration, ConfigurationSpace
-from smac import HyperparameterOptimizationFacade, Scenario
+from smac import HyperparameterOptimizationFacade, RandomFacade, Scenario
 from smac.acquisition.maximizer.local_search import LocalSearch
+from smac.facade.abstract_facade import AbstractFacade
+from smac.initial_design import RandomInitialDesign
 from smac.model.random_forest import RandomForest
 from smac.runhistory.dataclasses import TrialValue
 from tqdm.auto import tqdm
@@ -115,12 +117,19 @@ class _RepeatableLocalSearch(LocalSearch):
 
 
 def make_optimizer(
-    space: ConfigurationSpace, trials: int, initial: int, seed: int, output: Path
-) -> HyperparameterOptimizationFacade:
+    space: ConfigurationSpace,
+    trials: int,
+    initial: int,
+    seed: int,
+    output: Path,
+    kind: str = "smac",
+) -> AbstractFacade:
     """SMAC's HPO facade with an explicit Sobol initial design and a single-threaded forest.
 
     The initial design is set explicitly because SMAC's default size rule changes between
     versions; `n_jobs=1` cuts the forest's per-ask cost about threefold on few cores.
+    `kind="random"` gives SMAC's random-search facade instead (uniform samples of the same
+    space, the usual baseline for an optimiser).
     """
     scenario = Scenario(
         space,
@@ -129,6 +138,15 @@ def make_optimizer(
         seed=seed,
         output_directory=output,
     )
+    if kind == "random":
+        return RandomFacade(
+            scenario,
+            target_function=None,
+            initial_design=RandomInitialDesign(scenario, n_configs=1),
+            intensifier=RandomFacade.get_intensifier(scenario, max_config_calls=1),
+            overwrite=True,
+            logging_level=40,
+        )
     maximizer = HyperparameterOptimizationFacade.get_acquisition_maximizer(scenario)
     maximizer._local_search.__class__ = _RepeatableLocalSearch
     return HyperparameterOptimizationFacade(
@@ -146,7 +164,7 @@ def make_optimizer(
 
 
 def run_search(
-    optimizer: HyperparameterOptimizationFacade,
+    optimizer: AbstractFacade,
     objective: Callable[[dict[str, Any], int], TrialResult],
     trials: int,
     record: Callable[[TrialResult], None],

@@ -151,6 +151,7 @@ class SearchSettings(Frozen):
     density_range: tuple[float, float] = (0.1, 1.0)
     trials: int = 200
     initial: int = 20
+    optimizer: Literal["smac", "random"] = "smac"
     seed: int = 0
     eval_tokens: int | None = None
     max_length: int = 512

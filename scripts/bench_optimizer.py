@@ -26,7 +26,7 @@ from automerge_mk.types import SearchSettings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def smac_default(space, trials, initial, seed, output):
+def smac_default(space, trials, initial, seed, output, kind="smac"):
     scenario = Scenario(space, deterministic=True, n_trials=trials, seed=seed,
                         output_directory=output)  # fmt: skip
     return HyperparameterOptimizationFacade(

@@ -40,6 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_DIR = Path.home() / ".cache" / "automerge-mk" / "benchmark"
 SPLITS = {"validation": 104, "test": 400}  # examples per split; the rest is training data
 # WordNet lexicographer files (lexnames(5WN)) -> single-token labels for SmolLM2's tokenizer.
+# Fine-tuning steps (batch 8) and learning rate per specialist. Sentiment is close to what the
+# instruct base already does (78 % validation label accuracy), so it trains harder: with
+# 150 steps at 5e-5 it gained only 5 points and still improved WordNet over the base.
+TRAINING = {"sentiment": (250, 1e-4), "wordnet": (150, 5e-5)}
 NOUN_CLASSES = {
     "05": "animal",
     "06": "artifact",
@@ -128,7 +132,10 @@ def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (out / "model.safetensors").is_file():
-        return json.loads((out / "training.json").read_text())
+        record = json.loads((out / "training.json").read_text())
+        if (record["steps"], record["lr"], record["seed"]) == (steps, lr, seed):
+            return record
+        print(f"{out.name}: built with other training settings; training again", flush=True)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
@@ -156,41 +163,85 @@ def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: i
         optimizer.zero_grad()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    record = {"steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
-              "train_examples": len(rows), "seconds": round(time.perf_counter() - started, 1),
-              "loss_first10": sum(losses[:10]) / 10, "loss_last10": sum(losses[-10:]) / 10}  # fmt: skip
+    record = {
+        "steps": steps,
+        "batch": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_examples": len(rows),
+        "seconds": round(time.perf_counter() - started, 1),
+        "loss_first10": sum(losses[:10]) / 10,
+        "loss_last10": sum(losses[-10:]) / 10,
+    }
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / "training.json").write_text(json.dumps(record, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
     partial.rename(out)
     return record
 
 
-def build(out: Path, steps: int, lr: float, seed: int) -> dict:
+def build(out: Path, seed: int) -> dict:
     from smollm2 import build_smollm2
 
     base = build_smollm2(out / "base")
     data = {
         "sentiment": write_splits(sentiment_examples(), out / "data", "sentiment", seed),
-        "wordnet": write_splits(wordnet_examples(out / "wordnet"), out / "data", "wordnet", seed),
+        "wordnet": write_splits(
+            wordnet_examples(out / "wordnet-base"), out / "data", "wordnet", seed
+        ),
     }
     training = {
-        task: fine_tune(base, paths["train"], out / task, steps, lr, seed)
+        task: fine_tune(base, paths["train"], out / task, *TRAINING[task], seed)
         for task, paths in data.items()
     }
-    return {"base": base, "data": data, "training": training}
+    result = {"base": base, "data": data, "training": training, "check": check(out, data)}
+    (out / "build.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def check(out: Path, data: dict[str, dict[str, Path]]) -> dict:
+    """Validation label accuracy and label loss of base and specialists on both tasks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from automerge_mk.evaluate import load_rows, score_task, tokenize_task
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "base"))
+    tasks = {
+        task: tokenize_task(task, load_rows(paths["validation"]), tokenizer, 512)
+        for task, paths in data.items()
+    }
+    scores = {}
+    for name in ("base", *data):
+        model = AutoModelForCausalLM.from_pretrained(str(out / name), dtype=torch.float32)
+        for task, task_data in tasks.items():
+            score = score_task(model, task_data)
+            scores[f"{name} on {task}"] = {
+                "label_accuracy": score.metrics["label_accuracy"],
+                "label_loss": score.loss,
+            }
+            print(f"{name:>9} on {task:<9}: label accuracy {score.metrics['label_accuracy']:.3f}, "
+                  f"label loss {score.loss:.3f}", flush=True)  # fmt: skip
+    for task in data:
+        other = next(t for t in data if t != task)
+        own = scores[f"{task} on {task}"]["label_accuracy"]
+        base_own = scores[f"base on {task}"]["label_accuracy"]
+        off = scores[f"{task} on {other}"]["label_accuracy"]
+        base_other = scores[f"base on {other}"]["label_accuracy"]
+        print(f"{task}: beats base on {task} ({own:.3f} > {base_own:.3f}): {own > base_own}; "
+              f"loses on {other} ({off:.3f} < {base_other:.3f}): {off < base_other}")  # fmt: skip
+    return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps (batch 8)")
-    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
-    result = build(arguments.out.expanduser(), arguments.steps, arguments.lr, arguments.seed)
+    result = build(arguments.out.expanduser(), arguments.seed)
     print(json.dumps(result, indent=2, default=str))
 
 

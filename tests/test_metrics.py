@@ -11,8 +11,16 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from automerge_mk.cli import main
-from automerge_mk.errors import SettingsError
-from automerge_mk.evaluate import load_rows, parse_metric, score_task, tokenize_task
+from automerge_mk.errors import DataError, SettingsError
+from automerge_mk.evaluate import (
+    Metric,
+    load_rows,
+    parse_metric,
+    score_task,
+    tokenize_task,
+    with_preservation,
+)
+from automerge_mk.types import TaskScore
 
 METRIC_FILE = '''
 import torch
@@ -200,3 +208,53 @@ def test_failing_user_metric_is_named(demo_models, labelled, tmp_path):
     result = _baselines(demo_models, labelled, tmp_path / "b", "--metric", f"x={file}:broken")
     assert result.exit_code == 1
     assert "metric 'x' failed on task" in result.output and "no such column" in result.output
+
+
+def test_one_pass_label_accuracy_equals_scoring_every_label(labelled, demo_models, tokenizer):
+    rows = load_rows(labelled["arith"])
+    fast = tokenize_task("arith", rows, tokenizer, max_length=512)
+    slow = tokenize_task("arith", rows, tokenizer, max_length=512, one_pass=False)
+    assert fast.label_tokens and slow.candidates and not slow.label_tokens
+    for path in demo_models.specialists.values():
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        one, every = score_task(model, fast), score_task(model, slow)
+        assert one.metrics == every.metrics and one.loss == pytest.approx(every.loss, rel=1e-6)
+
+
+def test_long_prompts_lose_prompt_tokens_never_the_label_or_bos(labelled, demo_models, tokenizer):
+    rows = [r | {"prompt": "1 + " * 12 + r["prompt"]} for r in load_rows(labelled["arith"])]
+    task = tokenize_task("arith", rows, tokenizer, max_length=10, one_pass=False)
+    bos = tokenizer.bos_token_id
+    for sequence, start, answer in zip(task.sequences, task.starts, task.answers):
+        assert len(sequence) == 10 and sequence[0] == bos and start == 9
+        assert tokenizer.decode(sequence[start:]).strip() == task.labels[answer]
+    for options in task.candidates:  # every label is compared on the same context
+        assert len({ids[:-1] for ids, _ in options}) == 1
+    model = AutoModelForCausalLM.from_pretrained(str(demo_models.specialists["arith"]))
+    assert 0.0 <= score_task(model, task).metrics["label_accuracy"] <= 1.0
+
+
+def test_label_columns_are_checked_and_cleaned(tmp_path):
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"prompt": "a", "label": 1}\n{"prompt": "b", "label": 2}\n')
+    assert [r["label"] for r in load_rows(numbers)] == ["1", "2"]
+    for name, text, message in [
+        ("missing", '{"prompt": "a", "label": 1}\n{"prompt": "b", "label": null}\n', "no label"),
+        ("one", '{"prompt": "a", "label": "x"}\n{"prompt": "b", "label": " x"}\n', "two distinct"),
+        ("mixed", '{"text": "a b"}\n{"prompt": "b", "label": "x"}\n', "mixes texts"),
+    ]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_rows(path)
+
+
+def test_pr_of_a_lower_is_better_metric_is_inverted_and_undefined_when_not_positive():
+    lower = Metric("error", lambda *_: 0.0, lower_is_better=True)
+    mine = {"t": TaskScore(loss=2.0, accuracy=0.5, tokens=4, metrics={"error": 0.4})}
+    theirs = {"t": TaskScore(loss=1.0, accuracy=0.5, tokens=4, metrics={"error": 0.2})}
+    scores, harmonic = with_preservation(mine, theirs, (lower,))
+    assert scores["t"].rate == pytest.approx(0.5) and scores["t"].rate_metric == "error"
+    assert harmonic == pytest.approx(0.5)  # AP = 1.0 / 2.0
+    negative = {"t": theirs["t"].model_copy(update={"metrics": {"error": -1.0}})}
+    assert with_preservation(mine, negative, (Metric("error"),))[0]["t"].rate is None

@@ -37,3 +37,29 @@ def test_same_seed_gives_the_same_search_in_processes_with_different_hash_seeds(
     first, second = _proposals("1"), _proposals("2")
     assert len(first) == 16
     assert first == second  # SMAC alone differs from trial 11 on (set order of start points)
+
+
+def test_random_optimizer_samples_the_space_uniformly_and_repeatably(tmp_path):
+    from ConfigSpace import ConfigurationSpace, Float
+    from smac import RandomFacade
+    from smac.runhistory.dataclasses import TrialValue
+
+    from automerge_mk.search import make_optimizer
+
+    def proposals(folder) -> list[float]:
+        space = ConfigurationSpace(seed=0)
+        space.add([Float("x", (0, 1))])
+        optimizer = make_optimizer(space, 40, 10, 0, folder, kind="random")
+        assert isinstance(optimizer, RandomFacade)
+        values = []
+        for _ in range(40):
+            info = optimizer.ask()
+            values.append(info.config["x"])
+            optimizer.tell(info, TrialValue(cost=abs(values[-1] - 0.3)))  # ignored by design
+        return values
+
+    values = proposals(tmp_path / "a")
+    assert values == proposals(tmp_path / "b")
+    assert len(set(values)) == 40
+    # Not drawn towards the optimum at 0.3: about as many samples on either side of 0.5.
+    assert 10 <= sum(v > 0.5 for v in values) <= 30
