@@ -159,7 +159,8 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
             f"{columns}: pass --text-column, or give prompt and label columns"
         )
     if not rows:
-        raise DataError(f"data file {path} has no non-empty example")
+        kind = f"text in column {column!r}" if column in columns else "prompt/label example"
+        raise DataError(f"data file {path} has no non-empty {kind}")
     if "label" in rows[0] and "text" not in rows[0] and len({r["label"] for r in rows}) < 2:
         raise DataError(f"{path}: prompt/label data needs at least two distinct labels")
     return rows
