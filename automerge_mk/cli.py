@@ -643,15 +643,16 @@ def _settings(
     )
 
 
+def _out_option(default: str, help: str):
+    return click.option(
+        "--out", type=click.Path(path_type=Path), default=Path(default), show_default=True,
+        help=help,
+    )  # fmt: skip
+
+
 @main.command("search")
 @source_options
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("automerge-run"),
-    show_default=True,
-    help="Run directory: trials.jsonl, best.json, recipe.yaml, model/.",
-)
+@_out_option("automerge-run", "Run directory: trials.jsonl, best.json, recipe.yaml, model/.")
 @click.option("--trials", default=200, show_default=True, help="Trials in total.")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Publish the result to this repo.")
 @hub_options
@@ -704,13 +705,7 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
 
 @main.command()
 @source_options
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("automerge-baselines"),
-    show_default=True,
-    help="Where baselines.json / baselines.md go.",
-)
+@_out_option("automerge-baselines", "Where baselines.json / baselines.md go.")
 @evaluation_options
 def baselines(models, base, data, text_column, dtype, overwrite, out, **evaluation) -> None:
     """Score the five usual merges of MODELS at fixed settings, like search trials.
@@ -749,13 +744,7 @@ def push(run_dir: Path, repo: str, private: bool, branch: str | None) -> None:
 
 
 @main.command()
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("automerge-demo"),
-    show_default=True,
-    help="Where the demo models and the demo run go.",
-)
+@_out_option("automerge-demo", "Where the demo models and the demo run go.")
 @click.option("--trials", default=40, show_default=True, help="Trials of the demo search.")
 @search_options(initial=10)
 def demo(out, trials, quiet, **options) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 from .types import MergePlan, TaskScore, TrialResult
@@ -73,11 +74,11 @@ def plan_table(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def best_so_far(trials: list[TrialResult]) -> list[float]:
-    """The best harmonic mean found up to and including each trial."""
+def best_so_far(values: Iterable[float]) -> list[float]:
+    """The best value (harmonic mean of a trial) found up to and including each trial."""
     best, curve = 0.0, []
-    for trial in trials:
-        best = max(best, trial.harmonic_mean)
+    for value in values:
+        best = max(best, value)
         curve.append(best)
     return curve
 
@@ -91,8 +92,9 @@ def progress_plot(trials: list[TrialResult], path: Path, references: dict[str, f
 
     figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=120)
     numbers = [t.trial + 1 for t in trials]
-    axes.scatter(numbers, [t.harmonic_mean for t in trials], s=8, alpha=0.4, label="trial")
-    axes.step(numbers, best_so_far(trials), where="post", color="C1", label="best so far")
+    values = [t.harmonic_mean for t in trials]
+    axes.scatter(numbers, values, s=8, alpha=0.4, label="trial")
+    axes.step(numbers, best_so_far(values), where="post", color="C1", label="best so far")
     for index, (name, value) in enumerate(references.items()):
         axes.axhline(value, linestyle="--", linewidth=1, color=f"C{index + 2}", label=name)
     axes.set_xlabel("trial")

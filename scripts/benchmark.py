@@ -149,14 +149,6 @@ def run_test_step(models: Path, work: Path, done: dict[str, dict], args) -> dict
     }
 
 
-def _best_so_far(values: list[float]) -> list[float]:
-    best, curve = 0.0, []
-    for value in values:
-        best = max(best, value)
-        curve.append(best)
-    return curve
-
-
 def plot(done: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -165,7 +157,7 @@ def plot(done: dict[str, dict], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for step, (_, _, label) in SEARCHES.items():
-        curve = _best_so_far(done[step]["validation_H"])
+        curve = report.best_so_far(done[step]["validation_H"])
         axis.plot(range(1, len(curve) + 1), curve, label=label)
     baselines = done["search:blocks"]["validation_baselines"]
     name, value = max(baselines.items(), key=lambda item: item[1])
@@ -214,8 +206,8 @@ def render(done: dict[str, dict], models: Path) -> str:
     blocks, whole, random_label = (SEARCHES[s][2] for s in SEARCHES)
     baseline_labels = [label for label in rows if label.startswith("baseline: ")]
     best_baseline = max(baseline_labels, key=lambda label: value(label, "harmonic_mean"))
-    smac_curve = _best_so_far(done["search:blocks"]["validation_H"])
-    random_curve = _best_so_far(done["search:random"]["validation_H"])
+    smac_curve = report.best_so_far(done["search:blocks"]["validation_H"])
+    random_curve = report.best_so_far(done["search:random"]["validation_H"])
     reached = _first_reaching(smac_curve, random_curve[-1])
     n = len(random_curve)
     checks = [
@@ -308,7 +300,7 @@ def _caveats(done: dict[str, dict]) -> str:
     """What the validation curves say that the test table does not."""
     notes = []
     for step, (_, _, label) in SEARCHES.items():
-        curve = _best_so_far(done[step]["validation_H"])
+        curve = report.best_so_far(done[step]["validation_H"])
         last = curve.index(curve[-1]) + 1
         notes.append(f"{label}: last improvement at trial {last} of {len(curve)}")
     blocks, whole = (max(done[s]["validation_H"]) for s in ("search:blocks", "search:whole"))
