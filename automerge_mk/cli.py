@@ -204,18 +204,21 @@ def _open_session(
     settings: SearchSettings,
     out: Path,
     overwrite: bool,
+    resume: bool = False,
 ) -> _Session:
-    """Check every input, then create the run directory, load the engine, score the sources."""
+    """Check every input, then create (or reopen) the run directory, load the engine, score
+    the sources."""
     from . import evaluate, report
     from .engine import MergeEngine, eval_dtype
     from .rundir import RunDir
 
     _quiet_libraries()
-    RunDir.check_free(out, overwrite)
+    if not resume:
+        RunDir.check_free(out, overwrite)
     inputs = _check_inputs(model_refs, base_ref, data, settings)
 
     # --- expensive work from here on ---
-    run = RunDir.create(out, overwrite)
+    run = RunDir.reopen(out) if resume else RunDir.create(out, overwrite)
     run.write_json(
         "settings.json",
         {
@@ -310,8 +313,12 @@ def run_search(
     out: Path,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Check every input, then search, write the recipe and build the model with mergekit.
+
+    With `resume`, `out` is an interrupted run: its finished trials are replayed, not run
+    again, and the search goes on to `settings.trials` (see `resume_arguments`).
 
     Returns:
         The run directory.
@@ -323,7 +330,7 @@ def run_search(
 
     started = time.perf_counter()
     # Recipes and rebuild commands must not depend on the working directory.
-    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite)
+    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite, resume)
     run, inputs, engine = session.run, session.inputs, session.engine
     sources_scored = session.sources_scored
 
@@ -346,7 +353,10 @@ def run_search(
         run.path / ".smac",
         settings.optimizer,
     )
-    results = search.run_search(optimizer, objective, settings.trials, run.append_trial, progress)
+    finished = run.trials() if resume else []
+    results = search.run_search(
+        optimizer, objective, settings.trials, run.append_trial, progress, finished
+    )
     succeeded = [r for r in results if r.status == "ok"]
     if not succeeded:
         raise NoSuccessfulTrialError(
@@ -393,6 +403,20 @@ def run_search(
     )
     run.write_text("summary.md", summary)
     return run.path
+
+
+def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, str], SearchSettings]:
+    """Models (pinned), base, data and settings of a run, as `run_search` takes them.
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory.
+    """
+    from .rundir import RunDir
+
+    stored = RunDir.reopen(run_dir).read_json("settings.json")
+    models = [SourceModel(**m).pinned for m in stored["models"]]
+    base = SourceModel(**stored["base"]).pinned if stored.get("base") else None
+    return models, base, stored["data"], SearchSettings(**stored["settings"])
 
 
 class _Group(click.Group):
@@ -447,12 +471,12 @@ def _with(function, options):
     return function
 
 
-def source_options(function):
+def source_options(function, required: bool = True):
     """Models, base and validation data: shared by `search` and `baselines`."""
     return _with(
         function,
         [
-            click.argument("models", nargs=-1, required=True),
+            click.argument("models", nargs=-1, required=required),
             click.option(
                 "--base", help="The model the sources were fine-tuned from (folder or Hub id)."
             ),
@@ -460,7 +484,7 @@ def source_options(function):
                 "--data",
                 multiple=True,
                 metavar="NAME=PATH",
-                required=True,
+                required=required,
                 help="Validation data of the source model NAME (its folder or repo name): "
                 "jsonl, json, csv, parquet or txt, holding texts (--text-column) or prompt/label "
                 "pairs (columns prompt and label; scored on the label only, as "
@@ -651,10 +675,19 @@ def _out_option(default: str, help: str):
 
 
 @main.command("search")
-@source_options
+@partial(source_options, required=False)
 @_out_option("automerge-run", "Run directory: trials.jsonl, best.json, recipe.yaml, model/.")
 @click.option("--trials", default=200, show_default=True, help="Trials in total.")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Publish the result to this repo.")
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="RUN_DIR",
+    help="Continue an interrupted search in RUN_DIR (killed, crashed, power loss): its finished "
+    "trials are replayed to the optimiser, not run again, and the search goes on to the "
+    "run's --trials. Everything else is taken from RUN_DIR/settings.json; give no MODELS "
+    "or --data.",
+)
 @hub_options
 @search_options(initial=20)
 def search_command(
@@ -668,6 +701,7 @@ def search_command(
     overwrite,
     quiet,
     push_to,
+    resume,
     private,
     branch,
     **options,
@@ -678,16 +712,20 @@ def search_command(
     Example:
       automerge-mk search org/chat org/code --base org/base \\
           --data chat=val_chat.jsonl --data code=val_code.jsonl --trials 200
+      automerge-mk search --resume automerge-run     # after an interruption
     """
-    settings = _settings(trials, text_column=text_column, dtype=dtype, **options)
+    if resume:
+        if models or data:
+            raise click.UsageError("--resume takes the models and data from RUN_DIR; drop them")
+        model_refs, base, files, settings = resume_arguments(resume)
+        out = resume
+    elif len(models) < 2 or not data:
+        raise click.UsageError("give two or more MODELS and their --data (or --resume RUN_DIR)")
+    else:
+        model_refs, files = list(models), _key_values(data, "--data")
+        settings = _settings(trials, text_column=text_column, dtype=dtype, **options)
     run = run_search(
-        list(models),
-        base,
-        _key_values(data, "--data"),
-        settings,
-        out,
-        overwrite,
-        progress=not quiet,
+        model_refs, base, files, settings, out, overwrite, progress=not quiet, resume=bool(resume)
     )
     click.echo((run / "summary.md").read_text())
     click.echo(f"Run directory: {run}")

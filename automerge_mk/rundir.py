@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, RunDirectoryError
 from .types import TrialResult
 
 TRIALS = "trials.jsonl"
@@ -48,6 +48,27 @@ class RunDir:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         path.mkdir(parents=True)
         return cls(path)
+
+    @classmethod
+    def reopen(cls, path: Path) -> RunDir:
+        """An interrupted run, with a torn last line of trials.jsonl (a crash mid-append) cut off.
+
+        Raises:
+            RunDirectoryError: when `path` is not a run directory.
+        """
+        if not (path / "settings.json").is_file():
+            raise RunDirectoryError(
+                f"{path} is not an automerge-mk run directory (no settings.json); --resume "
+                "takes the --out folder of an interrupted `automerge-mk search`"
+            )
+        run = cls(path)
+        file = path / TRIALS
+        if file.exists():
+            text = file.read_text(encoding="utf-8")
+            complete = "".join(r.model_dump_json() + "\n" for r in run.trials())
+            if text != complete:
+                run.write_text(TRIALS, complete)
+        return run
 
     def append_trial(self, result: TrialResult) -> None:
         line = result.model_dump_json() + "\n"

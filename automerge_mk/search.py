@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from smac.runhistory.dataclasses import TrialValue
 from tqdm.auto import tqdm
 
 from .engine import MergeEngine
-from .errors import MetricError
+from .errors import MetricError, RunDirectoryError
 from .evaluate import Metric, TaskData, score_model, with_preservation
 from .types import MergePlan, TaskScore, TrialResult
 
@@ -163,32 +163,56 @@ def make_optimizer(
     )
 
 
+def _ask(optimizer: AbstractFacade):
+    with warnings.catch_warnings():
+        # SMAC's forest averages empty leaves early in a search; harmless, but noisy.
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        return optimizer.ask()
+
+
 def run_search(
     optimizer: AbstractFacade,
     objective: Callable[[dict[str, Any], int], TrialResult],
     trials: int,
     record: Callable[[TrialResult], None],
     progress: bool = True,
+    finished: Sequence[TrialResult] = (),
 ) -> list[TrialResult]:
     """Ask, merge, evaluate, tell and record, `trials` times.
 
     A trial is appended to the run directory (fsynced) before the next is asked for; SMAC's own
-    state is not what a resume reads.
+    state is not what a resume reads. `finished` trials of an interrupted run are replayed:
+    the seeded optimiser proposes the same configurations again and is told their recorded
+    results, so none is evaluated twice.
 
     Returns:
         All trial results in order.
+
+    Raises:
+        RunDirectoryError: when the optimiser does not propose a finished trial's configuration
+            again (another SMAC version, or a changed space).
     """
     results: list[TrialResult] = []
     best = 0.0
     started = time.perf_counter()
     bar = tqdm(total=trials, desc="search", unit="trial", disable=not progress)
     for trial in range(trials):
+        if trial < len(finished):
+            result = finished[trial]
+            info = _ask(optimizer)
+            if dict(info.config) != result.config:
+                raise RunDirectoryError(
+                    f"cannot resume: trial {trial} was {result.config} but the optimiser now "
+                    f"proposes {dict(info.config)}; start a new run"
+                )
+            optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
+            results.append(result)
+            best = max(best, result.harmonic_mean)
+            bar.update()
+            continue
         asked = time.perf_counter()
-        with warnings.catch_warnings():
-            # SMAC's forest averages empty leaves early in a search; harmless, but noisy.
-            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
-            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
-            info = optimizer.ask()
+        info = _ask(optimizer)
         ask_seconds = time.perf_counter() - asked
         config = dict(info.config) if isinstance(info.config, Configuration) else info.config
         result = objective(config, trial)

@@ -1,0 +1,74 @@
+"""Resume: a search killed with SIGKILL continues with no finished trial lost or repeated."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import DEMO_TRIALS
+
+from automerge_mk.cli import main
+
+KILL_AFTER = 8  # finished trials
+
+
+def _arguments(demo_models, out: Path) -> list[str]:
+    """The arguments of the `demo_run` fixture: the same search, in another folder."""
+    names = list(demo_models.specialists)
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
+    arguments += ["--trials", str(DEMO_TRIALS), "--initial", "10", "--seed", "0"]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    return arguments
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_killed_search_resumes_without_losing_or_repeating_a_trial(demo_models, demo_run, tmp_path):
+    out = tmp_path / "run"
+    trials = out / "trials.jsonl"
+    command = [sys.executable, "-c", "from automerge_mk.cli import main; main()"]
+    process = subprocess.Popen(command + _arguments(demo_models, out))
+    deadline = time.monotonic() + 600
+    while not (trials.exists() and trials.read_text().count("\n") >= KILL_AFTER):
+        assert process.poll() is None, "the search ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = _lines(trials)
+    assert KILL_AFTER <= len(before) < DEMO_TRIALS
+    assert not (out / "best.json").exists()
+    with trials.open("a") as handle:  # as if the kill had torn the next line mid-write
+        handle.write(json.dumps({"trial": len(before), "status": "ok", "config": {}})[:-9])
+
+    result = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    after = _lines(trials)
+    assert [t["trial"] for t in after] == list(range(DEMO_TRIALS))  # each exactly once
+    assert after[: len(before)] == before  # finished trials kept as they were, not rerun
+    uninterrupted = _lines(demo_run / "trials.jsonl")
+    # The replayed optimiser went on exactly as the uninterrupted search did.
+    assert [t["config"] for t in after] == [t["config"] for t in uninterrupted]
+    assert [t["harmonic_mean"] for t in after] == [t["harmonic_mean"] for t in uninterrupted]
+    for name in ["best.json", "recipe.yaml", "final.json", "summary.md", "model/config.json"]:
+        assert (out / name).exists(), name
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(main, ["search", "--resume", str(tmp_path)])
+    assert result.exit_code == 1 and "not an automerge-mk run directory" in result.output
+
+
+def test_resume_takes_no_models(tmp_path):
+    result = CliRunner().invoke(main, ["search", "a", "b", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "--resume takes the models and data" in result.output
