@@ -16,9 +16,18 @@ from .errors import (
     DataError,
     ModelReferenceError,
     NoSuccessfulTrialError,
+    RunDirectoryError,
     SettingsError,
 )
-from .types import METRIC_HELP, STRATEGY_HELP, Block, SearchSettings, SourceModel, TaskScore
+from .types import (
+    METRIC_HELP,
+    STRATEGY_HELP,
+    Block,
+    SearchSettings,
+    SourceModel,
+    TaskScore,
+    TrialResult,
+)
 
 if TYPE_CHECKING:  # these import torch; --help should not wait for it
     from transformers import PreTrainedTokenizerBase
@@ -102,6 +111,7 @@ class _Inputs:
     dtype: str
     metrics: tuple[Metric, ...]
     tokenizer: PreTrainedTokenizerBase
+    warm_start: tuple[TrialResult, ...] = ()
 
     @property
     def reference_model(self) -> Path:
@@ -165,7 +175,33 @@ def _check_inputs(
             "free-form answers"
         )
     blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
-    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer)
+    warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources))
+    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm)
+
+
+def _warm_start_trials(
+    settings: SearchSettings, blocks: tuple[Block, ...], names: tuple[str, ...]
+) -> tuple[TrialResult, ...]:
+    """The finished trials of `--warm-start RUN_DIR`, once its space is checked to be ours."""
+    from . import search, space
+    from .rundir import RunDir
+
+    if not settings.warm_start:
+        return ()
+    folder = Path(settings.warm_start)
+    try:
+        stored = json.loads((folder / "settings.json").read_text())
+        earlier = space.build_space(
+            tuple(Block(**b) for b in stored["blocks"]),
+            tuple(m["name"] for m in stored["models"]),
+            SearchSettings(**stored["settings"]),
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise RunDirectoryError(
+            f"--warm-start {folder} is not a readable automerge-mk run directory: {error}"
+        ) from None
+    search.check_same_space(earlier, space.build_space(blocks, names, settings), str(folder))
+    return tuple(RunDir(folder).trials())
 
 
 def _quiet_libraries() -> None:
@@ -353,6 +389,7 @@ def run_search(
         run.path / ".smac",
         settings.optimizer,
     )
+    search.warm_start(optimizer, optimizer.scenario.configspace, inputs.warm_start)
     finished = run.trials() if resume else []
     results = search.run_search(
         optimizer, objective, settings.trials, run.append_trial, progress, finished
@@ -586,6 +623,14 @@ def _add_search_options(function, initial: int):
             help="Configurations in SMAC's Sobol initial design.",
         ),
         click.option(
+            "--warm-start",
+            type=click.Path(path_type=Path, exists=True, file_okay=False),
+            metavar="RUN_DIR",
+            help="Tell the optimiser the finished trials of an earlier run over the same space "
+            "(same models, --strategy, --methods and ranges; checked, and refused otherwise) "
+            "before it proposes anything. Its costs are taken as they are: use the same data.",
+        ),
+        click.option(
             "--optimizer",
             type=click.Choice(["smac", "random"]),
             default="smac",
@@ -632,6 +677,7 @@ def _settings(
     weight_range,
     density_range,
     initial,
+    warm_start,
     optimizer,
     seed,
     eval_tokens,
@@ -652,6 +698,7 @@ def _settings(
         density_range=_range(density_range, "--density-range"),
         trials=trials,
         initial=initial,
+        warm_start=str(warm_start.resolve()) if warm_start else None,
         optimizer=optimizer,
         seed=seed,
         eval_tokens=eval_tokens,

@@ -19,11 +19,11 @@ from smac.acquisition.maximizer.local_search import LocalSearch
 from smac.facade.abstract_facade import AbstractFacade
 from smac.initial_design import RandomInitialDesign
 from smac.model.random_forest import RandomForest
-from smac.runhistory.dataclasses import TrialValue
+from smac.runhistory.dataclasses import TrialInfo, TrialValue
 from tqdm.auto import tqdm
 
 from .engine import MergeEngine
-from .errors import MetricError, RunDirectoryError
+from .errors import MetricError, RunDirectoryError, SettingsError
 from .evaluate import Metric, TaskData, score_model, with_preservation
 from .types import MergePlan, TaskScore, TrialResult
 
@@ -161,6 +161,31 @@ def make_optimizer(
         overwrite=True,
         logging_level=40,
     )
+
+
+def check_same_space(earlier: ConfigurationSpace, current: ConfigurationSpace, where: str) -> None:
+    """Raises SettingsError naming what differs when an earlier run searched another space."""
+    if earlier == current:
+        return
+    old, new = set(earlier), set(current)
+    differences = [f"only in {where}: {', '.join(sorted(old - new))}" if old - new else "",
+                   f"only here: {', '.join(sorted(new - old))}" if new - old else ""]  # fmt: skip
+    changed = [n for n in sorted(old & new) if earlier[n] != current[n]]
+    if changed:
+        differences.append(f"different ranges or choices: {', '.join(changed)}")
+    raise SettingsError(
+        f"--warm-start {where} searched another space ({'; '.join(d for d in differences if d)}); "
+        "use a run with the same models, --strategy, --methods and ranges"
+    )
+
+
+def warm_start(
+    optimizer: AbstractFacade, space: ConfigurationSpace, trials: Sequence[TrialResult]
+) -> None:
+    """Tell the optimiser an earlier run's finished trials (of the same space) before it asks."""
+    for trial in trials:
+        info = TrialInfo(config=Configuration(space, values=trial.config), seed=0)
+        optimizer.tell(info, TrialValue(cost=trial.cost, time=sum(trial.seconds.values())))
 
 
 def _ask(optimizer: AbstractFacade):

@@ -152,6 +152,7 @@ class SearchSettings(Frozen):
     trials: int = 200
     initial: int = 20
     optimizer: Literal["smac", "random"] = "smac"
+    warm_start: str | None = None  # an earlier run directory whose trials the optimiser is told
     seed: int = 0
     eval_tokens: int | None = None
     max_length: int = 512
