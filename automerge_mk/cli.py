@@ -442,6 +442,65 @@ def run_search(
     return run.path
 
 
+def run_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.md with its plots, from whatever the run has finished so far.
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
+    """
+    from . import report, space
+    from .rundir import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        stored = run.read_json("settings.json")
+        sources = run.read_json("sources.json")
+    except (OSError, ValueError) as error:
+        raise RunDirectoryError(
+            f"{run_dir} is not an automerge-mk run directory: {error}"
+        ) from None
+    trials = run.trials()
+    ok = [t for t in trials if t.status == "ok"]
+    if not ok:
+        raise RunDirectoryError(f"{run_dir} has no successful trial yet")
+    best = max(ok, key=lambda t: t.harmonic_mean)
+    settings = SearchSettings(**stored["settings"])
+    models = [SourceModel(**m) for m in stored["models"]]
+    names = tuple(m.name for m in models)
+    plan = space.plan_from_config(
+        best.config,
+        tuple(Block(**b) for b in stored["blocks"]),
+        tuple(str(m.path) for m in models),
+        names,
+        stored["base"]["path"] if stored.get("base") else None,
+        settings,
+        stored["dtype"],
+    )
+    rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
+    if (run_dir / "baselines.json").is_file():
+        label, scored = max(run.read_json("baselines.json").items(),
+                            key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
+        rows[f"best baseline ({label})"] = scored
+    rows |= {f"{name} alone": scored for name, scored in sources.items()}
+    report.search_progress_plot(trials, run_dir / "report-progress.png")
+    report.task_plot(rows, run_dir / "report-tasks.png")
+    report.plan_heatmap(plan, names, run_dir / "report-blocks.png")
+    failed = len(trials) - len(ok)
+    text = "\n\n".join([
+        f"# automerge-mk report: {' + '.join(names)}",
+        f"{len(trials)} of {settings.trials} trials finished ({failed} failed); best trial "
+        f"{best.trial}, harmonic-mean AP {best.harmonic_mean:.4f}.",
+        "## Search progress\n\n![best so far vs trial and vs tokens](report-progress.png)",
+        "## Per task: AP and PR\n\nPR is from each task's metric ("
+        + ", ".join(f"{n}: {s.rate_metric}" for n, s in best.tasks.items())
+        + ").\n\n![AP and PR per task](report-tasks.png)",
+        "## The best configuration per block\n\n![method, weights and densities per block]"
+        "(report-blocks.png)\n\n" + report.plan_table(plan),
+        "## Top trials\n\n" + report.top_trials_table(trials),
+    ])  # fmt: skip
+    return run.write_text("report.md", text + "\n")
+
+
 def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, str], SearchSettings]:
     """Models (pinned), base, data and settings of a run, as `run_search` takes them.
 
@@ -812,6 +871,15 @@ def baselines(models, base, data, text_column, dtype, overwrite, out, **evaluati
                                overwrite)  # fmt: skip
     click.echo(table)
     click.echo(f"Saved in {run}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report.md with PNG plots: best so far vs trial and vs tokens, AP and PR
+    per task of the best vs the sources and the best baseline, the best configuration per
+    block as a heat map, and the top trials. Works on a running or interrupted search too."""
+    click.echo(f"Wrote {run_report(run_dir.resolve())}")
 
 
 @main.command()

@@ -143,3 +143,89 @@ def summary_markdown(
         )
         + "\n"
     )
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or wanted
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def search_progress_plot(trials: list[TrialResult], path: Path) -> Path:
+    """Best-so-far harmonic-mean AP vs trial and vs validation tokens evaluated."""
+    pyplot = _pyplot()
+    figure, (by_trial, by_tokens) = pyplot.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    curve = best_so_far(t.harmonic_mean for t in trials)
+    tokens, total = [], 0
+    for trial in trials:
+        total += sum(score.tokens for score in trial.tasks.values())
+        tokens.append(total)
+    by_trial.step([t.trial + 1 for t in trials], curve, where="post")
+    by_trial.set_xlabel("trial")
+    by_tokens.step(tokens, curve, where="post", color="C1")
+    by_tokens.set_xlabel("validation tokens evaluated")
+    for axes in (by_trial, by_tokens):
+        axes.set_ylabel("best harmonic mean of AP")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
+
+
+def task_plot(rows: dict[str, dict], path: Path) -> Path:
+    """Per task, AP and PR of each row (scored_json dicts) as grouped bars."""
+    pyplot = _pyplot()
+    tasks = list(next(iter(rows.values()))["tasks"])
+    figure, panels = pyplot.subplots(1, 2, figsize=(11, 3.5), dpi=120, sharey=True)
+    width = 0.8 / len(rows)
+    for panel, (key, title) in zip(panels, (("preservation", "AP"), ("rate", "PR"))):
+        for index, (label, scored) in enumerate(rows.items()):
+            values = [scored["tasks"][t].get(key) or 0.0 for t in tasks]
+            panel.bar([i + index * width for i in range(len(tasks))], values, width, label=label)
+        panel.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+        panel.set_title(title)
+        panel.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    panels[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
+
+
+def plan_heatmap(plan: MergePlan, source_names: tuple[str, ...], path: Path) -> Path:
+    """The chosen method (row label), weights and densities per block as a heat map."""
+    pyplot = _pyplot()
+    columns = [f"weight {n}" for n in source_names] + [f"density {n}" for n in source_names]
+    values = [
+        list(c.weights) + list(c.densities or (float("nan"),) * len(source_names))
+        for c in plan.choices
+    ]
+    figure, axes = pyplot.subplots(figsize=(1.5 + 1.3 * len(columns), 1 + 0.45 * len(values)))
+    image = axes.imshow(values, cmap="viridis", aspect="auto", vmin=0.0)
+    for row, line in enumerate(values):
+        for column, value in enumerate(line):
+            if not math.isnan(value):
+                axes.text(column, row, f"{value:.2f}", ha="center", va="center", color="w")
+    axes.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+    labels = [f"{b.name}: {c.method}" for b, c in zip(plan.blocks, plan.choices)]
+    axes.set_yticks(range(len(labels)), labels)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+    return path
+
+
+def top_trials_table(trials: list[TrialResult], count: int = 10) -> str:
+    """The best trials with their harmonic mean, per-task AP and methods per block."""
+    ok = sorted((t for t in trials if t.status == "ok"), key=lambda t: -t.harmonic_mean)
+    lines = ["| trial | H (AP) | AP per task | methods per block |", "|---|---|---|---|"]
+    for trial in ok[:count]:
+        aps = ", ".join(f"{n} {s.preservation:.3f}" for n, s in trial.tasks.items())
+        methods = ", ".join(f"{k.split(':')[0]} {v}" for k, v in trial.config.items()
+                            if k.endswith(":method"))  # fmt: skip
+        lines.append(f"| {trial.trial} | {trial.harmonic_mean:.4f} | {aps} | {methods} |")
+    return "\n".join(lines)
