@@ -189,17 +189,8 @@ def _warm_start_trials(
     if not settings.warm_start:
         return ()
     folder = Path(settings.warm_start)
-    try:
-        stored = json.loads((folder / "settings.json").read_text())
-        earlier = space.build_space(
-            tuple(Block(**b) for b in stored["blocks"]),
-            tuple(m["name"] for m in stored["models"]),
-            SearchSettings(**stored["settings"]),
-        )
-    except (OSError, ValueError, KeyError) as error:
-        raise RunDirectoryError(
-            f"--warm-start {folder} is not a readable automerge-mk run directory: {error}"
-        ) from None
+    stored = _StoredRun.read(folder)
+    earlier = space.build_space(stored.blocks, stored.names, stored.settings)
     search.check_same_space(earlier, space.build_space(blocks, names, settings), str(folder))
     return tuple(RunDir(folder).trials())
 
@@ -211,6 +202,49 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class _StoredRun:
+    """What a run's settings.json records."""
+
+    models: list[SourceModel]
+    base: SourceModel | None
+    data: dict[str, str]
+    settings: SearchSettings
+    blocks: tuple[Block, ...]
+    dtype: str
+
+    @classmethod
+    def read(cls, run_dir: Path) -> _StoredRun:
+        """Raises RunDirectoryError when `run_dir` has no readable settings.json."""
+        try:
+            stored = json.loads((run_dir / "settings.json").read_text())
+            return cls(
+                [SourceModel(**m) for m in stored["models"]],
+                SourceModel(**stored["base"]) if stored.get("base") else None,
+                stored["data"],
+                SearchSettings(**stored["settings"]),
+                tuple(Block(**b) for b in stored["blocks"]),
+                stored["dtype"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunDirectoryError(
+                f"{run_dir} is not an automerge-mk run directory (settings.json: {error})"
+            ) from None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
+
+    def plan(self, config: dict):
+        """The MergePlan of one of the run's configurations."""
+        from . import space
+
+        base = str(self.base.path) if self.base else None
+        sources = tuple(str(m.path) for m in self.models)
+        return space.plan_from_config(config, self.blocks, sources, self.names, base,
+                                      self.settings, self.dtype)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -448,34 +482,20 @@ def run_report(run_dir: Path) -> Path:
     Raises:
         RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
     """
-    from . import report, space
+    from . import report
     from .rundir import RunDir
 
     run = RunDir(run_dir)
-    try:
-        stored = run.read_json("settings.json")
-        sources = run.read_json("sources.json")
-    except (OSError, ValueError) as error:
-        raise RunDirectoryError(
-            f"{run_dir} is not an automerge-mk run directory: {error}"
-        ) from None
+    stored = _StoredRun.read(run_dir)
+    if not (run_dir / "sources.json").is_file():
+        raise RunDirectoryError(f"{run_dir} has no sources.json yet: the search has not started")
+    sources = run.read_json("sources.json")
     trials = run.trials()
     ok = [t for t in trials if t.status == "ok"]
     if not ok:
         raise RunDirectoryError(f"{run_dir} has no successful trial yet")
     best = max(ok, key=lambda t: t.harmonic_mean)
-    settings = SearchSettings(**stored["settings"])
-    models = [SourceModel(**m) for m in stored["models"]]
-    names = tuple(m.name for m in models)
-    plan = space.plan_from_config(
-        best.config,
-        tuple(Block(**b) for b in stored["blocks"]),
-        tuple(str(m.path) for m in models),
-        names,
-        stored["base"]["path"] if stored.get("base") else None,
-        settings,
-        stored["dtype"],
-    )
+    settings, names, plan = stored.settings, stored.names, stored.plan(best.config)
     rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
     if (run_dir / "baselines.json").is_file():
         label, scored = max(run.read_json("baselines.json").items(),
@@ -509,10 +529,9 @@ def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, st
     """
     from .rundir import RunDir
 
-    stored = RunDir.reopen(run_dir).read_json("settings.json")
-    models = [SourceModel(**m).pinned for m in stored["models"]]
-    base = SourceModel(**stored["base"]).pinned if stored.get("base") else None
-    return models, base, stored["data"], SearchSettings(**stored["settings"])
+    stored = _StoredRun.read(RunDir.reopen(run_dir).path)
+    base = stored.base.pinned if stored.base else None
+    return [m.pinned for m in stored.models], base, stored.data, stored.settings
 
 
 class _Group(click.Group):
