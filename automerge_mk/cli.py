@@ -476,8 +476,9 @@ def run_search(
     return run.path
 
 
-def run_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.md with its plots, from whatever the run has finished so far.
+def run_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write report.md with its plots into `out` (default RUN_DIR), from whatever the run has
+    finished so far.
 
     Raises:
         RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
@@ -485,7 +486,7 @@ def run_report(run_dir: Path) -> Path:
     from . import report
     from .rundir import RunDir
 
-    run = RunDir(run_dir)
+    run, out = RunDir(run_dir), out or run_dir
     stored = _StoredRun.read(run_dir)
     if not (run_dir / "sources.json").is_file():
         raise RunDirectoryError(f"{run_dir} has no sources.json yet: the search has not started")
@@ -502,9 +503,9 @@ def run_report(run_dir: Path) -> Path:
                             key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
         rows[f"best baseline ({label})"] = scored
     rows |= {f"{name} alone": scored for name, scored in sources.items()}
-    report.search_progress_plot(trials, run_dir / "report-progress.png")
-    report.task_plot(rows, run_dir / "report-tasks.png")
-    report.plan_heatmap(plan, names, run_dir / "report-blocks.png")
+    report.search_progress_plot(trials, out / "report-progress.png")
+    report.task_plot(rows, out / "report-tasks.png")
+    report.plan_heatmap(plan, names, out / "report-blocks.png")
     failed = len(trials) - len(ok)
     text = "\n\n".join([
         f"# automerge-mk report: {' + '.join(names)}",
@@ -518,7 +519,7 @@ def run_report(run_dir: Path) -> Path:
         "(report-blocks.png)\n\n" + report.plan_table(plan),
         "## Top trials\n\n" + report.top_trials_table(trials),
     ])  # fmt: skip
-    return run.write_text("report.md", text + "\n")
+    return RunDir(out).write_text("report.md", text + "\n")
 
 
 def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, str], SearchSettings]:
@@ -859,10 +860,15 @@ def search_command(
 
 
 def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
+    import tempfile
+
     from .hub import publish
 
     click.echo(f"Publishing {run} to {repo} ...")
-    url = publish(run, repo, private=private, branch=branch)
+    # The card shows the report's plots; they are drawn aside, so the run stays as it was.
+    with tempfile.TemporaryDirectory() as plots:
+        run_report(run, Path(plots))
+        url = publish(run, repo, private=private, branch=branch, plots=Path(plots))
     click.echo(f"Published: {url}")
 
 

@@ -176,7 +176,13 @@ def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], fl
     return rates, max(rates.values()) - min(rates.values()), " / ".join(sorted(metrics))
 
 
-def card_text(run_dir: Path, repo_id: str) -> str:
+REPORT_PLOTS = {
+    "report-tasks.png": "AP and PR per task: this merge, the best baseline, each source alone",
+    "report-blocks.png": "the merge method, weights and densities chosen per block",
+}
+
+
+def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     """The model card (README.md) of a run: metadata, scores, plot, recipe, how to rebuild it.
 
     Raises:
@@ -210,6 +216,11 @@ def card_text(run_dir: Path, repo_id: str) -> str:
         if local
         else ""
     )
+    report_plots = "".join(
+        f"\n![{text}]({name})\n"
+        for name, text in REPORT_PLOTS.items()
+        if plots and (plots / name).is_file()
+    )
     seed = settings["settings"]["seed"]
     tool = "mergekit-multi" if "\n---\n" in recipe else "mergekit-yaml"
     rebuild = (
@@ -235,7 +246,7 @@ preservation discrepancy PD = max PR - min PR = **{discrepancy:.4f}**.
 {chr(10).join(lines)}
 
 ![best harmonic-mean AP so far vs trial](progress.png)
-
+{report_plots}
 ## Recipe
 
 ```yaml
@@ -268,8 +279,9 @@ def publish(
     branch: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    plots: Path | None = None,
 ) -> str:
-    """Create (or reuse) a Hub model repo and upload model, recipe, trials, plot and card in
+    """Create (or reuse) a Hub model repo and upload model, recipe, trials, plots and card in
     one commit.
 
     Args:
@@ -279,6 +291,7 @@ def publish(
         branch: commit to this branch (created from main when missing).
         token: a Hub token; default: HF_TOKEN or the stored login.
         endpoint: the Hub URL; default: HF_ENDPOINT or huggingface.co.
+        plots: a folder with the report's plots (`automerge-mk report`) for the card.
 
     Returns:
         The commit URL.
@@ -292,7 +305,7 @@ def publish(
     model = run_dir / "model"
     if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
         raise RunDirectoryError(f"{model} holds no built model; finish `automerge-mk search` first")
-    card = card_text(run_dir, repo_id).encode()
+    card = card_text(run_dir, repo_id, plots).encode()
     operations = [
         CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
         for path in sorted(model.iterdir())
@@ -302,6 +315,11 @@ def publish(
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
         for name in RUN_FILES
         if (run_dir / name).is_file()
+    ]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plots / name))
+        for name in REPORT_PLOTS
+        if plots and (plots / name).is_file()
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     # HF_ENDPOINT is read here, not only when huggingface_hub was imported.

@@ -71,6 +71,9 @@ def test_card_parses_and_carries_the_merge_metadata(demo_run, hub_env, tmp_path)
     assert data["base_model_relation"] == "merge"
     assert "mergekit-multi recipe.yaml" in card.text or "mergekit-yaml recipe.yaml" in card.text
     assert "PD = max PR - min PR" in card.text and "progress.png" in card.text
+    for plot in ["report-tasks.png", "report-blocks.png"]:  # the report's plots, uploaded
+        assert f"]({plot})" in card.text
+        assert hub_env.files("me/card-check")[plot][:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failed_commit_keeps_the_run_and_a_retry_succeeds(demo_run, hub_env):
