@@ -92,6 +92,17 @@ def demo_models(tmp_path_factory) -> DemoModels:
 DEMO_TRIALS = 40
 
 
+def demo_search_arguments(demo_models: DemoModels, out: Path) -> list[str]:
+    """`automerge-mk search` arguments of the demo run: 40 trials, 10 initial, seed 0."""
+    names = list(demo_models.specialists)
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
+    arguments += ["--trials", str(DEMO_TRIALS), "--initial", "10", "--seed", "0"]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    return arguments
+
+
 @pytest.fixture(scope="session")
 def demo_run(demo_models, tmp_path_factory) -> Path:
     """A finished `search` run on the demo specialists (40 trials, seed 0)."""
@@ -100,12 +111,6 @@ def demo_run(demo_models, tmp_path_factory) -> Path:
     from automerge_mk.cli import main
 
     out = tmp_path_factory.mktemp("search") / "run"
-    names = list(demo_models.specialists)
-    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
-    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
-    arguments += ["--trials", str(DEMO_TRIALS), "--initial", "10", "--seed", "0"]
-    for name in names:
-        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
-    result = CliRunner().invoke(main, arguments)
+    result = CliRunner().invoke(main, demo_search_arguments(demo_models, out))
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out

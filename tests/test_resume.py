@@ -10,22 +10,11 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import DEMO_TRIALS
+from conftest import DEMO_TRIALS, demo_search_arguments
 
 from automerge_mk.cli import main
 
 KILL_AFTER = 8  # finished trials
-
-
-def _arguments(demo_models, out: Path) -> list[str]:
-    """The arguments of the `demo_run` fixture: the same search, in another folder."""
-    names = list(demo_models.specialists)
-    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
-    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet"]
-    arguments += ["--trials", str(DEMO_TRIALS), "--initial", "10", "--seed", "0"]
-    for name in names:
-        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
-    return arguments
 
 
 def _lines(path: Path) -> list[dict]:
@@ -36,7 +25,8 @@ def test_killed_search_resumes_without_losing_or_repeating_a_trial(demo_models, 
     out = tmp_path / "run"
     trials = out / "trials.jsonl"
     command = [sys.executable, "-c", "from automerge_mk.cli import main; main()"]
-    process = subprocess.Popen(command + _arguments(demo_models, out))
+    # The same search as the `demo_run` fixture, in another folder.
+    process = subprocess.Popen(command + demo_search_arguments(demo_models, out))
     deadline = time.monotonic() + 600
     while not (trials.exists() and trials.read_text().count("\n") >= KILL_AFTER):
         assert process.poll() is None, "the search ended before it could be killed"
