@@ -37,8 +37,15 @@ if TYPE_CHECKING:  # these import torch; --help should not wait for it
     from .rundir import RunDir
 
 METHODS_HELP = (
-    "Comma-separated merge methods to search per block. Default: linear, task_arithmetic, ties, "
-    "dare_linear, dare_ties. Also: breadcrumbs, breadcrumbs_ties, della, della_linear. All but "
+    "Comma-separated merge methods to search per block (mergekit's own kernels). Default: "
+    "linear (weighted average; weights searched), task_arithmetic (base + weighted task "
+    "vectors), ties (task vectors trimmed to the top-density magnitudes, sign election), "
+    "dare_linear / dare_ties (task vectors randomly dropped to density and rescaled, then "
+    "summed / sign-elected). Also: breadcrumbs / breadcrumbs_ties (drop the largest and "
+    "smallest magnitudes; density searched, gamma at mergekit's default), della / "
+    "della_linear (magnitude-ranked drop probabilities; density searched, epsilon at "
+    "mergekit's default). lambda, normalize, rescale, int8_mask: via --set. "
+    "Searched per block and source: weight, and density for the sparsifying methods. All but "
     "linear need --base."
 )
 
