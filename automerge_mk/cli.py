@@ -27,6 +27,7 @@ from .types import (
     SourceModel,
     TaskScore,
     TrialResult,
+    best_trial,
 )
 
 if TYPE_CHECKING:  # these import torch; --help should not wait for it
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # these import torch; --help should not wait for it
     from .engine import MergeEngine
     from .evaluate import Metric, TaskData
     from .rundir import RunDir
+    from .search import Fidelity
 
 METHODS_HELP = (
     "Comma-separated merge methods to search per block (mergekit's own kernels). Default: "
@@ -44,9 +46,15 @@ METHODS_HELP = (
     "summed / sign-elected). Also: breadcrumbs / breadcrumbs_ties (drop the largest and "
     "smallest magnitudes; density searched, gamma at mergekit's default), della / "
     "della_linear (magnitude-ranked drop probabilities; density searched, epsilon at "
-    "mergekit's default). lambda, normalize, rescale, int8_mask: via --set. "
-    "Searched per block and source: weight, and density for the sparsifying methods. All but "
-    "linear need --base."
+    "mergekit's default); slerp (two sources: spherical interpolation from the first to the "
+    "second, t = the second source's weight), nuslerp (two sources, weights searched; with "
+    "--base it interpolates task vectors), multislerp (any number of sources, weights "
+    "searched; task vectors with --base), karcher (Riemannian mean of the sources, nothing "
+    "searched), model_stock (base + sources, geometric interpolation, nothing searched; needs "
+    "3 models in all). lambda, normalize, rescale, int8_mask, filter_wise, nuslerp_row_wise, "
+    "nuslerp_flatten, normalize_weights, eps, max_iter, tol: via --set. Searched per block: "
+    "a weight per source for the methods that take weights, and a density per source for "
+    "the sparsifying ones. Task-vector methods and model_stock need --base."
 )
 
 
@@ -55,6 +63,31 @@ def _range(text: str, label: str) -> tuple[float, float]:
         low, high = (float(x) for x in text.split(":"))
     except ValueError:
         raise click.BadParameter(f"{label} must be MIN:MAX, e.g. 0.1:1.0, not {text!r}") from None
+    return low, high
+
+
+FIDELITY_HELP = (
+    "Multi-fidelity search, tokens[:MIN:MAX]: SMAC's Hyperband (eta 3) evaluates most "
+    "configurations on a seeded subset of MIN..MAX validation tokens per task (forward-pass "
+    "positions) and only the best on more; each budget's AP is relative to the specialists' "
+    "loss on the same examples. --trials counts evaluations at any budget. The result is the "
+    "best at the highest budget, evaluated once more on all tokens when MAX is below them. "
+    "Default MAX: all of the largest task's tokens; MIN: MAX/9."
+)
+
+
+def _fidelity(text: str | None) -> tuple[int | None, int | None] | None:
+    if text is None:
+        return None
+    kind, *bounds = text.split(":")
+    try:
+        if kind != "tokens" or len(bounds) > 2:
+            raise ValueError
+        low, high = [int(b) if b else None for b in bounds] + [None] * (2 - len(bounds))
+    except ValueError:
+        raise click.BadParameter(
+            f"--fidelity takes tokens or tokens:MIN:MAX (token counts per task), not {text!r}"
+        ) from None
     return low, high
 
 
@@ -119,6 +152,7 @@ class _Inputs:
     metrics: tuple[Metric, ...]
     tokenizer: PreTrainedTokenizerBase
     warm_start: tuple[TrialResult, ...] = ()
+    fidelity: Fidelity | None = None
 
     @property
     def reference_model(self) -> Path:
@@ -133,16 +167,17 @@ def _check_inputs(
 
     from . import evaluate, hub, segment, space
     from .engine import check_device, check_dtype
+    from .search import Fidelity
 
     segment.parse_strategy(settings.strategy)
-    space.check_methods(settings.methods, has_base=base_ref is not None)
+    if len(model_refs) < 2:
+        raise ModelReferenceError("give at least two source models to merge")
+    space.check_methods(settings.methods, base_ref is not None, len(model_refs))
     space.check_method_parameters(settings.methods, settings.method_parameters)
     check_device(settings.device)
     metrics = tuple(evaluate.parse_metric(spec) for spec in settings.metrics)
     if len({m.name for m in metrics}) < len(metrics):
         raise SettingsError(f"--metric names repeat: {', '.join(m.name for m in metrics)}")
-    if len(model_refs) < 2:
-        raise ModelReferenceError("give at least two source models to merge")
     trust = settings.trust_remote_code
     sources = [hub.resolve_model(ref, trust_remote_code=trust) for ref in model_refs]
     if len({s.name for s in sources}) < len(sources):
@@ -181,9 +216,10 @@ def _check_inputs(
             f"{evaluate.MAX_LABELS} labels; {', '.join(unlabelled)} has plain texts or "
             "free-form answers"
         )
+    fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources))
-    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm)
+    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm, fidelity)
 
 
 def _warm_start_trials(
@@ -260,6 +296,7 @@ class _Session:
 
     run: RunDir
     inputs: _Inputs
+    settings: SearchSettings
     engine: MergeEngine
     references: dict[str, TaskScore]  # each task under its own specialist
     sources_scored: dict[str, tuple]
@@ -269,9 +306,11 @@ class _Session:
         from .search import MergeObjective
 
         inputs = self.inputs
+        specialists = {source.name: source.path for source in inputs.sources}
         return MergeObjective(
-            self.engine, inputs.tasks, self.references, to_plan, inputs.metrics, inputs.tokenizer
-        )
+            self.engine, inputs.tasks, self.references, to_plan, inputs.metrics,
+            inputs.tokenizer, specialists, self.settings.seed,
+        )  # fmt: skip
 
 
 def _open_session(
@@ -337,7 +376,7 @@ def _open_session(
     run.write_json(
         "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
     )
-    return _Session(run, inputs, engine, references, sources_scored)
+    return _Session(run, inputs, settings, engine, references, sources_scored)
 
 
 def _score_baselines(session: _Session, objective, settings: SearchSettings) -> dict:
@@ -429,19 +468,23 @@ def run_search(
         settings.seed,
         run.path / ".smac",
         settings.optimizer,
+        inputs.fidelity,
     )
-    search.warm_start(optimizer, optimizer.scenario.configspace, inputs.warm_start)
+    space_ = optimizer.scenario.configspace
+    search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
     results = search.run_search(
-        optimizer, objective, settings.trials, run.append_trial, progress, finished
-    )
-    succeeded = [r for r in results if r.status == "ok"]
-    if not succeeded:
+        optimizer, objective, settings.trials, run.append_trial, progress, finished,
+        inputs.fidelity,
+    )  # fmt: skip
+    if inputs.fidelity:
+        _write_budgets(run, objective, inputs.fidelity)
+    best = best_trial(results)
+    if best is None:
         raise NoSuccessfulTrialError(
             f"all {len(results)} trials failed (see {run.path / 'trials.jsonl'}); check the "
             "source models for NaN/inf weights or narrow --methods / --weight-range"
         )
-    best = max(succeeded, key=lambda r: r.harmonic_mean)
     plan = to_plan(best.config)
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
     command = recipe.reproduce_command(
@@ -483,6 +526,23 @@ def run_search(
     return run.path
 
 
+def _write_budgets(run: RunDir, objective, fidelity: Fidelity) -> None:
+    """budgets.json: the Hyperband budgets, and per budget used the examples and tokens of each
+    task's subset and its specialist's reference loss on them."""
+    levels = {
+        str(budget): {
+            task.name: {
+                "examples": len(task.sequences),
+                "computed_tokens": task.computed_tokens,
+                "reference_loss": references[task.name].loss,
+            }
+            for task in tasks
+        }
+        for budget, (tasks, references) in sorted(objective.levels.items())
+    }
+    run.write_json("budgets.json", {**fidelity._asdict(), "eta": fidelity.ETA, "levels": levels})
+
+
 def run_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write report.md with its plots into `out` (default RUN_DIR), from whatever the run has
     finished so far.
@@ -500,9 +560,9 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     sources = run.read_json("sources.json")
     trials = run.trials()
     ok = [t for t in trials if t.status == "ok"]
-    if not ok:
+    best = best_trial(trials)
+    if best is None:
         raise RunDirectoryError(f"{run_dir} has no successful trial yet")
-    best = max(ok, key=lambda t: t.harmonic_mean)
     settings, names, plan = stored.settings, stored.names, stored.plan(best.config)
     rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
     if (run_dir / "baselines.json").is_file():
@@ -514,10 +574,18 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     report.task_plot(rows, out / "report-tasks.png")
     report.plan_heatmap(plan, names, out / "report-blocks.png")
     failed = len(trials) - len(ok)
+    tokens = sum(report.computed_tokens(t) for t in trials)
+    budgets = sorted({t.budget for t in trials if t.budget is not None})
+    fidelity = (
+        f" Multi-fidelity: trials at {', '.join(map(str, budgets))} validation tokens per task; "
+        "the best is taken from the highest budget only."
+        if budgets else ""
+    )  # fmt: skip
     text = "\n\n".join([
         f"# automerge-mk report: {' + '.join(names)}",
         f"{len(trials)} of {settings.trials} trials finished ({failed} failed); best trial "
-        f"{best.trial}, harmonic-mean AP {best.harmonic_mean:.4f}.",
+        f"{best.trial}, harmonic-mean AP {best.harmonic_mean:.4f}. {tokens:,} validation "
+        f"tokens evaluated (forward-pass positions).{fidelity}",
         "## Search progress\n\n![best so far vs trial and vs tokens](report-progress.png)",
         "## Per task: AP and PR\n\nPR is from each task's metric ("
         + ", ".join(f"{n}: {s.rate_metric}" for n, s in best.tasks.items())
@@ -716,6 +784,7 @@ def _add_search_options(function, initial: int):
             "(same models, --strategy, --methods and ranges; checked, and refused otherwise) "
             "before it proposes anything. Its costs are taken as they are: use the same data.",
         ),
+        click.option("--fidelity", metavar="tokens[:MIN:MAX]", help=FIDELITY_HELP),
         click.option(
             "--optimizer",
             type=click.Choice(["smac", "random"]),
@@ -764,6 +833,7 @@ def _settings(
     density_range,
     initial,
     warm_start,
+    fidelity,
     optimizer,
     seed,
     eval_tokens,
@@ -786,6 +856,7 @@ def _settings(
         initial=initial,
         warm_start=str(warm_start.resolve()) if warm_start else None,
         optimizer=optimizer,
+        fidelity=_fidelity(fidelity),
         seed=seed,
         eval_tokens=eval_tokens,
         max_length=max_length,

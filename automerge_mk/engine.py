@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .errors import ModelReferenceError, SettingsError
 from .recipe import plan_documents
 from .segment import load_config, merge_tensor_keys
-from .space import method_accepts, needs_base
+from .space import SOURCE_AS_BASE, method_accepts, uses_base
 from .types import BlockChoice, MergePlan
 
 Tensors = dict[str, torch.Tensor]
@@ -305,17 +305,26 @@ class MergeEngine:
 
     def _merge_tensor(self, plan: MergePlan, name: str, choice: BlockChoice) -> torch.Tensor:
         method = self._method(choice.method)
+        # The same inputs as stock mergekit's recipe: slerp's first source is its base.
+        source_base = choice.method in SOURCE_AS_BASE
         entries = [
-            TensorEntry(id=index, tensor=self.resident[Path(source)][name])
+            TensorEntry(
+                id=index,
+                tensor=self.resident[Path(source)][name],
+                is_base=source_base and not index,
+            )
             for index, source in enumerate(plan.sources)
         ]
-        if needs_base(choice.method):
+        if uses_base(choice.method, plan.base is not None):
             base = self.resident[Path(plan.base)][name]
             entries.append(TensorEntry(id="base", tensor=base, is_base=True))
         parameters: dict[str, Any] = {
             k: v for k, v in plan.method_parameters.items() if method_accepts(choice.method, k)
         }
-        parameters["weight"] = dict(enumerate(choice.weights))
+        if method_accepts(choice.method, "weight"):
+            parameters["weight"] = dict(enumerate(choice.weights))
+        if method_accepts(choice.method, "t"):
+            parameters["t"] = choice.weights[1]
         if choice.densities is not None:
             parameters["density"] = dict(enumerate(choice.densities))
         group = TensorGroup(entries=tuple(entries), metadata=TensorMetadata(name=name))

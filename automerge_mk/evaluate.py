@@ -264,15 +264,6 @@ def tokenize_task(
             f"task {name!r}: no example has two or more tokens"
             + (f" and a label that fits in --max-length {max_length}" if labelled else "")
         )
-    if eval_tokens:
-        random.Random(seed).shuffle(kept)
-        subset, total = [], 0
-        for index in kept:
-            if total >= eval_tokens:
-                break
-            subset.append(index)
-            total += len(encoded[index][0]) - 1
-        kept = sorted(subset)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     task = {
         "name": name,
@@ -297,7 +288,34 @@ def tokenize_task(
             task["label_tokens"] = next(iter(tokens))
         else:
             task["candidates"] = tuple(chosen)
-    return TaskData(**task)
+    return subset_task(TaskData(**task), eval_tokens, seed) if eval_tokens else TaskData(**task)
+
+
+def subset_task(task: TaskData, tokens: int, seed: int = 0) -> TaskData:
+    """A seeded random subset of a task's examples of about `tokens` forward-pass positions.
+
+    Examples are taken in one seeded random order until `tokens` is reached (at least one), so
+    the subsets of one seed are nested: a smaller budget keeps some of a larger one's examples
+    and no others. A budget of the whole task or more returns the task itself.
+    """
+    if tokens >= task.computed_tokens:
+        return task
+    order = list(range(len(task.sequences)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for index in order:
+        if chosen and total >= tokens:
+            break
+        chosen.append(index)
+        options = task.candidates[index] if task.candidates else ((task.sequences[index], 0),)
+        total += sum(len(ids) for ids, _ in options)
+    chosen.sort()
+
+    def pick(values: tuple) -> tuple:
+        return tuple(values[i] for i in chosen) if values else values
+
+    fields = ("sequences", "starts", "indices", "rows", "answers", "candidates")
+    return task.model_copy(update={name: pick(getattr(task, name)) for name in fields})
 
 
 def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

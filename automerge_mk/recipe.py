@@ -21,7 +21,7 @@ import yaml
 from mergekit.merge_methods import registry
 
 from .errors import RecipeError
-from .space import is_sparsifying, method_accepts, needs_base
+from .space import SOURCE_AS_BASE, is_sparsifying, method_accepts, uses_base
 from .types import MergePlan
 
 PART_SUFFIX = "_part"
@@ -48,20 +48,27 @@ def method_document(
     partial = name is not None
     document: dict[str, Any] = {"name": name} if partial else {}
     document["merge_method"] = method
-    if needs_base(method):
+    if uses_base(method, plan.base is not None):
         document["base_model"] = references.get(plan.base, plan.base)
+    elif method in SOURCE_AS_BASE:
+        document["base_model"] = references.get(plan.sources[0], plan.sources[0])
     document["dtype"] = plan.dtype
-    fixed = {k: v for k, v in plan.method_parameters.items() if method_accepts(method, k)}
-    if fixed:
-        document["parameters"] = fixed
+    shared = {k: v for k, v in plan.method_parameters.items() if method_accepts(method, k)}
+    if method_accepts(method, "t"):
+        shared["t"] = _values(plan, method, lambda c: c.weights[1], partial)
+    if shared:
+        document["parameters"] = shared
     models = []
     for index, source in enumerate(plan.sources):
-        parameters = {"weight": _values(plan, method, lambda c, i=index: c.weights[i], partial)}
+        parameters = {}
+        if method_accepts(method, "weight"):
+            parameters["weight"] = _values(plan, method, lambda c, i=index: c.weights[i], partial)
         if is_sparsifying(method):
             parameters["density"] = _values(
                 plan, method, lambda c, i=index: c.densities[i], partial
             )
-        models.append({"model": references.get(source, source), "parameters": parameters})
+        model = {"model": references.get(source, source)}
+        models.append(model | ({"parameters": parameters} if parameters else {}))
     document["models"] = models
     return document
 

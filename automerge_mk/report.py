@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from .types import MergePlan, TaskScore, TrialResult
+from .types import MergePlan, TaskScore, TrialResult, budget_rank, top_budget
 
 ScoredModel = tuple[dict[str, TaskScore], float]
 
@@ -83,6 +84,20 @@ def best_so_far(values: Iterable[float]) -> list[float]:
     return curve
 
 
+def result_curve(trials: list[TrialResult]) -> list[float]:
+    """Best so far over the trials that can be the result: those at the highest budget
+    (every trial of a full-fidelity search); lower-budget trials add nothing to it."""
+    result = {id(t) for t in top_budget(trials)}
+    return best_so_far(t.harmonic_mean if id(t) in result else 0.0 for t in trials)
+
+
+def computed_tokens(trial: TrialResult) -> int:
+    """Forward-pass positions a trial evaluated (scored tokens for runs that predate them)."""
+    if trial.computed_tokens is not None:
+        return trial.computed_tokens
+    return sum(score.tokens for score in trial.tasks.values())
+
+
 def progress_plot(trials: list[TrialResult], path: Path, references: dict[str, float]) -> Path:
     """Best-so-far harmonic-mean AP vs trial as a PNG, with horizontal reference lines."""
     import matplotlib
@@ -94,7 +109,7 @@ def progress_plot(trials: list[TrialResult], path: Path, references: dict[str, f
     numbers = [t.trial + 1 for t in trials]
     values = [t.harmonic_mean for t in trials]
     axes.scatter(numbers, values, s=8, alpha=0.4, label="trial")
-    axes.step(numbers, best_so_far(values), where="post", color="C1", label="best so far")
+    axes.step(numbers, result_curve(trials), where="post", color="C1", label="best so far")
     for index, (name, value) in enumerate(references.items()):
         axes.axhline(value, linestyle="--", linewidth=1, color=f"C{index + 2}", label=name)
     axes.set_xlabel("trial")
@@ -158,15 +173,19 @@ def search_progress_plot(trials: list[TrialResult], path: Path) -> Path:
     """Best-so-far harmonic-mean AP vs trial and vs validation tokens evaluated."""
     pyplot = _pyplot()
     figure, (by_trial, by_tokens) = pyplot.subplots(1, 2, figsize=(9, 3.5), dpi=120)
-    curve = best_so_far(t.harmonic_mean for t in trials)
-    tokens, total = [], 0
-    for trial in trials:
-        total += sum(score.tokens for score in trial.tasks.values())
-        tokens.append(total)
+    curve = result_curve(trials)
+    tokens = list(itertools.accumulate(computed_tokens(t) for t in trials))
     by_trial.step([t.trial + 1 for t in trials], curve, where="post")
     by_trial.set_xlabel("trial")
+    budgets = sorted({t.budget for t in trials if t.budget is not None})
+    for index, budget in enumerate(budgets):  # multi-fidelity: each budget's own scores
+        at = [t for t in trials if t.budget == budget and t.status == "ok"]
+        x, y = [t.trial + 1 for t in at], [t.harmonic_mean for t in at]
+        by_trial.scatter(x, y, s=8, alpha=0.5, color=f"C{index + 2}", label=f"{budget} tokens/task")
+    if budgets:
+        by_trial.legend(fontsize=7, loc="lower right")
     by_tokens.step(tokens, curve, where="post", color="C1")
-    by_tokens.set_xlabel("validation tokens evaluated")
+    by_tokens.set_xlabel("validation tokens evaluated (forward-pass positions)")
     for axes in (by_trial, by_tokens):
         axes.set_ylabel("best harmonic mean of AP")
     figure.tight_layout()
@@ -221,11 +240,16 @@ def plan_heatmap(plan: MergePlan, source_names: tuple[str, ...], path: Path) -> 
 
 def top_trials_table(trials: list[TrialResult], count: int = 10) -> str:
     """The best trials with their harmonic mean, per-task AP and methods per block."""
-    ok = sorted((t for t in trials if t.status == "ok"), key=lambda t: -t.harmonic_mean)
-    lines = ["| trial | H (AP) | AP per task | methods per block |", "|---|---|---|---|"]
+    ok = sorted((t for t in trials if t.status == "ok"),
+                key=lambda t: (-budget_rank(t), -t.harmonic_mean))  # fmt: skip
+    lines = ["| trial | tokens/task | H (AP) | AP per task | methods per block |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for trial in ok[:count]:
         aps = ", ".join(f"{n} {s.preservation:.3f}" for n, s in trial.tasks.items())
         methods = ", ".join(f"{k.split(':')[0]} {v}" for k, v in trial.config.items()
                             if k.endswith(":method"))  # fmt: skip
-        lines.append(f"| {trial.trial} | {trial.harmonic_mean:.4f} | {aps} | {methods} |")
+        budget = "all" if trial.budget is None else trial.budget
+        lines.append(
+            f"| {trial.trial} | {budget} | {trial.harmonic_mean:.4f} | {aps} | {methods} |"
+        )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Stage 6: the SMAC loop. What to optimise (a target function config -> TrialResult) is kept
 apart from how (SMAC's HyperparameterOptimizationFacade: random-forest surrogate, log EI,
-an explicit Sobol initial design, deterministic trials).
+an explicit Sobol initial design, deterministic trials; or its MultiFidelityFacade, whose
+Hyperband gives most configurations a few validation tokens and only the best all of them).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from ConfigSpace import Configuration, ConfigurationSpace
-from smac import HyperparameterOptimizationFacade, RandomFacade, Scenario
+from smac import HyperparameterOptimizationFacade, MultiFidelityFacade, RandomFacade, Scenario
 from smac.acquisition.maximizer.local_search import LocalSearch
 from smac.facade.abstract_facade import AbstractFacade
 from smac.initial_design import RandomInitialDesign
@@ -24,10 +25,43 @@ from tqdm.auto import tqdm
 
 from .engine import MergeEngine
 from .errors import MetricError, RunDirectoryError, SettingsError
-from .evaluate import Metric, TaskData, score_model, with_preservation
-from .types import MergePlan, TaskScore, TrialResult
+from .evaluate import Metric, TaskData, score_model, score_task, subset_task, with_preservation
+from .types import MergePlan, TaskScore, TrialResult, best_trial, budget_rank
 
 WORST_COST = 1.0  # cost = 1 - harmonic mean of AP, and the harmonic mean is never below 0
+
+
+class Fidelity(NamedTuple):
+    """Multi-fidelity budgets, in validation tokens per task: Hyperband evaluates between `low`
+    and `high`; `full` is all of the data, at which the result is always evaluated."""
+
+    low: int
+    high: int
+    full: int
+
+    ETA = 3  # Hyperband keeps the best third at each budget and triples it
+
+    @classmethod
+    def resolve(cls, spec: tuple[int | None, int | None] | None, tasks: list[TaskData]):
+        """The budgets of `--fidelity tokens[:MIN:MAX]` for these tasks; None without it.
+
+        Raises:
+            SettingsError: when MIN or MAX does not fit the validation data.
+        """
+        if spec is None:
+            return None
+        full = max(task.computed_tokens for task in tasks)
+        low, high = spec
+        high = high or full
+        low = low or max(1, high // cls.ETA**2)
+        if high > full:
+            raise SettingsError(
+                f"--fidelity tokens:{low}:{high}: MAX is more than the {full} validation tokens "
+                "of the largest task; leave MAX out to use all of them"
+            )
+        if not low < high:
+            raise SettingsError(f"--fidelity tokens:{low}:{high}: give MIN < MAX")
+        return cls(low, high, full)
 
 
 class MergeObjective:
@@ -40,6 +74,8 @@ class MergeObjective:
         to_plan: turns a configuration into a MergePlan.
         metrics: user metrics computed after every merge; the first gives PR.
         tokenizer: passed to user metrics.
+        specialists: each task's own source folder, to score references on fewer tokens.
+        seed: which subsets of the tasks lower budgets score.
     """
 
     def __init__(
@@ -50,6 +86,8 @@ class MergeObjective:
         to_plan: Callable[[dict[str, Any]], MergePlan] | None,
         metrics: tuple[Metric, ...] = (),
         tokenizer=None,
+        specialists: dict[str, Path] | None = None,
+        seed: int = 0,
     ):
         self.engine = engine
         self.tasks = tasks
@@ -57,31 +95,61 @@ class MergeObjective:
         self.to_plan = to_plan
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.specialists = specialists or {}
+        self.seed = seed
+        self.levels: dict[int, tuple[list[TaskData], dict[str, TaskScore]]] = {}
 
-    def score(self, model) -> tuple[dict[str, TaskScore], float]:
+    def atbudget_rank(self, budget: int | None) -> tuple[list[TaskData], dict[str, TaskScore]]:
+        """The tasks cut to `budget` tokens each, and their specialists' reference scores on
+        exactly those examples (scored once per budget). None: all of the data."""
+        if budget is None or all(budget >= task.computed_tokens for task in self.tasks):
+            return self.tasks, self.references
+        if budget not in self.levels:
+            tasks = [subset_task(task, budget, self.seed) for task in self.tasks]
+            references = {
+                task.name: score_task(
+                    self.engine.load_source(self.specialists[task.name]),
+                    task,
+                    metrics=self.metrics,
+                    tokenizer=self.tokenizer,
+                )
+                for task in tasks
+            }
+            self.levels[budget] = tasks, references
+        return self.levels[budget]
+
+    def score(self, model, budget: int | None = None) -> tuple[dict[str, TaskScore], float]:
         """Scores of a model with AP and PR, and the harmonic mean of AP."""
-        scores = score_model(model, self.tasks, self.metrics, self.tokenizer)
-        return with_preservation(scores, self.references, self.metrics)
+        tasks, references = self.atbudget_rank(budget)
+        scores = score_model(model, tasks, self.metrics, self.tokenizer)
+        return with_preservation(scores, references, self.metrics)
 
-    def __call__(self, config: dict[str, Any], trial: int) -> TrialResult:
-        return self.evaluate_plan(self.to_plan(config), trial, config)
+    def __call__(self, config: dict[str, Any], trial: int, budget: int | None = None):
+        return self.evaluate_plan(self.to_plan(config), trial, config, budget)
 
-    def evaluate_plan(self, plan: MergePlan, trial: int, config: dict[str, Any]) -> TrialResult:
-        """Merge a plan into the live model and score it; failures become failed results."""
+    def evaluate_plan(
+        self, plan: MergePlan, trial: int, config: dict[str, Any], budget: int | None = None
+    ) -> TrialResult:
+        """Merge a plan into the live model and score it on `budget` tokens per task (None:
+        all); failures become failed results."""
+        tasks, _ = self.atbudget_rank(budget)  # references first: they use the live model too
+        spent = {"budget": budget, "computed_tokens": sum(task.computed_tokens for task in tasks)}
         started = time.perf_counter()
         try:
             model = self.engine.merge_into_model(plan)
             merge_seconds = time.perf_counter() - started
-            scores, mean = self.score(model)
+            scores, mean = self.score(model, budget)
         # A kernel failure or a metric that fails on this merge fails this trial only.
         except (RuntimeError, ValueError, MetricError) as error:
-            return _failed(trial, config, {"merge": time.perf_counter() - started}, repr(error))
+            seconds = {"merge": time.perf_counter() - started}
+            return _failed(trial, config, seconds, repr(error)).model_copy(update=spent)
         seconds = {
             "merge": merge_seconds,
             "evaluate": time.perf_counter() - started - merge_seconds,
         }
         if not all(math.isfinite(s.loss) for s in scores.values()):
-            return _failed(trial, config, seconds, "non-finite loss", scores)
+            failed = _failed(trial, config, seconds, "non-finite loss", scores)
+            return failed.model_copy(update=spent)
         return TrialResult(
             trial=trial,
             status="ok",
@@ -90,6 +158,7 @@ class MergeObjective:
             harmonic_mean=mean,
             tasks=scores,
             seconds=seconds,
+            **spent,
         )
 
 
@@ -123,20 +192,25 @@ def make_optimizer(
     seed: int,
     output: Path,
     kind: str = "smac",
+    fidelity: Fidelity | None = None,
 ) -> AbstractFacade:
     """SMAC's HPO facade with an explicit Sobol initial design and a single-threaded forest.
 
     The initial design is set explicitly because SMAC's default size rule changes between
     versions; `n_jobs=1` cuts the forest's per-ask cost about threefold on few cores.
     `kind="random"` gives SMAC's random-search facade instead (uniform samples of the same
-    space, the usual baseline for an optimiser).
+    space, the usual baseline for an optimiser). With `fidelity`, SMAC's multi-fidelity facade
+    (the same forest and design, Hyperband with eta 3 over validation tokens per task, the
+    incumbent chosen on the highest budget only).
     """
+    budgets = {"min_budget": fidelity.low, "max_budget": fidelity.high} if fidelity else {}
     scenario = Scenario(
         space,
         deterministic=True,
         n_trials=trials,
         seed=seed,
         output_directory=output,
+        **budgets,
     )
     if kind == "random":
         return RandomFacade(
@@ -149,7 +223,15 @@ def make_optimizer(
         )
     maximizer = HyperparameterOptimizationFacade.get_acquisition_maximizer(scenario)
     maximizer._local_search.__class__ = _RepeatableLocalSearch
-    return HyperparameterOptimizationFacade(
+    if fidelity:
+        facade = MultiFidelityFacade
+        intensifier = MultiFidelityFacade.get_intensifier(
+            scenario, eta=Fidelity.ETA, incumbent_selection="highest_budget"
+        )
+    else:
+        facade = HyperparameterOptimizationFacade
+        intensifier = facade.get_intensifier(scenario, max_config_calls=1)
+    return facade(
         scenario,
         target_function=None,  # trials are run by ask/tell, so every result is recorded first
         model=RandomForest(space, n_jobs=1, log_y=True, seed=seed),
@@ -157,7 +239,7 @@ def make_optimizer(
         initial_design=HyperparameterOptimizationFacade.get_initial_design(
             scenario, n_configs=initial, max_ratio=1.0
         ),
-        intensifier=HyperparameterOptimizationFacade.get_intensifier(scenario, max_config_calls=1),
+        intensifier=intensifier,
         overwrite=True,
         logging_level=40,
     )
@@ -180,11 +262,25 @@ def check_same_space(earlier: ConfigurationSpace, current: ConfigurationSpace, w
 
 
 def warm_start(
-    optimizer: AbstractFacade, space: ConfigurationSpace, trials: Sequence[TrialResult]
+    optimizer: AbstractFacade,
+    space: ConfigurationSpace,
+    trials: Sequence[TrialResult],
+    fidelity: Fidelity | None = None,
 ) -> None:
-    """Tell the optimiser an earlier run's finished trials (of the same space) before it asks."""
+    """Tell the optimiser an earlier run's finished trials (of the same space) before it asks.
+
+    Of a multi-fidelity run only the trials at its highest budget are told (the others were
+    scored on other data); a multi-fidelity search is told them at its own highest budget.
+    """
+    top = max((budget_rank(trial) for trial in trials), default=None)
     for trial in trials:
-        info = TrialInfo(config=Configuration(space, values=trial.config), seed=0)
+        if budget_rank(trial) != top:
+            continue
+        info = TrialInfo(
+            config=Configuration(space, values=trial.config),
+            seed=0,
+            budget=fidelity.high if fidelity else None,
+        )
         optimizer.tell(info, TrialValue(cost=trial.cost, time=sum(trial.seconds.values())))
 
 
@@ -198,18 +294,20 @@ def _ask(optimizer: AbstractFacade):
 
 def run_search(
     optimizer: AbstractFacade,
-    objective: Callable[[dict[str, Any], int], TrialResult],
+    objective: Callable[..., TrialResult],
     trials: int,
     record: Callable[[TrialResult], None],
     progress: bool = True,
     finished: Sequence[TrialResult] = (),
+    fidelity: Fidelity | None = None,
 ) -> list[TrialResult]:
     """Ask, merge, evaluate, tell and record, `trials` times.
 
     A trial is appended to the run directory (fsynced) before the next is asked for; SMAC's own
     state is not what a resume reads. `finished` trials of an interrupted run are replayed:
-    the seeded optimiser proposes the same configurations again and is told their recorded
-    results, so none is evaluated twice.
+    the seeded optimiser proposes the same configurations (and budgets) again and is told their
+    recorded results, so none is evaluated twice. With `fidelity`, a best trial whose highest
+    budget is below all of the data is evaluated on all of it once more, as one extra trial.
 
     Returns:
         All trial results in order.
@@ -219,39 +317,46 @@ def run_search(
             again (another SMAC version, or a changed space).
     """
     results: list[TrialResult] = []
-    best = 0.0
     started = time.perf_counter()
     bar = tqdm(total=trials, desc="search", unit="trial", disable=not progress)
     for trial in range(trials):
-        if trial < len(finished):
-            result = finished[trial]
-            info = _ask(optimizer)
-            if dict(info.config) != result.config:
-                raise RunDirectoryError(
-                    f"cannot resume: trial {trial} was {result.config} but the optimiser now "
-                    f"proposes {dict(info.config)}; start a new run"
-                )
-            optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
-            results.append(result)
-            best = max(best, result.harmonic_mean)
-            bar.update()
-            continue
         asked = time.perf_counter()
         info = _ask(optimizer)
         ask_seconds = time.perf_counter() - asked
         config = dict(info.config) if isinstance(info.config, Configuration) else info.config
-        result = objective(config, trial)
+        budget = None if info.budget is None else round(info.budget)
+        if trial < len(finished):
+            result = finished[trial]
+            if (config, budget) != (result.config, result.budget):
+                raise RunDirectoryError(
+                    f"cannot resume: trial {trial} was {result.config} (budget {result.budget}) "
+                    f"but the optimiser now proposes {config} (budget {budget}); start a new run"
+                )
+        else:
+            result = objective(config, trial, budget)
         recording = time.perf_counter()
         optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
-        # "record": SMAC's tell and building the line; the append + fsync follows it.
-        seconds = {"ask": ask_seconds, **result.seconds}
-        seconds["record"] = time.perf_counter() - recording
-        result = result.model_copy(update={"seconds": seconds})
-        record(result)
+        if trial >= len(finished):
+            # "record": SMAC's tell and building the line; the append + fsync follows it.
+            seconds = {"ask": ask_seconds, **result.seconds}
+            seconds["record"] = time.perf_counter() - recording
+            result = result.model_copy(update={"seconds": seconds})
+            record(result)
         results.append(result)
-        best = max(best, result.harmonic_mean)
+        best = best_trial(results)
         elapsed = time.perf_counter() - started
-        bar.set_postfix(best_H=f"{best:.4f}", trials_per_h=f"{3600 * (trial + 1) / elapsed:.0f}")
+        bar.set_postfix(
+            best_H=f"{best.harmonic_mean:.4f}" if best else "-",
+            trials_per_h=f"{3600 * (trial + 1) / elapsed:.0f}",
+        )
         bar.update()
     bar.close()
+    best = best_trial(results)
+    if fidelity and best and budget_rank(best) < fidelity.full:
+        trial = len(results)
+        result = finished[trial] if trial < len(finished) else None
+        if result is None:
+            result = objective(best.config, trial, fidelity.full)
+            record(result)
+        results.append(result)
     return results

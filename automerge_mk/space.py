@@ -1,9 +1,10 @@
 """Stage 2: blocks -> a conditional ConfigSpace, and a sampled configuration -> a MergePlan.
 
 Per block: a categorical `method`, a weight per source (for two sources one weight w, the
-second source gets 1 - w), and a density per source that is active only for sparsifying
-methods (a ConfigSpace InCondition). Method facts come from mergekit's own registry, so a
-method's parameters are never restated here.
+second source gets 1 - w; slerp's t is the second source's weight), active for the methods
+that take one, and a density per source that is active only for sparsifying methods
+(ConfigSpace InConditions). Method facts come from mergekit's own registry (parameters, how
+many inputs, whether a base is required, optional or ignored), so they are never restated here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ from .types import Block, BlockChoice, MergePlan, SearchSettings
 
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 # Methods whose parameters the space expresses: a weight per source (+ a density per source
-# when they sparsify). slerp/nuslerp/karcher/model_stock take other parameters (issue 6).
-SUPPORTED_METHODS = DEFAULT_METHODS + ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
-SEARCHED_PARAMETERS = frozenset({"weight", "density"})
+# when they sparsify), slerp's t, or nothing to search. Not offered: sce (no weights, a
+# shared top-k), nearswap (a similarity threshold), ram / ramplus_tl / arcee_fusion
+# (thresholds and importance estimates), passthrough (no merge).
+SUPPORTED_METHODS = DEFAULT_METHODS + (
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
+)  # fmt: skip
+SEARCHED_PARAMETERS = frozenset({"weight", "density", "t"})
+# slerp interpolates from its `base_model` to the one other input: the first source plays
+# that part (t = 0 is the first source, t = 1 the second).
+SOURCE_AS_BASE = frozenset({"slerp"})
 
 
 def is_sparsifying(method: str) -> bool:
@@ -32,15 +41,45 @@ def is_sparsifying(method: str) -> bool:
 
 
 def needs_base(method: str) -> bool:
-    """Whether mergekit's method merges task vectors relative to a base model."""
-    return registry.get(method).spec.contract.base == BasePolicy.REQUIRED
+    """Whether mergekit's method needs the base model (the model the sources came from)."""
+    contract = registry.get(method).spec.contract
+    return contract.base == BasePolicy.REQUIRED and method not in SOURCE_AS_BASE
 
 
-def check_methods(methods: tuple[str, ...], has_base: bool) -> None:
-    """Check each method is supported and has the base model it needs.
+def uses_base(method: str, has_base: bool) -> bool:
+    """Whether a merge with `method` takes the base model: when required, and when optional
+    and given (nuslerp and multislerp then interpolate task vectors, not weights)."""
+    policy = registry.get(method).spec.contract.base
+    return needs_base(method) or (policy == BasePolicy.OPTIONAL and has_base)
+
+
+def takes_weights(method: str) -> bool:
+    """Whether the method's per-source weights (or slerp's t) are searched."""
+    return method_accepts(method, "weight") or method_accepts(method, "t")
+
+
+def _check_input_count(method: str, sources: int, has_base: bool) -> None:
+    contract = registry.get(method).spec.contract
+    with_base = uses_base(method, has_base)
+    inputs, non_base = sources + with_base, sources - (method in SOURCE_AS_BASE)
+    for count, low, high, what in (
+        (inputs, contract.min_inputs, contract.max_inputs, "models in all"),
+        (non_base, contract.min_non_base, contract.max_non_base, "models besides the base"),
+    ):
+        if (low and count < low) or (high and count > high):
+            wanted = f"exactly {low}" if low == high else f"{low or 0}..{high or 'any'}"
+            raise SettingsError(
+                f"{method} merges {wanted} {what}; here it would get {count} ({sources} "
+                f"sources{' + the base' if with_base else ''}): drop it from --methods"
+            )
+
+
+def check_methods(methods: tuple[str, ...], has_base: bool, sources: int = 2) -> None:
+    """Check each method is supported, fits the number of sources, and has the base it needs.
 
     Raises:
-        SettingsError: on an unknown or unsupported method.
+        SettingsError: on an unknown or unsupported method, or one that cannot merge
+            `sources` models (slerp and nuslerp take exactly two).
         MissingBaseModelError: when a task-vector method is asked for without a base.
     """
     for method in methods:
@@ -55,10 +94,12 @@ def check_methods(methods: tuple[str, ...], has_base: bool) -> None:
         needing = [m for m in methods if needs_base(m)]
         if needing:
             raise MissingBaseModelError(
-                f"{', '.join(needing)} merge task vectors relative to a base model: give "
-                "--base BASE (the model the sources were fine-tuned from) or restrict "
-                "--methods to linear"
+                f"{', '.join(needing)} merge relative to a base model: give --base BASE (the "
+                "model the sources were fine-tuned from) or restrict --methods to methods "
+                "without one (linear, slerp, nuslerp, multislerp, karcher)"
             )
+    for method in methods:
+        _check_input_count(method, sources, has_base)
 
 
 def check_method_parameters(methods: tuple[str, ...], parameters: Mapping[str, Any]) -> None:
@@ -77,8 +118,10 @@ def check_method_parameters(methods: tuple[str, ...], parameters: Mapping[str, A
                 known.setdefault(spec.name, spec)
     for key, value in parameters.items():
         if key in SEARCHED_PARAMETERS:
+            option = "--density-range" if key == "density" else "--weight-range"
             raise SettingsError(
-                f"parameter {key!r} is searched per block; bound it with --{key}-range instead"
+                f"parameter {key!r} is searched per block; bound it with {option} instead"
+                + (" (slerp's t is the second source's weight)" if key == "t" else "")
             )
         if key not in known:
             close = difflib.get_close_matches(key, list(known) + list(SEARCHED_PARAMETERS), n=1)
@@ -109,14 +152,18 @@ def build_space(
     """The search space: per block a method, weights and (conditionally) densities."""
     space = ConfigurationSpace(seed=settings.seed)
     sparsifying = [m for m in settings.methods if is_sparsifying(m)]
+    weighted = [m for m in settings.methods if takes_weights(m)]
     for block in blocks:
         method = Categorical(_name(block, "method"), list(settings.methods))
         space.add(method)
         weight_sources = [None] if len(source_names) == 2 else list(source_names)
-        for source in weight_sources:
+        for source in weight_sources if weighted else ():
             low, high = settings.weight_range
             default = min(max(0.5, low), high)
-            space.add(Float(_name(block, "weight", source), (low, high), default=default))
+            weight = Float(_name(block, "weight", source), (low, high), default=default)
+            space.add(weight)
+            if len(weighted) < len(settings.methods):  # karcher, model_stock: no weights
+                space.add(InCondition(weight, method, weighted))
         if not sparsifying:
             continue
         for source in source_names:
@@ -144,7 +191,9 @@ def plan_from_config(
     choices = []
     for block in blocks:
         method = config[_name(block, "method")]
-        if len(source_names) == 2:
+        if not takes_weights(method):  # not used by the merge; equal, for reports
+            weights = (1.0 / len(source_names),) * len(source_names)
+        elif len(source_names) == 2:
             w = float(config[_name(block, "weight")])
             weights: tuple[float, ...] = (w, 1.0 - w)
         else:

@@ -133,6 +133,30 @@ class TrialResult(Frozen):
     tasks: dict[str, TaskScore]
     seconds: dict[str, float]
     error: str | None = None
+    budget: int | None = None  # validation tokens per task (multi-fidelity); None: all of them
+    computed_tokens: int | None = None  # forward-pass positions over all tasks
+
+
+def budget_rank(result: TrialResult) -> float:
+    """A trial's budget for comparisons: all of the data (None) ranks above every budget."""
+    return math.inf if result.budget is None else result.budget
+
+
+def top_budget(results: list[TrialResult]) -> list[TrialResult]:
+    """The successful trials at the highest budget any successful trial was evaluated on.
+
+    Scores on fewer validation tokens are neither comparable with nor as reliable as scores on
+    more, so a multi-fidelity search's result comes from its highest budget only; in a
+    full-fidelity search every successful trial qualifies.
+    """
+    ok = [r for r in results if r.status == "ok"]
+    top = max((budget_rank(r) for r in ok), default=None)
+    return [r for r in ok if budget_rank(r) == top]
+
+
+def best_trial(results: list[TrialResult]) -> TrialResult | None:
+    """The best successful trial at the highest budget evaluated (see `top_budget`)."""
+    return max(top_budget(results), key=lambda r: r.harmonic_mean, default=None)
 
 
 def harmonic_mean(values: list[float]) -> float:
@@ -155,6 +179,9 @@ class SearchSettings(Frozen):
     warm_start: str | None = None  # an earlier run directory whose trials the optimiser is told
     seed: int = 0
     eval_tokens: int | None = None
+    # Multi-fidelity (--fidelity tokens[:MIN:MAX]): Hyperband over validation tokens per task;
+    # (None, None) takes the defaults MAX = all of them, MIN = MAX / 9.
+    fidelity: tuple[int | None, int | None] | None = None
     max_length: int = 512
     text_column: str = "text"
     metrics: tuple[str, ...] = ()  # NAME=module:function[:min] specs or built-in names
@@ -180,4 +207,9 @@ class SearchSettings(Frozen):
                 raise ValueError(f"{label} range {low}..{high} is empty: give MIN < MAX")
         if not (0.0 < self.density_range[0] and self.density_range[1] <= 1.0):
             raise ValueError("densities must lie in (0, 1]")
+        low, high = self.fidelity or (None, None)
+        if (low is not None and low < 1) or (low and high and not low < high):
+            raise ValueError(f"--fidelity tokens:{low}:{high}: give 0 < MIN < MAX")
+        if self.fidelity and self.optimizer == "random":
+            raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
         return self

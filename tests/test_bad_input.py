@@ -152,11 +152,13 @@ def test_architecture_mergekit_does_not_know_is_rejected_before_out_is_replaced(
 # --- methods and their parameters ---
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize(
+    "method", ["ties", "task_arithmetic", "dare_ties", "breadcrumbs", "model_stock"]
+)
 def test_task_vector_method_without_base_is_rejected(demo_models, out, method):
     result = _demo_search(demo_models, out, "--methods", f"linear,{method}", base=False)
     # Names exactly the methods that need a base (not linear), and the option to add.
-    _assert_rejected(result, f"MissingBaseModelError: {method} merge task vectors", "--base")
+    _assert_rejected(result, f"MissingBaseModelError: {method} merge relative to a base", "--base")
     _assert_untouched(out)
 
 
@@ -167,9 +169,25 @@ def test_unknown_method_is_rejected_with_a_suggestion(demo_models, out):
 
 
 def test_unsupported_mergekit_method_is_rejected(demo_models, out):
-    """slerp exists in mergekit but its parameters are not searched: rejected, not ignored."""
-    result = _demo_search(demo_models, out, "--methods", "slerp")
-    _assert_rejected(result, "SettingsError", "'slerp'")
+    """nearswap exists in mergekit but its threshold is not searched: rejected, not ignored."""
+    result = _demo_search(demo_models, out, "--methods", "nearswap")
+    _assert_rejected(result, "SettingsError", "'nearswap'")
+    _assert_untouched(out)
+
+
+@pytest.mark.parametrize("method", ["slerp", "nuslerp"])
+def test_two_model_methods_refuse_three_sources(method):
+    from automerge_mk.errors import SettingsError
+    from automerge_mk.space import check_methods
+
+    check_methods((method,), has_base=True, sources=2)
+    with pytest.raises(SettingsError, match=rf"{method} merges exactly 2 .*\(3 sources"):
+        check_methods(("linear", method), has_base=True, sources=3)
+
+
+def test_slerp_t_is_searched_as_the_weight(demo_models, out):
+    result = _demo_search(demo_models, out, "--methods", "slerp", "--set", "t=0.3")
+    _assert_rejected(result, "SettingsError", "'t'", "--weight-range", "second source's weight")
     _assert_untouched(out)
 
 

@@ -31,12 +31,14 @@ def _choice(method: str, rng: random.Random) -> BlockChoice:
     return BlockChoice(method=method, weights=(weight, 1 - weight), densities=densities)
 
 
-def _plan(family, methods: list[str], strategy: str = "layers:2+components", seed=3) -> MergePlan:
+def _plan(
+    family, methods: list[str], strategy: str = "layers:2+components", seed=3, base=True
+) -> MergePlan:
     rng = random.Random(seed)
     blocks = segment_model(family["base"], strategy)
     return MergePlan(
         sources=(str(family["a"]), str(family["b"])),
-        base=str(family["base"]),
+        base=str(family["base"]) if base else None,
         blocks=blocks,
         choices=tuple(_choice(methods[i % len(methods)], rng) for i in range(len(blocks))),
         seed=seed,
@@ -79,6 +81,35 @@ def test_each_method_with_per_block_values_equals_stock_mergekit(
         [family["a"], family["b"]], family["base"], family["base"], cache_order=cache_order
     )
     _assert_bit_identical(_stock(plan, tmp_path), engine.merge(plan))
+
+
+MORE = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock"]
+
+
+@pytest.mark.parametrize("method", MORE)
+def test_methods_beyond_the_five_equal_stock_mergekit(family, tmp_path, method):
+    plan = _plan(family, [method])
+    engine = MergeEngine([family["a"], family["b"]], family["base"], family["base"])
+    ours = engine.merge(plan)
+    _assert_bit_identical(_stock(plan, tmp_path), ours)
+    a = load_file(str(family["a"] / "model.safetensors"))
+    name = plan.blocks[1].tensors[0]
+    assert not torch.equal(ours[name], a[name])  # a real merge, not a copy of a source
+
+
+def test_mixed_config_of_the_other_methods_with_and_without_a_base_equals_stock_mergekit(
+    family, tmp_path
+):
+    plan = _plan(family, MORE + ["ties"], "layers:4+components")
+    assert set(plan.methods) == set(MORE + ["ties"])
+    engine = MergeEngine([family["a"], family["b"]], family["base"], family["base"])
+    (tmp_path / "with").mkdir()
+    (tmp_path / "without").mkdir()
+    _assert_bit_identical(_stock(plan, tmp_path / "with"), engine.merge(plan))
+    without = ["slerp", "nuslerp", "multislerp", "karcher", "linear"]
+    plan = _plan(family, without, "layers:4+components", base=False)
+    engine = MergeEngine([family["a"], family["b"]], None, family["a"])
+    _assert_bit_identical(_stock(plan, tmp_path / "without"), engine.merge(plan))
 
 
 def test_mixed_per_block_config_of_all_five_methods_equals_stock_mergekit(family, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from automerge_mk.evaluate import load_texts, score_task, tokenize_task
+from automerge_mk.evaluate import load_texts, score_task, subset_task, tokenize_task
 
 
 @pytest.fixture(scope="module")
@@ -52,5 +52,18 @@ def test_eval_token_subset_is_fixed_by_the_seed(model_and_texts):
     other = tokenize_task("t", texts, tokenizer, 512, eval_tokens=200, seed=1)
     assert first.indices == again.indices and first.sequences == again.sequences
     assert first.indices != other.indices
-    assert 200 <= first.tokens < 200 + max(len(s) for s in first.sequences)
+    assert 200 <= first.computed_tokens < 200 + max(len(s) for s in first.sequences)
     assert len(first.indices) < len(texts)
+
+
+def test_smaller_budgets_keep_a_subset_of_a_larger_ones_examples(model_and_texts):
+    _, tokenizer, texts = model_and_texts
+    task = tokenize_task("t", texts, tokenizer, 512)
+    sizes = [subset_task(task, tokens, seed=0) for tokens in (50, 150, 400)]
+    for small, large in zip(sizes, sizes[1:]):
+        assert set(small.indices) < set(large.indices)
+        kept = {i: s for i, s in zip(large.indices, large.sequences)}
+        assert all(kept[i] == s for i, s in zip(small.indices, small.sequences))
+    assert sizes[0].indices and sizes[0].computed_tokens >= 50
+    assert subset_task(task, task.computed_tokens, seed=0) is task  # all of it: unchanged
+    assert subset_task(task, 150, seed=1).indices != sizes[1].indices

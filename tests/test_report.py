@@ -26,7 +26,7 @@ def test_report_command_writes_markdown_and_plots_of_a_run(demo_run, tmp_path):
     best = json.loads((demo_run / "best.json").read_text())
     assert f"best trial {best['trial']}, harmonic-mean AP {best['harmonic_mean']:.4f}" in text
     top = text.split("## Top trials")[1].splitlines()[4]  # first row after the header
-    assert top.startswith(f"| {best['trial']} | {best['harmonic_mean']:.4f} |")
+    assert top.startswith(f"| {best['trial']} | all | {best['harmonic_mean']:.4f} |")
     for name in ("report-progress.png", "report-tasks.png", "report-blocks.png"):
         assert f"]({name})" in text
         assert (demo_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

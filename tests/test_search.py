@@ -132,6 +132,32 @@ def test_bf16_mixed_recipe_built_by_stock_mergekit_scores_exactly_as_its_trial(
         assert final["tasks"][name]["loss"] == best["tasks"][name]["loss"]
 
 
+def test_search_over_slerp_and_the_other_interpolations_is_rebuilt_by_stock_mergekit(
+    demo_models, tmp_path
+):
+    names = list(demo_models.specialists)
+    methods = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock"]
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names), "--quiet"]
+    arguments += ["--base", str(demo_models.base), "--out", str(tmp_path / "run")]
+    arguments += ["--trials", "8", "--initial", "6", "--methods", ",".join(methods)]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    trials = [json.loads(line) for line in (tmp_path / "run" / "trials.jsonl").read_text().split()]
+    chosen = {v for t in trials for k, v in t["config"].items() if k.endswith(":method")}
+    assert len(chosen) >= 4
+    for trial in trials:  # weights are searched only where the block's method takes them
+        for key, method in trial["config"].items():
+            block = key.removesuffix(":method")
+            if key.endswith(":method"):
+                has_weight = f"{block}:weight" in trial["config"]
+                assert has_weight == (method in {"slerp", "nuslerp", "multislerp"}), trial
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["harmonic_mean"] == pytest.approx(best["harmonic_mean"], rel=1e-5)
+
+
 def test_progress_plot_is_a_png_linked_from_the_summary(run):
     assert (run / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](progress.png)" in (run / "summary.md").read_text()
