@@ -153,6 +153,7 @@ class _Inputs:
     tokenizer: PreTrainedTokenizerBase
     warm_start: tuple[TrialResult, ...] = ()
     fidelity: Fidelity | None = None
+    evals: tuple = ()  # evaluation plug-ins (plugins.LmEval)
 
     @property
     def reference_model(self) -> Path:
@@ -165,7 +166,7 @@ def _check_inputs(
     """Resolve and check models, data, methods and parameters; tokenise the data; segment."""
     from transformers import AutoTokenizer
 
-    from . import evaluate, hub, segment, space
+    from . import evaluate, hub, plugins, segment, space
     from .engine import check_device, check_dtype
     from .search import Fidelity
 
@@ -178,6 +179,7 @@ def _check_inputs(
     metrics = tuple(evaluate.parse_metric(spec) for spec in settings.metrics)
     if len({m.name for m in metrics}) < len(metrics):
         raise SettingsError(f"--metric names repeat: {', '.join(m.name for m in metrics)}")
+    evals = plugins.parse_evals(settings.evals, settings.eval_arguments)
     trust = settings.trust_remote_code
     sources = [hub.resolve_model(ref, trust_remote_code=trust) for ref in model_refs]
     if len({s.name for s in sources}) < len(sources):
@@ -219,7 +221,9 @@ def _check_inputs(
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources))
-    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm, fidelity)
+    return _Inputs(
+        sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm, fidelity, evals
+    )
 
 
 def _warm_start_trials(
@@ -309,8 +313,62 @@ class _Session:
         specialists = {source.name: source.path for source in inputs.sources}
         return MergeObjective(
             self.engine, inputs.tasks, self.references, to_plan, inputs.metrics,
-            inputs.tokenizer, specialists, self.settings.seed,
+            inputs.tokenizer, specialists, self.settings.seed, inputs.evals,
         )  # fmt: skip
+
+
+def _load_sources(inputs: _Inputs, settings: SearchSettings):
+    """The engine with the sources resident, and each source's scores on every task (each
+    specialist's on its own task are the reference of AP and PR)."""
+    from . import evaluate
+    from .engine import MergeEngine, eval_dtype
+
+    engine = MergeEngine(
+        [s.path for s in inputs.sources],
+        inputs.base.path if inputs.base else None,
+        inputs.reference_model,
+        dtype=inputs.dtype,
+        device=settings.device,
+        cache_order=settings.cache_order,
+        eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
+    )
+    raw = {
+        s.name: evaluate.score_model(
+            engine.load_source(s.path), inputs.tasks, inputs.metrics, inputs.tokenizer
+        )
+        for s in inputs.sources
+    }
+    return engine, raw
+
+
+def _to_plan(inputs: _Inputs, settings: SearchSettings):
+    """configuration -> MergePlan for these sources, blocks and settings."""
+    from . import space
+
+    return partial(
+        space.plan_from_config,
+        blocks=inputs.blocks,
+        sources=tuple(str(s.path) for s in inputs.sources),
+        source_names=tuple(s.name for s in inputs.sources),
+        base=str(inputs.base.path) if inputs.base else None,
+        settings=settings,
+        dtype=inputs.dtype,
+    )
+
+
+def worker_objective(model_refs, base_ref, data, settings: SearchSettings):
+    """What a Dask worker process needs to run trials: the checked inputs, its own resident
+    engine and the specialists' reference scores, as one MergeObjective."""
+    from .search import MergeObjective
+
+    _quiet_libraries()
+    inputs = _check_inputs(model_refs, base_ref, data, settings)
+    engine, raw = _load_sources(inputs, settings)
+    references = {name: scores[name] for name, scores in raw.items()}
+    return MergeObjective(
+        engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
+        inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
+    )  # fmt: skip
 
 
 def _open_session(
@@ -324,8 +382,7 @@ def _open_session(
 ) -> _Session:
     """Check every input, then create (or reopen) the run directory, load the engine, score
     the sources."""
-    from . import evaluate, report
-    from .engine import MergeEngine, eval_dtype
+    from . import evaluate, plugins, report
     from .rundir import RunDir
 
     _quiet_libraries()
@@ -353,22 +410,7 @@ def _open_session(
             for t in inputs.tasks
         },
     )
-    engine = MergeEngine(
-        [s.path for s in inputs.sources],
-        inputs.base.path if inputs.base else None,
-        inputs.reference_model,
-        dtype=inputs.dtype,
-        device=settings.device,
-        cache_order=settings.cache_order,
-        eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
-    )
-    # Each specialist's scores on its own task are the reference of AP and PR; score them first.
-    raw = {
-        s.name: evaluate.score_model(
-            engine.load_source(s.path), inputs.tasks, inputs.metrics, inputs.tokenizer
-        )
-        for s in inputs.sources
-    }
+    engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
     sources_scored = {
         n: evaluate.with_preservation(s, references, inputs.metrics) for n, s in raw.items()
@@ -376,6 +418,14 @@ def _open_session(
     run.write_json(
         "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
     )
+    if inputs.evals:  # the plug-ins' scores of each source, beside their AP and PR
+        evals = {
+            f"{s.name} alone": plugins.run_evals(
+                inputs.evals, engine.load_source(s.path), inputs.tokenizer
+            )
+            for s in inputs.sources
+        }
+        run.write_json("evals.json", evals)
     return _Session(run, inputs, settings, engine, references, sources_scored)
 
 
@@ -399,6 +449,9 @@ def _score_baselines(session: _Session, objective, settings: SearchSettings) -> 
         "baselines.json",
         {label: report.scored_json(r.tasks, r.harmonic_mean) for label, r in results.items()},
     )
+    if session.inputs.evals:
+        evals = {f"baseline: {label}": r.evals for label, r in results.items()}
+        session.run.write_json("evals.json", session.run.read_json("evals.json") | evals)
     return {label: (r.tasks, r.harmonic_mean) for label, r in results.items()}
 
 
@@ -442,7 +495,7 @@ def run_search(
     Raises:
         AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
     """
-    from . import recipe, report, search, space
+    from . import plugins, recipe, report, search, space
 
     started = time.perf_counter()
     # Recipes and rebuild commands must not depend on the working directory.
@@ -451,15 +504,7 @@ def run_search(
     sources_scored = session.sources_scored
 
     names = tuple(s.name for s in inputs.sources)
-    to_plan = partial(
-        space.plan_from_config,
-        blocks=inputs.blocks,
-        sources=tuple(str(s.path) for s in inputs.sources),
-        source_names=names,
-        base=str(inputs.base.path) if inputs.base else None,
-        settings=settings,
-        dtype=inputs.dtype,
-    )
+    to_plan = _to_plan(inputs, settings)
     objective = session.objective(to_plan)
     optimizer = search.make_optimizer(
         space.build_space(inputs.blocks, names, settings),
@@ -473,11 +518,21 @@ def run_search(
     space_ = optimizer.scenario.configspace
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
-    results = search.run_search(
-        optimizer, objective, settings.trials, run.append_trial, progress, finished,
-        inputs.fidelity,
-    )  # fmt: skip
+    if settings.workers > 1 or settings.scheduler:
+        results = _parallel_search(
+            optimizer, session, model_refs, base_ref, data, settings, progress, finished
+        )
+        results = search.reevaluate_best(
+            results, objective, inputs.fidelity, run.append_trial, finished
+        )
+    else:
+        results = search.run_search(
+            optimizer, objective, settings.trials, run.append_trial, progress, finished,
+            inputs.fidelity,
+        )  # fmt: skip
     if inputs.fidelity:
+        for budget in {r.budget for r in results if r.budget is not None}:
+            objective.at_budget(budget)  # scored here already, unless trials ran elsewhere
         _write_budgets(run, objective, inputs.fidelity)
     best = best_trial(results)
     if best is None:
@@ -502,6 +557,10 @@ def run_search(
     ).to(engine.device)
     final = objective.score(built)
     run.write_json("final.json", report.scored_json(*final))
+    if inputs.evals:
+        built_evals = plugins.run_evals(inputs.evals, built, inputs.tokenizer)
+        evals = {"search (best trial)": best.evals, "model/ (stock mergekit)": built_evals}
+        run.write_json("evals.json", evals | run.read_json("evals.json"))
     baselines = _score_baselines(session, objective, settings)
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
@@ -521,9 +580,26 @@ def run_search(
         plan,
         command,
         time.perf_counter() - started,
+        run.read_json("evals.json") if inputs.evals else None,
     )
     run.write_text("summary.md", summary)
     return run.path
+
+
+def _parallel_search(optimizer, session, model_refs, base_ref, data, settings, progress, finished):
+    """Trials on Dask workers (--workers / --scheduler), each with its own resident sources."""
+    from . import parallel
+
+    target = parallel.WorkerTrial(
+        [str(s.path) for s in session.inputs.sources],
+        str(session.inputs.base.path) if session.inputs.base else None,
+        {k: str(v) for k, v in session.inputs.files.items()},
+        settings,
+    )
+    with parallel.dask_client(settings.workers, settings.scheduler, settings.device) as client:
+        return parallel.run_parallel_search(
+            optimizer, target, client, settings.trials, session.run.append_trial, progress, finished
+        )
 
 
 def _write_budgets(run: RunDir, objective, fidelity: Fidelity) -> None:
@@ -725,6 +801,28 @@ def evaluation_options(function):
             ),
             click.option("--metric", "metrics", multiple=True, metavar="SPEC", help=METRIC_HELP),
             click.option(
+                "--eval",
+                "evals",
+                multiple=True,
+                metavar="lm-eval:TASK[,TASK]",
+                help="Also score lm-evaluation-harness tasks (optional extra: pip install "
+                "'automerge-mk[lm-eval]') on every trial scored on all validation tokens, the "
+                "sources, the baselines and the final model; recorded beside AP and PR "
+                "(trials.jsonl, evals.json, summary.md), not optimised.",
+            ),
+            click.option(
+                "--eval-arg",
+                "eval_arguments",
+                multiple=True,
+                metavar="KEY=VALUE",
+                callback=lambda _, __, pairs: {
+                    k: _parse_value(v) for k, v in _key_values(pairs, "--eval-arg").items()
+                },
+                help="Passed through to lm_eval.simple_evaluate, e.g. --eval-arg limit=100 "
+                "--eval-arg num_fewshot=0 --eval-arg batch_size=8; include_path=FOLDER adds "
+                "your own task YAMLs. Repeatable; unknown keys are refused.",
+            ),
+            click.option(
                 "--eval-dtype",
                 type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                 default="auto",
@@ -809,6 +907,21 @@ def _add_search_options(function, initial: int):
             "sorting again each trial: much faster ties trials for 4 bytes of memory per "
             "parameter per source model (about 1.1 GB for two 135M-parameter sources).",
         ),
+        click.option(
+            "--workers",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Run trials in parallel on a local Dask cluster of this many worker processes "
+            "(one per GPU, pinned with CUDA_VISIBLE_DEVICES, when --device is a GPU); each "
+            "loads the sources once and keeps them resident. 1: trials run in this process.",
+        ),
+        click.option(
+            "--scheduler",
+            metavar="tcp://HOST:PORT",
+            help="Run trials on the workers of an existing Dask cluster (e.g. dask-jobqueue on "
+            "SLURM, see the README); each worker loads the sources once.",
+        ),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     return evaluation_options(_with(function, options))
@@ -835,6 +948,8 @@ def _settings(
     warm_start,
     fidelity,
     optimizer,
+    workers,
+    scheduler,
     seed,
     eval_tokens,
     max_length,
@@ -844,6 +959,8 @@ def _settings(
     eval_dtype,
     trust_remote_code,
     metrics=(),
+    evals=(),
+    eval_arguments=None,
     text_column="text",
     dtype=None,
 ):
@@ -857,6 +974,8 @@ def _settings(
         warm_start=str(warm_start.resolve()) if warm_start else None,
         optimizer=optimizer,
         fidelity=_fidelity(fidelity),
+        workers=workers,
+        scheduler=scheduler,
         seed=seed,
         eval_tokens=eval_tokens,
         max_length=max_length,
@@ -867,6 +986,8 @@ def _settings(
         eval_dtype=eval_dtype,
         trust_remote_code=trust_remote_code,
         metrics=tuple(metrics),
+        evals=tuple(evals),
+        eval_arguments=eval_arguments or {},
         method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
     )
 

@@ -139,9 +139,11 @@ def summary_markdown(
     plan: MergePlan,
     reproduce: str,
     wall_seconds: float,
+    evals: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """The run's summary.md: what won, how it scores next to the sources, how to rebuild it."""
     failed = sum(t.status == "failed" for t in trials)
+    plugins = ["## Evaluation plug-ins (--eval)\n\n" + evals_table(evals)] if evals else []
     return (
         "\n\n".join(
             [
@@ -150,6 +152,7 @@ def summary_markdown(
                 f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time.",
                 "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
                 "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
+                *plugins,
                 "## Best recipe\n\n" + plan_table(plan),
                 "![best harmonic-mean AP so far vs trial](progress.png)",
                 f"Rebuild with plain mergekit:\n\n```\n{reproduce}\n```",
@@ -158,6 +161,16 @@ def summary_markdown(
         )
         + "\n"
     )
+
+
+def evals_table(rows: dict[str, dict[str, float]]) -> str:
+    """The evaluation plug-ins' scores (TASK/METRIC columns) of each row."""
+    columns = sorted({key for scores in rows.values() for key in scores})
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, scores in rows.items():
+        cells = [f"{scores[c]:.4g}" if c in scores else "-" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _pyplot():

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .engine import MergeEngine
 from .errors import MetricError, RunDirectoryError, SettingsError
 from .evaluate import Metric, TaskData, score_model, score_task, subset_task, with_preservation
+from .plugins import run_evals
 from .types import MergePlan, TaskScore, TrialResult, best_trial, budget_rank
 
 WORST_COST = 1.0  # cost = 1 - harmonic mean of AP, and the harmonic mean is never below 0
@@ -53,6 +54,7 @@ class Fidelity(NamedTuple):
         full = max(task.computed_tokens for task in tasks)
         low, high = spec
         high = high or full
+        # At least ETA**2 between them, or SMAC's Hyperband drops its lowest budget.
         low = low or max(1, high // cls.ETA**2)
         if high > full:
             raise SettingsError(
@@ -76,6 +78,7 @@ class MergeObjective:
         tokenizer: passed to user metrics.
         specialists: each task's own source folder, to score references on fewer tokens.
         seed: which subsets of the tasks lower budgets score.
+        evals: evaluation plug-ins (`--eval`), run on trials scored on all tokens.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class MergeObjective:
         tokenizer=None,
         specialists: dict[str, Path] | None = None,
         seed: int = 0,
+        evals: tuple = (),
     ):
         self.engine = engine
         self.tasks = tasks
@@ -97,9 +101,10 @@ class MergeObjective:
         self.tokenizer = tokenizer
         self.specialists = specialists or {}
         self.seed = seed
+        self.evals = evals
         self.levels: dict[int, tuple[list[TaskData], dict[str, TaskScore]]] = {}
 
-    def atbudget_rank(self, budget: int | None) -> tuple[list[TaskData], dict[str, TaskScore]]:
+    def at_budget(self, budget: int | None) -> tuple[list[TaskData], dict[str, TaskScore]]:
         """The tasks cut to `budget` tokens each, and their specialists' reference scores on
         exactly those examples (scored once per budget). None: all of the data."""
         if budget is None or all(budget >= task.computed_tokens for task in self.tasks):
@@ -120,7 +125,7 @@ class MergeObjective:
 
     def score(self, model, budget: int | None = None) -> tuple[dict[str, TaskScore], float]:
         """Scores of a model with AP and PR, and the harmonic mean of AP."""
-        tasks, references = self.atbudget_rank(budget)
+        tasks, references = self.at_budget(budget)
         scores = score_model(model, tasks, self.metrics, self.tokenizer)
         return with_preservation(scores, references, self.metrics)
 
@@ -132,13 +137,15 @@ class MergeObjective:
     ) -> TrialResult:
         """Merge a plan into the live model and score it on `budget` tokens per task (None:
         all); failures become failed results."""
-        tasks, _ = self.atbudget_rank(budget)  # references first: they use the live model too
+        tasks, _ = self.at_budget(budget)  # references first: they use the live model too
         spent = {"budget": budget, "computed_tokens": sum(task.computed_tokens for task in tasks)}
         started = time.perf_counter()
         try:
             model = self.engine.merge_into_model(plan)
             merge_seconds = time.perf_counter() - started
             scores, mean = self.score(model, budget)
+            full = tasks is self.tasks
+            evals = run_evals(self.evals, model, self.tokenizer) if full else {}
         # A kernel failure or a metric that fails on this merge fails this trial only.
         except (RuntimeError, ValueError, MetricError) as error:
             seconds = {"merge": time.perf_counter() - started}
@@ -158,6 +165,7 @@ class MergeObjective:
             harmonic_mean=mean,
             tasks=scores,
             seconds=seconds,
+            evals=evals,
             **spent,
         )
 
@@ -340,7 +348,7 @@ def run_search(
             # "record": SMAC's tell and building the line; the append + fsync follows it.
             seconds = {"ask": ask_seconds, **result.seconds}
             seconds["record"] = time.perf_counter() - recording
-            result = result.model_copy(update={"seconds": seconds})
+            result = result.model_copy(update={"seconds": seconds, "finished_at": time.time()})
             record(result)
         results.append(result)
         best = best_trial(results)
@@ -351,6 +359,19 @@ def run_search(
         )
         bar.update()
     bar.close()
+    return reevaluate_best(results, objective, fidelity, record, finished)
+
+
+def reevaluate_best(
+    results: list[TrialResult],
+    objective: Callable[..., TrialResult],
+    fidelity: Fidelity | None,
+    record: Callable[[TrialResult], None],
+    finished: Sequence[TrialResult] = (),
+) -> list[TrialResult]:
+    """With `fidelity`, a best trial whose highest budget is below all of the data is evaluated
+    on all of it once more, as one extra trial (taken from `finished` when a resumed run has
+    it already)."""
     best = best_trial(results)
     if fidelity and best and budget_rank(best) < fidelity.full:
         trial = len(results)
@@ -358,5 +379,5 @@ def run_search(
         if result is None:
             result = objective(best.config, trial, fidelity.full)
             record(result)
-        results.append(result)
+        results = [*results, result]
     return results

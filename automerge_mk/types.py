@@ -135,6 +135,9 @@ class TrialResult(Frozen):
     error: str | None = None
     budget: int | None = None  # validation tokens per task (multi-fidelity); None: all of them
     computed_tokens: int | None = None  # forward-pass positions over all tasks
+    evals: dict[str, float] = Field(default_factory=dict)  # evaluation plug-ins (--eval)
+    worker: dict[str, Any] | None = None  # the Dask worker that ran it: host, pid, loads
+    finished_at: float | None = None  # Unix time it was recorded
 
 
 def budget_rank(result: TrialResult) -> float:
@@ -178,6 +181,8 @@ class SearchSettings(Frozen):
     optimizer: Literal["smac", "random"] = "smac"
     warm_start: str | None = None  # an earlier run directory whose trials the optimiser is told
     seed: int = 0
+    workers: int = 1  # Dask worker processes on this machine (1: trials run in this process)
+    scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask cluster
     eval_tokens: int | None = None
     # Multi-fidelity (--fidelity tokens[:MIN:MAX]): Hyperband over validation tokens per task;
     # (None, None) takes the defaults MAX = all of them, MIN = MAX / 9.
@@ -185,6 +190,8 @@ class SearchSettings(Frozen):
     max_length: int = 512
     text_column: str = "text"
     metrics: tuple[str, ...] = ()  # NAME=module:function[:min] specs or built-in names
+    evals: tuple[str, ...] = ()  # evaluation plug-ins: lm-eval:TASK[,TASK]
+    eval_arguments: dict[str, Any] = Field(default_factory=dict)  # passed through to them
     dtype: str | None = None
     device: str = "cpu"
     cache_order: bool = True
@@ -210,6 +217,11 @@ class SearchSettings(Frozen):
         low, high = self.fidelity or (None, None)
         if (low is not None and low < 1) or (low and high and not low < high):
             raise ValueError(f"--fidelity tokens:{low}:{high}: give 0 < MIN < MAX")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.scheduler and self.workers > 1:
+            raise ValueError("--workers starts a local cluster; with --scheduler the cluster's "
+                             "workers are used: give one of them")  # fmt: skip
         if self.fidelity and self.optimizer == "random":
             raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
         return self

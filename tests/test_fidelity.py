@@ -48,7 +48,7 @@ def test_most_trials_run_on_few_tokens_and_the_result_on_all_of_them(fidelity_ru
     assert (high, low) == (full, full // 9)
     assert len(trials) == TRIALS  # the highest budget is all of the data: no re-evaluation
     used = sorted({t["budget"] for t in trials})
-    assert used == [low, round(full / 3), full]  # Hyperband's three budgets, eta 3
+    assert used == [round(full / 9), round(full / 3), full]  # Hyperband's budgets, eta 3
     assert sum(t["budget"] == low for t in trials) > TRIALS / 2
     full_trial = max(t["computed_tokens"] for t in trials)
     assert sum(t["computed_tokens"] for t in trials) < 0.6 * TRIALS * full_trial
@@ -56,6 +56,20 @@ def test_most_trials_run_on_few_tokens_and_the_result_on_all_of_them(fidelity_ru
     at_full = [t for t in trials if t["budget"] == full]
     assert best["budget"] == full
     assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in at_full)
+
+
+def test_default_budgets_give_hyperband_all_three_levels():
+    """MIN = MAX/9 rounded up (3014 -> 335) made SMAC see a ratio just under 9 and drop to two
+    budgets; the default must keep three for every data size."""
+    from smac.intensifier.successive_halving import SuccessiveHalving
+
+    from automerge_mk.evaluate import TaskData
+    from automerge_mk.search import Fidelity
+
+    for full in range(20, 6000, 7):
+        task = TaskData(name="t", sequences=((1,) * full,), pad_id=0, indices=(0,))
+        low, high, _ = Fidelity.resolve((None, None), [task])
+        assert SuccessiveHalving._get_max_iterations(3, high, low) == 2, full
 
 
 def test_a_low_budget_trial_is_scored_against_the_specialists_on_the_same_examples(

@@ -1,0 +1,107 @@
+"""Parallel search on a local Dask cluster (real worker processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from automerge_mk.cli import main
+
+TRIALS = 12
+
+
+def _search(demo_models, out: Path, *extra: str):
+    names = list(demo_models.specialists)
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet", "--seed", "0"]
+    arguments += ["--trials", str(TRIALS), "--initial", "6", "--workers", "2", *extra]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    return CliRunner().invoke(main, arguments)
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def test_two_workers_share_the_trials_and_each_loads_the_sources_once(demo_models, tmp_path):
+    out = tmp_path / "run"
+    result = _search(demo_models, out)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    trials = _lines(out / "trials.jsonl")
+    assert sorted(t["trial"] for t in trials) == list(range(TRIALS))  # each exactly once
+    assert len({json.dumps(t["config"], sort_keys=True) for t in trials}) == TRIALS
+    workers = {t["worker"]["pid"] for t in trials}
+    assert len(workers) == 2 and os.getpid() not in workers
+    # The sources were loaded once per worker process, not per trial.
+    assert {t["worker"]["loads"] for t in trials} == {1}
+    assert all(t["status"] == "ok" for t in trials)
+    best = json.loads((out / "best.json").read_text())
+    final = json.loads((out / "final.json").read_text())
+    assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in trials)
+    assert abs(final["harmonic_mean"] - best["harmonic_mean"]) < 1e-5 * best["harmonic_mean"]
+
+
+def test_a_worker_killed_mid_search_loses_no_trial(demo_models, tmp_path):
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            trials = _lines(out / "trials.jsonl")
+            if len(trials) >= 2:  # both workers are busy with their next trials by now
+                killed.append(trials[-1]["worker"]["pid"])
+                os.kill(killed[0], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    result = _search(demo_models, out)
+    killer.join()
+    assert killed, "no trial finished in time to kill its worker"
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    trials = _lines(out / "trials.jsonl")
+    assert sorted(t["trial"] for t in trials) == list(range(TRIALS))
+    # The killed worker's trial was run again elsewhere; the nanny restarted the worker, whose
+    # new process loaded the sources once for itself.
+    pids = [t["worker"]["pid"] for t in trials if t["worker"]]
+    after = pids[pids.index(killed[0]) + 1 :] if killed[0] in pids else pids
+    assert killed[0] not in after
+    assert all(t["worker"]["loads"] == 1 for t in trials if t["worker"])
+    assert (out / "best.json").exists() and (out / "model" / "config.json").exists()
+
+
+def test_an_existing_cluster_runs_the_trials_through_scheduler(demo_models, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None, processes=True) as cluster:  # fmt: skip
+        out = tmp_path / "run"
+        names = list(demo_models.specialists)
+        arguments = ["search", *(str(demo_models.specialists[n]) for n in names), "--quiet"]
+        arguments += ["--base", str(demo_models.base), "--out", str(out), "--trials", "6"]
+        arguments += ["--initial", "4", "--scheduler", cluster.scheduler_address]
+        for name in names:
+            arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+        result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    trials = _lines(out / "trials.jsonl")
+    assert sorted(t["trial"] for t in trials) == list(range(6))
+    pids = {t["worker"]["pid"] for t in trials}
+    assert len(pids) == 1 and os.getpid() not in pids  # the cluster's one worker ran them
+
+
+def test_workers_and_scheduler_together_are_refused(demo_models, tmp_path):
+    result = _search(demo_models, tmp_path / "run", "--scheduler", "tcp://127.0.0.1:1")
+    assert result.exit_code != 0 and "give one of them" in result.output
+    assert not (tmp_path / "run").exists()
