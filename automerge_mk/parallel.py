@@ -112,7 +112,11 @@ def _worker_specs(workers: int, device: str) -> dict:
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     specs = {}
     for index in range(workers):
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env = {
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "DASK_LOGGING__DISTRIBUTED": "error",
+        }
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index)
         specs[index] = {"cls": Nanny, "options": {"nthreads": 1, "env": env}}
@@ -191,7 +195,7 @@ def run_parallel_search(
         )
         optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
     results = list(finished)
-    asked: dict[TrialInfo, float] = {}
+    asked: dict[str, float] = {}
     submitted = len(results)
     bar = tqdm(
         total=trials, initial=len(results), desc="search", unit="trial", disable=not progress
@@ -201,12 +205,12 @@ def run_parallel_search(
         while submitted < trials and runner.count_available_workers() > 0:
             start = time.perf_counter()
             info = _ask(optimizer)
-            asked[info] = time.perf_counter() - start
+            asked[_key(info)] = time.perf_counter() - start
             runner.submit_trial(info)
             submitted += 1
         runner.wait()
         for info, value in runner.iter_results():
-            result = _result(info, value, len(results), asked.pop(info, 0.0))
+            result = _result(info, value, len(results), asked.pop(_key(info), 0.0))
             result = result.model_copy(update={"finished_at": time.time()})
             optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
             record(result)
@@ -219,6 +223,11 @@ def run_parallel_search(
             bar.update()
     bar.close()
     return results
+
+
+def _key(info: TrialInfo) -> str:
+    """A trial's identity across the trip to a worker and back (TrialInfo is not hashable)."""
+    return json.dumps([dict(info.config), info.budget], sort_keys=True, default=str)
 
 
 def _required(optimizer: AbstractFacade) -> list[str]:

@@ -2,8 +2,9 @@
 
     python scripts/bench_parallel.py [--models benchmark|demo] [--trials 16] [--workers 1,2]
 
-Runs the same per-block search (seed 0, the same trial count) with `--workers 1`, `--workers 2`
-…: a local Dask cluster of that many single-threaded worker processes, each holding its own
+Runs the same per-block search (seed 0, the same trial count) with `--workers 1` (trials in the
+search's own process, all cores to torch: what a user gets without Dask) and `--workers 2` …:
+a local Dask cluster of that many single-threaded worker processes, each holding its own
 resident sources (torch threads per worker = cores / workers). Throughput is measured in the
 steady state, from the first recorded trial to the last (worker start-up, loading the sources
 and scoring the specialists come before that and are reported apart as the wall time). On
@@ -64,8 +65,9 @@ def run_step(kind: str, workers: int, args) -> dict:
         "steady_s": stamps[-1] - stamps[0],
         "trials_per_min": 60 * (len(trials) - 1) / (stamps[-1] - stamps[0]),
         "wall_s": wall,
-        "pids": sorted({t["worker"]["pid"] for t in trials}),
-        "loads": sorted({t["worker"]["loads"] for t in trials}),
+        # --workers 1 runs trials in this process, which loaded the sources once.
+        "pids": sorted({t["worker"]["pid"] if t["worker"] else os.getpid() for t in trials}),
+        "loads": sorted({t["worker"]["loads"] if t["worker"] else 1 for t in trials}),
         "best_H": max(t["harmonic_mean"] for t in trials),
         "mean_trial_s": {
             k: sum(t["seconds"].get(k, 0) for t in trials) / len(trials)
@@ -105,7 +107,8 @@ Models: {kind} ({
     }), per-block search (layers:4), {args.trials} trials,
 {args.initial} initial, seed 0, --eval-tokens {args.eval_tokens}. Machine: {cpus} CPU cores,
 {platform.processor() or platform.machine()}, no GPU; each worker is one process with one Dask
-thread and {cpus} / workers torch threads.
+thread and {cpus} / workers torch threads; `--workers 1` runs trials in the search's own process
+with all {cpus} cores.
 
 {chr(10).join(lines)}
 
