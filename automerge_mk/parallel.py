@@ -28,7 +28,7 @@ from smac.runner.target_function_runner import TargetFunctionRunner
 from tqdm.auto import tqdm
 
 from .errors import SettingsError
-from .search import WORST_COST, _ask, _failed
+from .search import WORST_COST, _ask, _failed, trial_value
 from .types import SearchSettings, TrialResult, best_trial
 
 # Per worker process: the objective (engine with resident sources, tasks, references) of each
@@ -193,7 +193,7 @@ def run_parallel_search(
             seed=0,
             budget=result.budget,
         )
-        optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
+        optimizer.tell(info, trial_value(result))
     results = list(finished)
     asked: dict[str, float] = {}
     submitted = len(results)
@@ -212,7 +212,7 @@ def run_parallel_search(
         for info, value in runner.iter_results():
             result = _result(info, value, len(results), asked.pop(_key(info), 0.0))
             result = result.model_copy(update={"finished_at": time.time()})
-            optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
+            optimizer.tell(info, trial_value(result))
             record(result)
             results.append(result)
             best = best_trial(results)

@@ -269,6 +269,11 @@ def check_same_space(earlier: ConfigurationSpace, current: ConfigurationSpace, w
     )
 
 
+def trial_value(result: TrialResult) -> TrialValue:
+    """What SMAC is told of a recorded trial: its cost and the seconds it took."""
+    return TrialValue(cost=result.cost, time=sum(result.seconds.values()))
+
+
 def warm_start(
     optimizer: AbstractFacade,
     space: ConfigurationSpace,
@@ -289,7 +294,7 @@ def warm_start(
             seed=0,
             budget=fidelity.high if fidelity else None,
         )
-        optimizer.tell(info, TrialValue(cost=trial.cost, time=sum(trial.seconds.values())))
+        optimizer.tell(info, trial_value(trial))
 
 
 def _ask(optimizer: AbstractFacade):
@@ -343,7 +348,7 @@ def run_search(
         else:
             result = objective(config, trial, budget)
         recording = time.perf_counter()
-        optimizer.tell(info, TrialValue(cost=result.cost, time=sum(result.seconds.values())))
+        optimizer.tell(info, trial_value(result))
         if trial >= len(finished):
             # "record": SMAC's tell and building the line; the append + fsync follows it.
             seconds = {"ask": ask_seconds, **result.seconds}
