@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,6 +20,7 @@ from .errors import (
     NoSuccessfulTrialError,
     RunDirectoryError,
     SettingsError,
+    StorageError,
 )
 from .types import (
     METRIC_HELP,
@@ -102,9 +105,13 @@ def _key_values(pairs: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def _parse_value(text: str):
+    """A --set / --eval-arg value as safe YAML: numbers, booleans, strings, lists."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
+        raise click.BadParameter(f"{text!r} is not a plain YAML value ({error})") from None
 
 
 def _data_files(data: dict[str, str], sources: list[SourceModel]) -> dict[str, Path]:
@@ -181,13 +188,16 @@ def _check_inputs(
         raise SettingsError(f"--metric names repeat: {', '.join(m.name for m in metrics)}")
     evals = plugins.parse_evals(settings.evals, settings.eval_arguments)
     trust = settings.trust_remote_code
-    sources = [hub.resolve_model(ref, trust_remote_code=trust) for ref in model_refs]
+    resolve = partial(
+        hub.resolve_model, trust_remote_code=trust, allow_pickle=settings.allow_pickle_weights
+    )
+    sources = [resolve(ref) for ref in model_refs]
     if len({s.name for s in sources}) < len(sources):
         raise ModelReferenceError(
             f"source models share a name ({', '.join(s.name for s in sources)}); "
             "--data needs distinct folder or repo names"
         )
-    base = hub.resolve_model(base_ref, trust_remote_code=trust) if base_ref else None
+    base = resolve(base_ref) if base_ref else None
     files = _data_files(data, sources)
     rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).path
@@ -195,7 +205,7 @@ def _check_inputs(
     dtype = settings.dtype or _model_dtype(reference_model)
     check_dtype(dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(reference_model))
+        tokenizer = AutoTokenizer.from_pretrained(str(reference_model), trust_remote_code=trust)
     except Exception as error:
         raise ModelReferenceError(
             f"cannot load a tokenizer from {reference_model}: {error}"
@@ -219,7 +229,7 @@ def _check_inputs(
             "free-form answers"
         )
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
-    blocks = segment.segment_model(reference_model, settings.strategy)  # meta device: cheap
+    blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources))
     return _Inputs(
         sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm, fidelity, evals
@@ -317,6 +327,18 @@ class _Session:
         )  # fmt: skip
 
 
+def _check_space(inputs: _Inputs, out: Path, replacing: bool) -> None:
+    """Refuse to start when `out` cannot hold the merged model (about one source's weights,
+    plus a margin for the run's files), instead of failing at the end of the search."""
+    from .hub import weight_files
+    from .rundir import check_space
+
+    model = sum(f.stat().st_size for f in weight_files(inputs.reference_model))
+    freed = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if replacing else 0
+    # The build writes model.partial beside an earlier model/ and replaces it at the end.
+    check_space(out, needed=model + 64 * 2**20, freed=freed)
+
+
 def _load_sources(inputs: _Inputs, settings: SearchSettings):
     """The engine with the sources resident, and each source's scores on every task (each
     specialist's on its own task are the reference of AP and PR)."""
@@ -331,6 +353,7 @@ def _load_sources(inputs: _Inputs, settings: SearchSettings):
         device=settings.device,
         cache_order=settings.cache_order,
         eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
+        trust_remote_code=settings.trust_remote_code,
     )
     raw = {
         s.name: evaluate.score_model(
@@ -389,6 +412,7 @@ def _open_session(
     if not resume:
         RunDir.check_free(out, overwrite)
     inputs = _check_inputs(model_refs, base_ref, data, settings)
+    _check_space(inputs, out, overwrite and not resume)
 
     # --- expensive work from here on ---
     run = RunDir.reopen(out) if resume else RunDir.create(out, overwrite)
@@ -548,13 +572,15 @@ def run_search(
     recipe_file = run.write_text("recipe.yaml", recipe.recipe_text(plan, pinned, command))
     run.write_json("best.json", best.model_dump(mode="json") | {"recipe": "recipe.yaml"})
 
-    recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device)
+    code = inputs.reference_model if settings.trust_remote_code else None
+    recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device, code)
     from transformers import AutoModelForCausalLM
 
     # Scored in the live model's dtype, so the only difference to the trial could be the merge.
     built = AutoModelForCausalLM.from_pretrained(
-        str(run.path / "model"), dtype=engine.model.dtype
-    ).to(engine.device)
+        str(run.path / "model"), dtype=engine.model.dtype,
+        trust_remote_code=settings.trust_remote_code,
+    ).to(engine.device)  # fmt: skip
     final = objective.score(built)
     run.write_json("final.json", report.scored_json(*final))
     if inputs.evals:
@@ -797,7 +823,15 @@ def evaluation_options(function):
                 "--trust-remote-code",
                 is_flag=True,
                 help="Accept models whose config needs code from their repository (off: such "
-                "models are refused). Only for repositories you trust.",
+                "models are refused and no code of theirs is downloaded or run). Only for "
+                "repositories you trust.",
+            ),
+            click.option(
+                "--allow-pickle-weights",
+                is_flag=True,
+                help="Accept models that have only pickled pytorch_model*.bin weights (off: "
+                "safetensors only). They are read with torch's weights-only unpickler, but a "
+                "pickle is still code: only for models you trust.",
             ),
             click.option("--metric", "metrics", multiple=True, metavar="SPEC", help=METRIC_HELP),
             click.option(
@@ -958,6 +992,7 @@ def _settings(
     cache_order,
     eval_dtype,
     trust_remote_code,
+    allow_pickle_weights,
     metrics=(),
     evals=(),
     eval_arguments=None,
@@ -985,6 +1020,7 @@ def _settings(
         cache_order=cache_order,
         eval_dtype=eval_dtype,
         trust_remote_code=trust_remote_code,
+        allow_pickle_weights=allow_pickle_weights,
         metrics=tuple(metrics),
         evals=tuple(evals),
         eval_arguments=eval_arguments or {},
@@ -1049,13 +1085,44 @@ def search_command(
     else:
         model_refs, files = list(models), _key_values(data, "--data")
         settings = _settings(trials, text_column=text_column, dtype=dtype, **options)
-    run = run_search(
-        model_refs, base, files, settings, out, overwrite, progress=not quiet, resume=bool(resume)
-    )
+    with _resumable(out):
+        run = run_search(model_refs, base, files, settings, out, overwrite, progress=not quiet,
+                         resume=bool(resume))  # fmt: skip
     click.echo((run / "summary.md").read_text())
     click.echo(f"Run directory: {run}")
     if push_to:
         _push(run, push_to, private, branch)
+
+
+@contextmanager
+def _resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C or a full disk stops a search with one message saying how to go on.
+
+    Every finished trial is already in trials.jsonl (appended and fsynced one by one); only the
+    trial being evaluated is dropped, and `--resume` runs it again.
+    """
+    from .rundir import RunDir
+
+    run, started = out.resolve(), time.time()
+
+    def this_run() -> bool:  # not an earlier run that --overwrite has not replaced yet
+        settings = run / "settings.json"
+        return settings.is_file() and settings.stat().st_mtime >= started - 1
+
+    follow = f"continue with: automerge-mk search --resume {run}"
+    try:
+        yield
+    except KeyboardInterrupt:
+        if this_run():
+            count = len(RunDir(run).trials())
+            click.echo(f"\nInterrupted: {count} finished trials are saved in {run}; {follow}",
+                       err=True)  # fmt: skip
+        else:
+            click.echo("\nInterrupted before the search started; nothing was written.", err=True)
+        raise SystemExit(130) from None
+    except StorageError as error:
+        hint = f"; {follow}" if this_run() else ""
+        raise click.ClickException(f"StorageError: {error}{hint}") from None
 
 
 def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
@@ -1134,14 +1201,15 @@ def demo(out, trials, quiet, **options) -> None:
     settings = _settings(trials, **options)
     models = build_demo_models(out / "models", seed=settings.seed, progress=not quiet)
     names = list(models.specialists)
-    run = run_search(
-        [str(models.specialists[n]) for n in names],
-        str(models.base),
-        {n: str(models.validation[n]) for n in names},
-        settings,
-        out / "run",
-        overwrite=True,
-        progress=not quiet,
-    )
+    with _resumable(out / "run"):
+        run = run_search(
+            [str(models.specialists[n]) for n in names],
+            str(models.base),
+            {n: str(models.validation[n]) for n in names},
+            settings,
+            out / "run",
+            overwrite=True,
+            progress=not quiet,
+        )
     click.echo((run / "summary.md").read_text())
     click.echo(f"Run directory: {run}")

@@ -41,10 +41,10 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import ModelReferenceError, SettingsError
+from .hub import open_weights, weight_files
 from .recipe import plan_documents
 from .segment import load_config, merge_tensor_keys
 from .space import SOURCE_AS_BASE, method_accepts, uses_base
@@ -59,6 +59,13 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def release_memory(device: str) -> None:
+    """Return a failed trial's cached GPU blocks, so the next trial starts with the memory the
+    resident sources leave free rather than failing too."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def check_device(device: str) -> None:
@@ -107,25 +114,25 @@ def load_merge_tensors(
         ModelReferenceError: naming a file that cannot be read.
     """
     where: dict[str, Path] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for file in weight_files(folder):
         try:
-            with safe_open(str(shard), framework="pt") as reader:
-                where.update(dict.fromkeys(reader.keys(), shard))
+            with open_weights(file) as shard:
+                where.update(dict.fromkeys(shard.names(), file))
         except Exception as error:
-            raise ModelReferenceError(f"cannot read weights {shard}: {error}") from error
+            raise ModelReferenceError(f"cannot read weights {file}: {error}") from error
     tensors: Tensors = {}
-    for shard in dict.fromkeys(where.values()):
-        wanted = {name: key for name, key in keys.items() if where.get(key) == shard}
+    for file in dict.fromkeys(where.values()):
+        wanted = {name: key for name, key in keys.items() if where.get(key) == file}
         try:
-            with safe_open(str(shard), framework="pt", device="cpu") as reader:
+            with open_weights(file) as shard:
                 for name, key in wanted.items():
                     # The same cast as mergekit's LoadTensor (`x.to(dtype)`); copy=True so the
                     # tensor owns its memory instead of viewing the memory-mapped file, which a
                     # later rewrite of the file or page-cache eviction would reach into.
-                    tensor = reader.get_tensor(key)
+                    tensor = shard.tensor(key)
                     tensors[name] = tensor.to(dtype=dtype, device=device, copy=True)
         except Exception as error:
-            raise ModelReferenceError(f"cannot read weights {shard}: {error}") from error
+            raise ModelReferenceError(f"cannot read weights {file}: {error}") from error
     missing = [name for name, key in keys.items() if key not in where]
     if missing:
         raise ModelReferenceError(f"{folder} lacks tensors {missing[:3]}")
@@ -233,18 +240,20 @@ class MergeEngine:
         device: str = "cpu",
         cache_order: bool = True,
         eval_dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
     ):
         self.device = resolve_device(device)
+        self.trust_remote_code = trust_remote_code
         self.source_folders = [Path(s) for s in sources]
         self.base_folder = Path(base) if base else None
-        self.keys = merge_tensor_keys(live_model, load_config(live_model))
+        self.keys = merge_tensor_keys(live_model, load_config(live_model, trust_remote_code))
         merge_dtype = dtype_from_name(dtype)
         self.resident: dict[Path, Tensors] = {
             folder: load_merge_tensors(folder, self.keys, merge_dtype, self.device)
             for folder in dict.fromkeys(self.source_folders + [self.base_folder] * bool(base))
         }
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            str(live_model), dtype=eval_dtype
+            str(live_model), dtype=eval_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         self._parameters = dict(self.model.named_parameters())
@@ -288,7 +297,7 @@ class MergeEngine:
             verbosity = transformers.logging.get_verbosity()
             transformers.logging.set_verbosity_error()  # mergekit sets the deprecated torch_dtype
             try:
-                out_config = _model_out_config(config, arch_info, trust_remote_code=False)
+                out_config = _model_out_config(config, arch_info, self.trust_remote_code)
             finally:
                 transformers.logging.set_verbosity(verbosity)
             planner = MergePlanner(config, arch_info, options, out_model_config=out_config)

@@ -41,6 +41,11 @@ class RunDirectoryError(AutomergeError):
     """A run directory lacks what a step needs (e.g. `push` before the model was built)."""
 
 
+class StorageError(AutomergeError):
+    """A write failed or would fail for lack of space (disk full, quota, file size limit);
+    everything saved before it is intact."""
+
+
 class PublishError(AutomergeError):
     """An upload to the Hub failed; the run directory is intact and the push can be retried."""
 

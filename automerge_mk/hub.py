@@ -11,29 +11,43 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ModelReferenceError, PublishError, RunDirectoryError
 from .types import SourceModel
 
-# What a merge and the evaluator read; no pickled weights, no remote code.
+# What a merge and the evaluator read: no code (*.py) and, unless opted in, no pickles.
 MERGE_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+PICKLED_WEIGHTS = "pytorch_model*.bin"
+# A Hub id's parts, a revision's and a shard's name: no `..`, no absolute or nested paths,
+# since each becomes part of a path in the Hub cache or the model folder.
+_NAME = r"(?!\.\.?$)[\w.-]+"
+_HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")
+_REVISION = re.compile(rf"^{_NAME}(/{_NAME})*$")
+_SHARD = re.compile(rf"^{_NAME}$")
 
 
-def resolve_model(reference: str, trust_remote_code: bool = False) -> SourceModel:
+def resolve_model(
+    reference: str, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> SourceModel:
     """Resolve a folder or `org/name[@revision]` to a local folder with config and weights.
 
     Args:
         reference: a local folder, or a Hub id with an optional `@revision`.
         trust_remote_code: allow configs that need code from the repository.
+        allow_pickle: accept pickled `pytorch_model*.bin` weights when a model has no
+            safetensors (read with torch's weights-only unpickler).
 
     Returns:
         The resolved model; Hub models carry their repo id and commit sha.
 
     Raises:
-        ModelReferenceError: when the reference is neither, cannot be downloaded, has no
-            safetensors weights, or needs remote code without `trust_remote_code`.
+        ModelReferenceError: when the reference is neither, names a path outside its folder,
+            cannot be downloaded, has no readable weights (naming the damaged file), has only
+            pickled weights without `allow_pickle`, or needs remote code without
+            `trust_remote_code`.
     """
     folder = Path(reference).expanduser()
     if folder.is_dir():
@@ -44,21 +58,35 @@ def resolve_model(reference: str, trust_remote_code: bool = False) -> SourceMode
             raise ModelReferenceError(
                 f"{reference!r} is neither an existing folder nor a Hub id like org/name[@rev]"
             )
-        model = _download(reference, repo_id, revision or None)
-    _check_folder(model, trust_remote_code)
+        if revision and not _REVISION.match(revision):
+            raise ModelReferenceError(
+                f"{reference!r}: {revision!r} is not a branch, tag or commit (no '..', no "
+                "leading '/')"
+            )
+        files = MERGE_FILES + [PICKLED_WEIGHTS] * allow_pickle + ["*.py"] * trust_remote_code
+        model = _download(reference, repo_id, revision or None, files)
+    _check_folder(model, trust_remote_code, allow_pickle)
     return model
 
 
-def _download(reference: str, repo_id: str, revision: str | None) -> SourceModel:
+def redact(text: str, token: str | None = None) -> str:
+    """`text` with the Hub token (given, HF_TOKEN or the stored login) replaced by ***: a
+    server or proxy may quote request headers in the error messages we pass on."""
+    from huggingface_hub import get_token
+
+    for secret in {token, get_token()} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _download(reference: str, repo_id: str, revision: str | None, files: list[str]) -> SourceModel:
     from huggingface_hub import snapshot_download  # deferred: only Hub ids need it
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     # HF_ENDPOINT / HF_HUB_CACHE are read here, not only when huggingface_hub was imported.
     where = {"endpoint": os.environ.get("HF_ENDPOINT"), "cache_dir": os.environ.get("HF_HUB_CACHE")}
     try:
-        path = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=MERGE_FILES, **where)
-        )
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, **where))
     except LocalEntryNotFoundError:
         raise ModelReferenceError(
             f"{reference} is not in the local Hugging Face cache and the Hub cannot be reached "
@@ -97,7 +125,7 @@ def _download_by_name(reference: str, repo_id: str, revision: str | None, where:
         except Exception as error:  # noqa: BLE001 - any refusal of an optional file is fine
             if required:
                 raise ModelReferenceError(
-                    f"cannot fetch {name} of {reference}: {type(error).__name__}: {error}"
+                    redact(f"cannot fetch {name} of {reference}: {type(error).__name__}: {error}")
                 ) from None
             return None
 
@@ -106,6 +134,8 @@ def _download_by_name(reference: str, repo_id: str, revision: str | None, where:
     if index is not None:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         for shard in shards:
+            if not _SHARD.match(shard):  # a hostile index must not fetch to outside the cache
+                raise ModelReferenceError(f"{reference}: shard name {shard!r} is not a file name")
             fetch(shard, required=True)
     else:
         fetch("model.safetensors", required=True)
@@ -122,7 +152,7 @@ def _download_by_name(reference: str, repo_id: str, revision: str | None, where:
     return config.parent
 
 
-def _check_folder(model: SourceModel, trust_remote_code: bool) -> None:
+def _check_folder(model: SourceModel, trust_remote_code: bool, allow_pickle: bool) -> None:
     config = model.path / "config.json"
     if not config.is_file():
         raise ModelReferenceError(f"{model.reference}: no config.json in {model.path}")
@@ -130,16 +160,99 @@ def _check_folder(model: SourceModel, trust_remote_code: bool) -> None:
         data = json.loads(config.read_text())
     except (OSError, ValueError) as error:
         raise ModelReferenceError(f"{model.reference}: unreadable config.json: {error}") from error
+    if not isinstance(data, dict):
+        raise ModelReferenceError(f"{model.reference}: config.json is not a JSON object")
     if "auto_map" in data and not trust_remote_code:
         raise ModelReferenceError(
             f"{model.reference} needs code from its repository (auto_map in config.json); "
             "pass --trust-remote-code only if you trust it"
         )
-    if not any(model.path.glob("*.safetensors")):
+    files = weight_files(model.path)
+    if not files:
+        raise ModelReferenceError(f"{model.reference}: no *.safetensors weights in {model.path}")
+    if files[0].suffix == ".bin" and not allow_pickle:
         raise ModelReferenceError(
-            f"{model.reference}: no *.safetensors weights in {model.path} (pickled .bin weights "
-            "are not loaded; convert with save_pretrained(..., safe_serialization=True))"
+            f"{model.reference} has only pickled weights ({files[0].name}), which can run code "
+            "when loaded; convert them with save_pretrained(..., safe_serialization=True), or "
+            "pass --allow-pickle-weights if you trust the model (read with torch's "
+            "weights-only unpickler)"
         )
+    _check_index(model, files)
+    for file in files:
+        check_weights(file)
+
+
+def _check_index(model: SourceModel, files: list[Path]) -> None:
+    """Every shard an index names is a plain file name (nothing outside the folder), and the
+    index of the weights in use names only files that exist."""
+    in_use = "model.safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
+    for index in sorted(model.path.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelReferenceError(f"unreadable shard index {index}: {error!r}") from None
+        for shard in sorted(shards, key=str):
+            if not isinstance(shard, str) or not _SHARD.match(shard):
+                raise ModelReferenceError(
+                    f"{index} names {shard!r} as a shard; shards must be files of {model.path}"
+                )
+            if index.name == f"{in_use}.index.json" and not (model.path / shard).is_file():
+                raise ModelReferenceError(f"{index} names {shard}, which is missing")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's weight shards: its safetensors, else its pickled .bin files."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob(PICKLED_WEIGHTS))
+
+
+def check_weights(file: Path) -> None:
+    """Check that a weight shard opens: a complete safetensors header that covers the whole
+    file (safetensors checks both), or a pickle archive torch's weights-only loader accepts.
+
+    Raises:
+        ModelReferenceError: naming the file, when it is damaged or truncated.
+    """
+    try:
+        with open_weights(file):
+            pass
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types
+        raise ModelReferenceError(
+            f"damaged or truncated weights file {file} ({error}); download or copy it again"
+        ) from None
+
+
+class WeightShard:
+    """Read access to one weight file by tensor name: `names`, `shape`, `tensor`."""
+
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if hasattr(self._tensors, "get_slice"):  # safetensors: from the header, no data read
+            return tuple(self._tensors.get_slice(name).get_shape())
+        return tuple(self._tensors[name].shape)
+
+    def tensor(self, name: str):
+        if hasattr(self._tensors, "get_tensor"):
+            return self._tensors.get_tensor(name)
+        return self._tensors[name]
+
+
+@contextmanager
+def open_weights(file: Path) -> Iterator[WeightShard]:
+    """One weight shard, memory-mapped: safetensors, or a pickled .bin read with torch's
+    weights-only unpickler (plain tensors and containers; anything else is refused)."""
+    import torch
+    from safetensors import safe_open
+
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt", device="cpu") as reader:
+            yield WeightShard(reader)
+    else:
+        yield WeightShard(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
 
 
 # --- publishing ---------------------------------------------------------------------------
@@ -335,9 +448,7 @@ def publish(
             revision=branch,
         )
     except Exception as error:  # huggingface_hub and httpx raise many types for one cause
-        message = f"{type(error).__name__}: {error}"
-        if token:
-            message = message.replace(token, "***")
+        message = redact(f"{type(error).__name__}: {error}", token)
         raise PublishError(
             f"upload of {run_dir} to {repo_id} failed ({message}). The run directory is "
             f"unchanged; retry with: automerge-mk push {run_dir} {repo_id}"

@@ -10,6 +10,7 @@ intermediate (mergekit-multi writes only the unnamed document to `--out-path`).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 from mergekit.merge_methods import registry
 
-from .errors import RecipeError
+from .errors import RecipeError, StorageError
 from .space import SOURCE_AS_BASE, is_sparsifying, method_accepts, uses_base
 from .types import MergePlan
 
@@ -162,18 +163,32 @@ def check_document_parameters(document: Mapping[str, Any]) -> None:
 
 
 def load_recipe(text: str) -> list[dict[str, Any]]:
-    """Parse a recipe with safe YAML and check every document's parameter keys.
+    """Parse a recipe with safe YAML (no tags that build objects or run code), validate every
+    document with mergekit's own MergeConfiguration, and check its parameter keys.
 
     Raises:
-        RecipeError: when the text is not a list of mapping documents or has unknown keys.
+        RecipeError: when the text is not YAML, not one or more mapping documents, not a
+            mergekit configuration, or has unknown parameter keys.
     """
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe is not valid YAML: {error}") from error
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as error:
+        raise RecipeError(f"recipe is not valid YAML: {error}") from None
     if not documents or not all(isinstance(d, dict) for d in documents):
         raise RecipeError("a recipe holds one or more YAML mapping documents")
-    for document in documents:
+    for number, document in enumerate(documents, 1):
+        try:
+            MergeConfiguration.model_validate(document)
+        except (ValidationError, ValueError, TypeError, RecursionError) as error:
+            first = error.errors()[0] if isinstance(error, ValidationError) else {}
+            where = ".".join(map(str, first.get("loc", ()))) or "?"
+            raise RecipeError(
+                f"recipe document {number} is not a mergekit configuration ({where}: "
+                f"{first.get('msg', error)})"
+            ) from None
         check_document_parameters(document)
     return documents
 
@@ -186,14 +201,27 @@ def _mergekit_script(name: str) -> str:
     return found
 
 
-def build_with_mergekit(recipe: Path, out: Path, seed: int | None, device: str = "cpu") -> None:
+# How a failed write for lack of space reads in mergekit's output (Python's OSError, or the
+# Rust io::Error of safetensors): ENOSPC, EDQUOT, EFBIG.
+_NO_SPACE = re.compile(
+    r"No space left on device|Disk quota exceeded|File too large|[Ee]rrno (28|122|27)\b"
+    r"|os error (28|122|27)\b"
+)
+
+
+def build_with_mergekit(
+    recipe: Path, out: Path, seed: int | None, device: str = "cpu", code_from: Path | None = None
+) -> None:
     """Build the model of a recipe with stock `mergekit-yaml` / `mergekit-multi` in a subprocess.
 
     The model is written to `out` through a temporary sibling folder renamed at the end, so a
-    half-written model never sits at `out`.
+    half-written model never sits at `out`; a failed build removes its partial files.
+    `code_from` (models trusted with --trust-remote-code) is the folder whose *.py model code
+    the merged model needs: mergekit runs with --trust-remote-code and the code is copied.
 
     Raises:
-        RecipeError: when mergekit fails; its last output lines are included.
+        StorageError: when mergekit ran out of disk space (or hit a file size limit).
+        RecipeError: when mergekit fails otherwise; its last output lines are included.
     """
     documents = load_recipe(recipe.read_text())
     partial = out.parent / (out.name + ".partial")
@@ -203,17 +231,30 @@ def build_with_mergekit(recipe: Path, out: Path, seed: int | None, device: str =
     common = ["--no-write-model-card", "--quiet", "--device", device]
     if seed is not None:
         common += ["--random-seed", str(seed)]
+    if code_from:
+        common.append("--trust-remote-code")
     if is_multi(documents):
         command = [_mergekit_script("mergekit-multi"), str(recipe), "--out-path", str(partial)]
         command += ["--intermediate-dir", str(intermediate.resolve()), *common]
     else:
         command = [_mergekit_script("mergekit-yaml"), str(recipe), str(partial), *common]
     env = dict(os.environ, TQDM_DISABLE="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    finally:
+        shutil.rmtree(intermediate, ignore_errors=True)
     if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        shutil.rmtree(partial, ignore_errors=True)  # never leave half a model behind
+        output = result.stdout + result.stderr
+        tail = "\n".join(output.splitlines()[-15:])
+        if _NO_SPACE.search(output):
+            raise StorageError(
+                f"out of disk space while mergekit wrote the model to {out.parent} (partial "
+                f"files removed; {out} is unchanged):\n{tail}"
+            )
         raise RecipeError(f"mergekit failed on {recipe} ({' '.join(command)}):\n{tail}")
-    shutil.rmtree(intermediate, ignore_errors=True)
+    for code in sorted(code_from.glob("*.py")) if code_from else ():
+        shutil.copy2(code, partial / code.name)  # mergekit copies config, not the code it names
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)

@@ -6,16 +6,50 @@ trials.jsonl only ever grows by whole, fsynced lines (a torn last line is ignore
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError, RunDirectoryError
+from .errors import OutputExistsError, RunDirectoryError, StorageError
 from .types import TrialResult
 
 TRIALS = "trials.jsonl"
+# errno values that mean "no room": disk full, quota exceeded, file size limit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def check_space(folder: Path, needed: int, freed: int = 0) -> None:
+    """Raise StorageError unless the file system of `folder` (or of its nearest existing
+    parent) has `needed` bytes free, counting `freed` bytes an overwrite will delete.
+
+    Raises:
+        StorageError: naming the free and the needed space.
+    """
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    free = shutil.disk_usage(existing).free + freed
+    if free < needed:
+        raise StorageError(
+            f"{existing} has {free / 2**30:.2f} GiB free; the run needs about "
+            f"{needed / 2**30:.2f} GiB (the merged model and the run's files): free space or "
+            "choose another --out"
+        )
+
+
+@contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """Turn a failed write into StorageError (out of space) or RunDirectoryError, naming the
+    file; what was written before stays as it was."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in NO_SPACE:
+            raise StorageError(f"no space left to write {what} ({error.strerror})") from None
+        raise RunDirectoryError(f"cannot write {what}: {error}") from None
 
 
 class RunDir:
@@ -64,18 +98,18 @@ class RunDir:
         run = cls(path)
         file = path / TRIALS
         if file.exists():
-            text = file.read_text(encoding="utf-8")
             complete = "".join(r.model_dump_json() + "\n" for r in run.trials())
-            if text != complete:
+            if file.read_bytes() != complete.encode():
                 run.write_text(TRIALS, complete)
         return run
 
     def append_trial(self, result: TrialResult) -> None:
         line = result.model_dump_json() + "\n"
-        with open(self.path / TRIALS, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        # A failed append may leave a torn line; `reopen` cuts it off.
+        with writing(self.path / TRIALS), open(self.path / TRIALS, "a", encoding="utf-8") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
 
     def trials(self) -> list[TrialResult]:
         """Every complete trial line, in order."""
@@ -83,21 +117,25 @@ class RunDir:
         if not file.exists():
             return []
         results = []
-        for line in file.read_text(encoding="utf-8").splitlines():
+        for line in file.read_bytes().splitlines():
             try:
                 results.append(TrialResult.model_validate_json(line))
             except ValueError:
-                continue  # a line torn by a crash mid-write
+                continue  # a line torn by a crash mid-write (or not a trial at all)
         return results
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a file atomically (temp file, fsync, rename)."""
         target = self.path / name
         temp = target.with_name(target.name + ".tmp")
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with writing(target), open(temp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)  # the target keeps its previous complete content
+            raise
         os.replace(temp, target)
         return target
 

@@ -23,7 +23,7 @@ from smac.model.random_forest import RandomForest
 from smac.runhistory.dataclasses import TrialInfo, TrialValue
 from tqdm.auto import tqdm
 
-from .engine import MergeEngine
+from .engine import MergeEngine, release_memory
 from .errors import MetricError, RunDirectoryError, SettingsError
 from .evaluate import Metric, TaskData, score_model, score_task, subset_task, with_preservation
 from .plugins import run_evals
@@ -146,8 +146,10 @@ class MergeObjective:
             scores, mean = self.score(model, budget)
             full = tasks is self.tasks
             evals = run_evals(self.evals, model, self.tokenizer) if full else {}
-        # A kernel failure or a metric that fails on this merge fails this trial only.
-        except (RuntimeError, ValueError, MetricError) as error:
+        # A kernel failure, out of memory (torch's OutOfMemoryError is a RuntimeError) or a
+        # metric that fails on this merge fails this trial only.
+        except (RuntimeError, ValueError, MemoryError, MetricError) as error:
+            release_memory(self.engine.device)
             seconds = {"merge": time.perf_counter() - started}
             return _failed(trial, config, seconds, repr(error)).model_copy(update=spent)
         seconds = {

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import ArchitectureMismatchError, ModelReferenceError, SettingsError
+from .hub import open_weights, weight_files
 from .types import STRATEGY_HELP, Block, Component
 
 # Checked against llama/mistral/qwen2 (self_attn.), gpt2 (attn.), bert (attention.), falcon
@@ -56,7 +56,7 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     Raises:
         ModelReferenceError: when the folder holds no readable safetensors weights.
     """
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise ModelReferenceError(
             f"{folder} holds no *.safetensors weights; convert pickled weights with "
@@ -65,22 +65,22 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as reader:
-                for name in reader.keys():
-                    shapes[name] = tuple(reader.get_slice(name).get_shape())
-        except Exception as error:  # safetensors raises several types for a bad header
+            with open_weights(file) as shard:
+                for name in shard.names():
+                    shapes[name] = shard.shape(name)
+        except Exception as error:  # safetensors and torch raise several types for a bad file
             raise ModelReferenceError(f"cannot read {file}: {error}") from error
     return shapes
 
 
-def load_config(folder: Path) -> PretrainedConfig:
+def load_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """Load a model's config.json.
 
     Raises:
         ModelReferenceError: when config.json is missing or unreadable.
     """
     try:
-        return AutoConfig.from_pretrained(str(folder))
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as error:
         raise ModelReferenceError(f"cannot read the config of {folder}: {error}") from error
 
@@ -174,9 +174,9 @@ def _signature(output: object) -> tuple | None:
     return (output.dim(), tuple(output.shape[2:] if output.dim() >= 3 else output.shape[1:]))
 
 
-def _trace_units(config: PretrainedConfig) -> list[_Unit]:
+def _trace_units(config: PretrainedConfig, trust_remote_code: bool = False) -> list[_Unit]:
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     units: list[_Unit] = []
     hooks = []
     calls = iter(range(1 << 30))
@@ -272,12 +272,15 @@ def _block_name(units: list[_Unit], component: Component) -> str:
     return name if component == "all" else f"{name}_{'attn' if component == 'attention' else 'mlp'}"
 
 
-def segment_model(folder: Path, strategy: str = "trace") -> tuple[Block, ...]:
+def segment_model(
+    folder: Path, strategy: str = "trace", trust_remote_code: bool = False
+) -> tuple[Block, ...]:
     """Segment a model folder into blocks.
 
     Args:
         folder: a transformers model folder (config.json + safetensors).
         strategy: see `STRATEGY_HELP`.
+        trust_remote_code: trace the model class of the folder's own code (auto_map).
 
     Returns:
         Blocks in forward order; every merged tensor is in exactly one block.
@@ -287,11 +290,11 @@ def segment_model(folder: Path, strategy: str = "trace") -> tuple[Block, ...]:
         ModelReferenceError: when the folder or its architecture cannot be read.
     """
     groups, components = parse_strategy(strategy)
-    config = load_config(folder)
+    config = load_config(folder, trust_remote_code)
     names = merge_tensor_names(folder, config)
     shapes = tensor_shapes(folder)
     layer_of = _layer_index(config)
-    units = _assign_tensors(_trace_units(config), names, layer_of)
+    units = _assign_tensors(_trace_units(config, trust_remote_code), names, layer_of)
 
     trace_groups: list[list[_Unit]] = []
     for unit in units:

@@ -197,6 +197,7 @@ class SearchSettings(Frozen):
     cache_order: bool = True
     eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    allow_pickle_weights: bool = False  # accept pytorch_model*.bin when there is no safetensors
     method_parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -103,6 +103,25 @@ def demo_search_arguments(demo_models: DemoModels, out: Path) -> list[str]:
     return arguments
 
 
+def short_search_arguments(
+    demo_models: DemoModels,
+    out: Path,
+    trials: int,
+    folders: dict[str, Path] | None = None,
+    base: Path | None = None,
+) -> list[str]:
+    """`automerge-mk search` arguments of a short demo search (seed 0); `folders` replace
+    specialists' folders by copies of the same name, `base` the base's."""
+    names = list(demo_models.specialists)
+    sources = {**demo_models.specialists, **(folders or {})}
+    arguments = ["search", *(str(sources[n]) for n in names)]
+    arguments += ["--base", str(base or demo_models.base), "--out", str(out), "--quiet"]
+    arguments += ["--trials", str(trials), "--initial", str(min(trials, 4)), "--seed", "0"]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    return arguments
+
+
 @pytest.fixture(scope="session")
 def demo_run(demo_models, tmp_path_factory) -> Path:
     """A finished `search` run on the demo specialists (40 trials, seed 0)."""

@@ -61,6 +61,8 @@ class HubServer:
         url: base URL to pass as `endpoint=`.
         requests: (method, path with query, Authorization header or None) for every request.
         fail_commits: the next N commit POSTs answer 500.
+        echo_auth_in_errors: injected failures quote the request's Authorization header in
+            their message, as a careless proxy or mirror might.
         write_token: if set, write requests must carry `Bearer <write_token>` (else 401) and
             private repos can only be read with it. If None, writes need any Bearer token.
         auto_create_branches: committing to an unknown branch creates it from main (the real
@@ -73,6 +75,7 @@ class HubServer:
         self.write_token = write_token
         self.requests: list[tuple[str, str, str | None]] = []
         self.fail_commits = 0
+        self.echo_auth_in_errors = False
         self.auto_create_branches = False
         self._fail_rules: list[list[Any]] = []  # [substring, status, remaining, method]
         self._lock = threading.RLock()
@@ -298,7 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status = hub._consume_fault(self.command, self.path)
             if status is not None:
-                raise HubError(status, f"Injected failure ({status})")
+                echo = f" for Authorization: {auth}" if hub.echo_auth_in_errors else ""
+                raise HubError(status, f"Injected failure ({status}){echo}")
             if segments[0] == "api":
                 self._api(segments[1:], body, auth)
             else:
@@ -498,7 +502,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         if hub.fail_commits > 0:
             hub.fail_commits -= 1
-            raise HubError(500, "Injected commit failure")
+            echo = f" for Authorization: {self.headers.get('Authorization')}"
+            raise HubError(500, "Injected commit failure" + echo * hub.echo_auth_in_errors)
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "Commit payload must start with a header line")
