@@ -716,6 +716,9 @@ class _Group(click.Group):
     """Reports user errors as one line and exit code 1, without a traceback."""
 
     def invoke(self, ctx):
+        from .hub import redact_logs
+
+        redact_logs()
         try:
             return super().invoke(ctx)
         except AutomergeError as error:

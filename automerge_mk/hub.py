@@ -9,6 +9,7 @@ the resolved commit sha, which recipes record.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ MERGE_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken",
 PICKLED_WEIGHTS = "pytorch_model*.bin"
 # A Hub id's parts, a revision's and a shard's name: no `..`, no absolute or nested paths,
 # since each becomes part of a path in the Hub cache or the model folder.
-_NAME = r"(?!\.\.?$)[\w.-]+"
+_NAME = r"(?!\.\.?(?:/|$))[\w.-]+"
 _HUB_ID = re.compile(rf"^{_NAME}/{_NAME}$")
 _REVISION = re.compile(rf"^{_NAME}(/{_NAME})*$")
 _SHARD = re.compile(rf"^{_NAME}$")
@@ -77,6 +78,39 @@ def redact(text: str, token: str | None = None) -> str:
     for secret in {token, get_token()} - {None, ""}:
         text = text.replace(secret, "***")
     return text
+
+
+_LOGGED_SECRETS: set[str] = set()
+
+
+def redact_logs() -> None:
+    """From now on, every log record has the Hub token replaced by ***.
+
+    httpx and httpcore log response headers at DEBUG level, and a server or proxy may quote
+    the Authorization header in them; neither huggingface_hub nor httpx redacts those.
+    """
+    from huggingface_hub import get_token
+
+    secret = get_token()
+    if not secret:
+        return
+    if not _LOGGED_SECRETS:
+        make_record = logging.getLogRecordFactory()
+
+        def redacting_record(*args, **kwargs) -> logging.LogRecord:
+            record = make_record(*args, **kwargs)
+            try:
+                message = record.getMessage()
+            except Exception:  # noqa: BLE001 - a malformed record fails later, as it would have
+                return record
+            if any(secret in message for secret in _LOGGED_SECRETS):
+                for secret in _LOGGED_SECRETS:
+                    message = message.replace(secret, "***")
+                record.msg, record.args = message, ()
+            return record
+
+        logging.setLogRecordFactory(redacting_record)
+    _LOGGED_SECRETS.add(secret)
 
 
 def _download(reference: str, repo_id: str, revision: str | None, files: list[str]) -> SourceModel:
@@ -216,8 +250,15 @@ def check_weights(file: Path) -> None:
         with open_weights(file):
             pass
     except Exception as error:  # noqa: BLE001 - safetensors and torch raise many types
+        lines = str(error).splitlines() or [type(error).__name__]
+        if file.suffix == ".bin" and "Weights only load failed" in lines[0]:
+            detail = next((line for line in lines if "Unsupported" in line), lines[-1])
+            raise ModelReferenceError(
+                f"{file} holds more than plain tensors, which a pickle could use to run code; "
+                f"torch's weights-only unpickler refused it ({detail.strip()})"
+            ) from None
         raise ModelReferenceError(
-            f"damaged or truncated weights file {file} ({error}); download or copy it again"
+            f"damaged or truncated weights file {file} ({lines[0]}); download or copy it again"
         ) from None
 
 

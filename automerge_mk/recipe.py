@@ -182,7 +182,8 @@ def load_recipe(text: str) -> list[dict[str, Any]]:
     for number, document in enumerate(documents, 1):
         try:
             MergeConfiguration.model_validate(document)
-        except (ValidationError, ValueError, TypeError, RecursionError) as error:
+        # mergekit validators also raise RuntimeError (e.g. neither models nor slices).
+        except (ValidationError, ValueError, TypeError, RuntimeError, RecursionError) as error:
             first = error.errors()[0] if isinstance(error, ValidationError) else {}
             where = ".".join(map(str, first.get("loc", ()))) or "?"
             raise RecipeError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -89,15 +91,38 @@ def test_failed_commit_keeps_the_run_and_a_retry_succeeds(demo_run, hub_env):
     assert _digests(demo_run) == before
 
 
-def test_the_token_is_sent_but_never_printed_stored_or_uploaded(demo_run, hub_env):
-    result = _push(demo_run, "me/secret-check")
-    assert result.exit_code == 0
+def _assert_no_token(*folders: Path, **texts: str) -> None:
+    for where, text in texts.items():
+        assert TOKEN not in text, where
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_the_token_never_reaches_output_logs_files_cards_or_errors(demo_run, hub_env, caplog):
+    """A push fails once at a server that quotes the Authorization header back in its error (as
+    a careless proxy might), then succeeds: the token is sent, and is nowhere we print, log,
+    raise, store or upload."""
+    caplog.set_level(logging.DEBUG)  # huggingface_hub's and httpx's debug logs included
+    hub_env.echo_auth_in_errors, hub_env.fail_commits = True, 1
+    try:
+        failed = _push(demo_run, "me/secret-check")
+    finally:
+        hub_env.echo_auth_in_errors = False
+    assert failed.exit_code == 1
+    assert "Authorization: Bearer ***" in failed.output  # the server did quote it
+    retried = _push(demo_run, "me/secret-check")
+    assert retried.exit_code == 0, retried.output
     assert any(auth == f"Bearer {TOKEN}" for _, _, auth in hub_env.requests)
-    assert TOKEN not in result.output
-    for path in demo_run.rglob("*"):
-        if path.is_file():
-            assert TOKEN.encode() not in path.read_bytes(), path
-    for name, content in hub_env.files("me/secret-check").items():
+    _assert_no_token(
+        demo_run,
+        failed_output=failed.output,
+        error=repr(failed.exception) + str(failed.exception),
+        retried_output=retried.output,
+        logs=caplog.text,
+    )
+    for name, content in hub_env.files("me/secret-check").items():  # card, recipe, model ...
         assert TOKEN.encode() not in content, name
 
 
@@ -160,6 +185,27 @@ def test_mirror_refusing_repo_listing_still_resolves_by_file(hub_family, hub_cac
     assert (model.path / "config.json").is_file() and (model.path / "model.safetensors").is_file()
 
 
+def test_a_hostile_shard_index_cannot_fetch_outside_the_cache(family, hub_env, hub_cache, tmp_path):
+    from huggingface_hub import HfApi
+
+    from automerge_mk.errors import ModelReferenceError
+    from automerge_mk.hub import resolve_model
+
+    api = HfApi(endpoint=hub_env.url, token=TOKEN)
+    api.create_repo("org/hostile", exist_ok=True)
+    api.upload_folder(repo_id="org/hostile", folder_path=str(family["a"]))
+    index = {"weight_map": {"model.norm.weight": "../../../../escaped.safetensors"}}
+    api.upload_file(path_or_fileobj=json.dumps(index).encode(), repo_id="org/hostile",
+                    path_in_repo="model.safetensors.index.json")  # fmt: skip
+    hub_env.fail_next("/api/models/org/hostile", status=401, count=50)  # fetch file by file
+    try:
+        with pytest.raises(ModelReferenceError, match="is not a file name"):
+            resolve_model("org/hostile")
+    finally:
+        hub_env._fail_rules.clear()
+    assert not list(tmp_path.rglob("escaped*")) and not list(hub_cache.parent.rglob("escaped*"))
+
+
 def test_search_on_hub_ids_pins_shas_and_publishes(server, hub_cache, demo_models, tmp_path):
     from huggingface_hub import HfApi
 
@@ -183,6 +229,7 @@ def test_search_on_hub_ids_pins_shas_and_publishes(server, hub_cache, demo_model
     assert "Published:" in result.output
     card = server.files("me/hub-merge")["README.md"].decode()
     assert f"org/arith@{shas['arith']}" in card.split("---")[1]  # base_model metadata
+    _assert_no_token(out, hub_cache, output=result.output, card=card)
 
 
 def test_push_to_a_branch_creates_it(demo_run, hub_env):
