@@ -735,12 +735,17 @@ def main() -> None:
 @click.argument("model")
 @click.option("--strategy", default="layers:4", show_default=True, help=STRATEGY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the blocks as JSON.")
-def segment(model: str, strategy: str, as_json: bool) -> None:
+@click.option("--trust-remote-code", is_flag=True, help="Accept a model that needs its own code.")
+@click.option("--allow-pickle-weights", is_flag=True, help="Accept pickled .bin weights.")
+def segment(
+    model: str, strategy: str, as_json: bool, trust_remote_code: bool, allow_pickle_weights: bool
+) -> None:
     """Print the blocks MODEL (a folder or Hub id) is split into."""
     from .hub import resolve_model
     from .segment import blocks_to_json, describe_blocks, segment_model
 
-    blocks = segment_model(resolve_model(model).path, strategy)
+    folder = resolve_model(model, trust_remote_code, allow_pickle_weights).path
+    blocks = segment_model(folder, strategy, trust_remote_code)
     if as_json:
         click.echo(blocks_to_json(blocks))
         return
