@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,9 +167,13 @@ def _download_by_name(reference: str, repo_id: str, revision: str | None, where:
     config = fetch("config.json", required=True)
     index = fetch("model.safetensors.index.json", required=False)
     if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        for shard in shards:
-            if not _SHARD.match(shard):  # a hostile index must not fetch to outside the cache
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelReferenceError(f"{reference}: unreadable shard index ({error!r})") from None
+        for shard in sorted(shards, key=str):
+            # A hostile index must not make us fetch to a path outside the cache.
+            if not isinstance(shard, str) or not _SHARD.match(shard):
                 raise ModelReferenceError(f"{reference}: shard name {shard!r} is not a file name")
             fetch(shard, required=True)
     else:
@@ -293,7 +298,9 @@ def open_weights(file: Path) -> Iterator[WeightShard]:
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             yield WeightShard(reader)
     else:
-        yield WeightShard(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        # Archives from before torch 1.6 cannot be memory-mapped; they are read whole.
+        mmap = zipfile.is_zipfile(file)
+        yield WeightShard(torch.load(file, map_location="cpu", weights_only=True, mmap=mmap))
 
 
 # --- publishing ---------------------------------------------------------------------------
