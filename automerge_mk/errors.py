@@ -1,5 +1,10 @@
 """Errors a user can cause, each raised before expensive work starts and saying what to do."""
 
+import errno
+
+# errno values that mean "no room": disk full, quota exceeded, file size limit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 class AutomergeError(Exception):
     """Base class: a problem with the user's input or environment, reported without a traceback."""

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from mergekit.merge_methods import registry
 
-from .errors import RecipeError, StorageError
+from .errors import NO_SPACE, RecipeError, StorageError
 from .space import SOURCE_AS_BASE, is_sparsifying, method_accepts, uses_base
 from .types import MergePlan
 
@@ -202,11 +202,11 @@ def _mergekit_script(name: str) -> str:
     return found
 
 
-# How a failed write for lack of space reads in mergekit's output (Python's OSError, or the
-# Rust io::Error of safetensors): ENOSPC, EDQUOT, EFBIG.
+# How a failed write for lack of space reads in mergekit's output: Python's OSError or the
+# Rust io::Error of safetensors, both quoting strerror and the errno.
 _NO_SPACE = re.compile(
-    r"No space left on device|Disk quota exceeded|File too large|[Ee]rrno (28|122|27)\b"
-    r"|os error (28|122|27)\b"
+    "|".join(re.escape(os.strerror(code)) for code in NO_SPACE)
+    + rf"|([Ee]rrno|os error) ({'|'.join(map(str, NO_SPACE))})\b"
 )
 
 

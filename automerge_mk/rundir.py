@@ -6,7 +6,6 @@ trials.jsonl only ever grows by whole, fsynced lines (a torn last line is ignore
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -15,12 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputExistsError, RunDirectoryError, StorageError
+from .errors import NO_SPACE, OutputExistsError, RunDirectoryError, StorageError
 from .types import TrialResult
 
 TRIALS = "trials.jsonl"
-# errno values that mean "no room": disk full, quota exceeded, file size limit.
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def check_space(folder: Path, needed: int, freed: int = 0) -> None:
