@@ -1102,13 +1102,23 @@ def search_command(
         _push(run, push_to, private, branch)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, a scheduler's polite kill (SLURM at the time limit, systemd, docker stop)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 @contextmanager
 def _resumable(out: Path) -> Iterator[None]:
-    """Ctrl-C or a full disk stops a search with one message saying how to go on.
+    """Ctrl-C, SIGTERM or a full disk stops a search with one message saying how to go on.
 
     Every finished trial is already in trials.jsonl (appended and fsynced one by one); only the
     trial being evaluated is dropped, and `--resume` runs it again.
     """
+    import signal
+
     from .rundir import RunDir
 
     run, started = out.resolve(), time.time()
@@ -1118,19 +1128,24 @@ def _resumable(out: Path) -> Iterator[None]:
         return settings.is_file() and settings.stat().st_mtime >= started - 1
 
     follow = f"continue with: automerge-mk search --resume {run}"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if this_run():
             count = len(RunDir(run).trials())
             click.echo(f"\nInterrupted: {count} finished trials are saved in {run}; {follow}",
                        err=True)  # fmt: skip
         else:
             click.echo("\nInterrupted before the search started; nothing was written.", err=True)
-        raise SystemExit(130) from None
+        # The shell's convention: 128 + the signal's number.
+        number = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
+        raise SystemExit(128 + number) from None
     except StorageError as error:
         hint = f"; {follow}" if this_run() else ""
         raise click.ClickException(f"StorageError: {error}{hint}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:

@@ -111,24 +111,31 @@ def test_a_trial_out_of_memory_fails_alone_and_the_search_goes_on(
 # --- Ctrl-C ------------------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_with_every_finished_trial_saved_and_resume_finishes(demo_models, tmp_path):
-    out = tmp_path / "run"
-    # SIGINT's default action, even when this test runs where SIGINT is ignored (e.g. `&`).
+def _stop_search(demo_models, out: Path, trials: int, number: signal.Signals) -> str:
+    """Start a search, send it the signal `number` once 3 trials are finished, and return its
+    stderr once it has exited with 128 + `number`, the shell's convention."""
     process = subprocess.Popen(
-        CLI + short_search_arguments(demo_models, out, 12),
+        CLI + short_search_arguments(demo_models, out, trials),
         stderr=subprocess.PIPE,
         text=True,
+        # Default actions, even when this test runs where SIGINT is ignored (e.g. under `&`).
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _wait_for_trials(process, out, 3)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(number)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + number, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
+def test_ctrl_c_stops_with_every_finished_trial_saved_and_resume_finishes(demo_models, tmp_path):
+    out = tmp_path / "run"
+    stderr = _stop_search(demo_models, out, 12, signal.SIGINT)
     before = _trials(out)
     assert 3 <= len(before) < 12
     assert f"Interrupted: {len(before)} finished trials are saved" in stderr
     assert f"automerge-mk search --resume {out}" in stderr
-    assert "Traceback" not in stderr
 
     result = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -136,6 +143,16 @@ def test_ctrl_c_stops_with_every_finished_trial_saved_and_resume_finishes(demo_m
     assert [t["trial"] for t in after] == list(range(12))
     assert after[: len(before)] == before  # kept as they were, not evaluated again
     assert (out / "model" / "config.json").is_file() and (out / "summary.md").is_file()
+
+
+def test_sigterm_stops_like_ctrl_c(demo_models, tmp_path):
+    """What SLURM sends at the time limit, before it kills."""
+    out = tmp_path / "run"
+    stderr = _stop_search(demo_models, out, 12, signal.SIGTERM)
+    saved = _trials(out)
+    assert f"Interrupted: {len(saved)} finished trials are saved" in stderr
+    assert f"automerge-mk search --resume {out}" in stderr
+    assert 3 <= len(saved) < 12 and [t["trial"] for t in saved] == list(range(len(saved)))
 
 
 # --- a full disk -------------------------------------------------------------------------
