@@ -328,12 +328,12 @@ class _Session:
 
 
 def _check_space(inputs: _Inputs, out: Path, replacing: bool) -> None:
-    """Refuse to start when `out` cannot hold the merged model (about one source's weights,
-    plus a margin for the run's files), instead of failing at the end of the search."""
-    from .hub import weight_files
+    """Refuse to start when `out` cannot hold the merged model (one source's weights in the
+    merge dtype, plus a margin for the run's files), instead of failing at the end."""
+    from .hub import model_bytes
     from .rundir import check_space
 
-    model = sum(f.stat().st_size for f in weight_files(inputs.reference_model))
+    model = model_bytes(inputs.reference_model, _model_dtype(inputs.reference_model), inputs.dtype)
     freed = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if replacing else 0
     # The build writes model.partial beside an earlier model/ and replaces it at the end.
     check_space(out, needed=model + 64 * 2**20, freed=freed)

@@ -244,6 +244,18 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors")) or sorted(folder.glob(PICKLED_WEIGHTS))
 
 
+def model_bytes(folder: Path, stored_dtype: str, dtype: str) -> int:
+    """The size of a model folder's weights once saved in `dtype` instead of `stored_dtype`
+    (unknown dtype names count as equal)."""
+    from mergekit.common import dtype_from_name
+
+    stored = sum(file.stat().st_size for file in weight_files(folder))
+    try:
+        return stored * dtype_from_name(dtype).itemsize // dtype_from_name(stored_dtype).itemsize
+    except RuntimeError:  # mergekit: 'Unimplemented dtype'
+        return stored
+
+
 def check_weights(file: Path) -> None:
     """Check that a weight shard opens: a complete safetensors header that covers the whole
     file (safetensors checks both), or a pickle archive torch's weights-only loader accepts.

@@ -24,6 +24,7 @@ from conftest import short_search_arguments
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.errors import StorageError
+from automerge_mk.hub import model_bytes
 from automerge_mk.rundir import RunDir, check_space
 from automerge_mk.types import TrialResult
 
@@ -192,6 +193,13 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path):
     with pytest.raises(StorageError, match="GiB free; the run needs about"):
         check_space(tmp_path / "new" / "run", needed=free + 2**40)
     check_space(tmp_path / "new" / "run", needed=free + 2**40, freed=2**41)  # --overwrite frees
+
+
+def test_the_space_check_sizes_the_model_in_the_merge_dtype(demo_models):
+    size = (demo_models.base / "model.safetensors").stat().st_size
+    assert model_bytes(demo_models.base, "float32", "float32") == size
+    assert model_bytes(demo_models.base, "float32", "bfloat16") == size // 2
+    assert model_bytes(demo_models.base, "no-such-dtype", "bfloat16") == size
 
 
 def test_a_write_that_fails_keeps_the_previous_file(tmp_path):
