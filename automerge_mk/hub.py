@@ -167,14 +167,7 @@ def _download_by_name(reference: str, repo_id: str, revision: str | None, where:
     config = fetch("config.json", required=True)
     index = fetch("model.safetensors.index.json", required=False)
     if index is not None:
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ModelReferenceError(f"{reference}: unreadable shard index ({error!r})") from None
-        for shard in sorted(shards, key=str):
-            # A hostile index must not make us fetch to a path outside the cache.
-            if not isinstance(shard, str) or not _SHARD.match(shard):
-                raise ModelReferenceError(f"{reference}: shard name {shard!r} is not a file name")
+        for shard in _index_shards(index):  # checked: a hostile index fetches nothing outside
             fetch(shard, required=True)
     else:
         fetch("model.safetensors", required=True)
@@ -221,22 +214,35 @@ def _check_folder(model: SourceModel, trust_remote_code: bool, allow_pickle: boo
         check_weights(file)
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a `*.index.json` maps tensors to.
+
+    Raises:
+        ModelReferenceError: when the index is unreadable or names anything but a plain file
+            name (a path with `..` or `/` would reach outside the model folder or the cache).
+    """
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelReferenceError(f"unreadable shard index {index}: {error!r}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or not _SHARD.match(shard):
+            raise ModelReferenceError(
+                f"{index} names {shard!r} as a shard, which is not a file name; shards must be "
+                "files of the model folder"
+            )
+    return sorted(shards)
+
+
 def _check_index(model: SourceModel, files: list[Path]) -> None:
-    """Every shard an index names is a plain file name (nothing outside the folder), and the
-    index of the weights in use names only files that exist."""
+    """Every index names plain file names, and the index of the weights in use only files
+    that exist."""
     in_use = "model.safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin"
     for index in sorted(model.path.glob("*.index.json")):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ModelReferenceError(f"unreadable shard index {index}: {error!r}") from None
-        for shard in sorted(shards, key=str):
-            if not isinstance(shard, str) or not _SHARD.match(shard):
-                raise ModelReferenceError(
-                    f"{index} names {shard!r} as a shard; shards must be files of {model.path}"
-                )
-            if index.name == f"{in_use}.index.json" and not (model.path / shard).is_file():
-                raise ModelReferenceError(f"{index} names {shard}, which is missing")
+        shards = _index_shards(index)
+        missing = [shard for shard in shards if not (model.path / shard).is_file()]
+        if index.name == f"{in_use}.index.json" and missing:
+            raise ModelReferenceError(f"{index} names {missing[0]}, which is missing")
 
 
 def weight_files(folder: Path) -> list[Path]:
