@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from .errors import (
     AutomergeError,
     DataError,
     ModelReferenceError,
+    NonFiniteError,
     NoSuccessfulTrialError,
     RunDirectoryError,
     SettingsError,
@@ -38,7 +41,7 @@ if TYPE_CHECKING:  # these import torch; --help should not wait for it
 
     from .engine import MergeEngine
     from .evaluate import Metric, TaskData
-    from .rundir import RunDir
+    from .rundir import Fingerprints, RunDir
     from .search import Fidelity
 
 METHODS_HELP = (
@@ -114,33 +117,6 @@ def _parse_value(text: str):
         raise click.BadParameter(f"{text!r} is not a plain YAML value ({error})") from None
 
 
-def _data_files(data: dict[str, str], sources: list[SourceModel]) -> dict[str, Path]:
-    """Map each source model's name to its validation file.
-
-    Raises:
-        DataError: when a name matches no model or a model has no data.
-    """
-    by_name = {}
-    for source in sources:
-        by_name[source.name] = source
-        by_name[source.reference] = source
-    files: dict[str, Path] = {}
-    for key, path in data.items():
-        if key not in by_name:
-            raise DataError(
-                f"--data {key}=... names no source model; model names are "
-                f"{', '.join(s.name for s in sources)}"
-            )
-        files[by_name[key].name] = Path(path).expanduser()
-    missing = [s.name for s in sources if s.name not in files]
-    if missing:
-        raise DataError(
-            f"no --data for {', '.join(missing)}: give each source model its validation data "
-            f"as --data NAME=PATH (names: {', '.join(s.name for s in sources)})"
-        )
-    return files
-
-
 def _model_dtype(folder: Path) -> str:
     config = json.loads((folder / "config.json").read_text())
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
@@ -158,6 +134,7 @@ class _Inputs:
     dtype: str
     metrics: tuple[Metric, ...]
     tokenizer: PreTrainedTokenizerBase
+    fingerprints: Fingerprints
     warm_start: tuple[TrialResult, ...] = ()
     fidelity: Fidelity | None = None
     evals: tuple = ()  # evaluation plug-ins (plugins.LmEval)
@@ -167,19 +144,37 @@ class _Inputs:
         return (self.base or self.sources[0]).path
 
 
+def _check_paths(
+    model_refs: list[str], data: dict[str, str]
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The checks that need no model and no heavy import: the data files by source name (see
+    `inputs.data_files`), and their sha256."""
+    from . import inputs
+
+    if len(model_refs) < 2:
+        raise ModelReferenceError("give at least two source models to merge")
+    return inputs.data_files(data, model_refs)
+
+
 def _check_inputs(
-    model_refs: list[str], base_ref: str | None, data: dict[str, str], settings: SearchSettings
+    model_refs: list[str],
+    base_ref: str | None,
+    files: dict[str, Path],
+    data_sha: dict[str, str],
+    settings: SearchSettings,
 ) -> _Inputs:
-    """Resolve and check models, data, methods and parameters; tokenise the data; segment."""
+    """Resolve and check models, data, methods and parameters; tokenise the data; segment.
+
+    `files` and `data_sha` are what `_check_paths` found, by source name.
+    """
     from transformers import AutoTokenizer
 
     from . import evaluate, hub, plugins, segment, space
     from .engine import check_device, check_dtype
+    from .rundir import DataPrint, Fingerprints, model_print
     from .search import Fidelity
 
     segment.parse_strategy(settings.strategy)
-    if len(model_refs) < 2:
-        raise ModelReferenceError("give at least two source models to merge")
     space.check_methods(settings.methods, base_ref is not None, len(model_refs))
     space.check_method_parameters(settings.methods, settings.method_parameters)
     check_device(settings.device)
@@ -192,13 +187,7 @@ def _check_inputs(
         hub.resolve_model, trust_remote_code=trust, allow_pickle=settings.allow_pickle_weights
     )
     sources = [resolve(ref) for ref in model_refs]
-    if len({s.name for s in sources}) < len(sources):
-        raise ModelReferenceError(
-            f"source models share a name ({', '.join(s.name for s in sources)}); "
-            "--data needs distinct folder or repo names"
-        )
     base = resolve(base_ref) if base_ref else None
-    files = _data_files(data, sources)
     rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).path
     segment.check_compatible([s.path for s in sources] + ([base.path] if base else []))
@@ -230,26 +219,44 @@ def _check_inputs(
         )
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
-    warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources))
-    return _Inputs(
-        sources, base, files, tasks, blocks, dtype, metrics, tokenizer, warm, fidelity, evals
+    prints = Fingerprints(
+        models={s.name: model_print(s) for s in sources},
+        base=model_print(base) if base else None,
+        data={n: DataPrint(path=str(files[n]), sha256=data_sha[n]) for n in files},
     )
+    warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
+    return _Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, prints, warm,
+                   fidelity, evals)  # fmt: skip
 
 
 def _warm_start_trials(
-    settings: SearchSettings, blocks: tuple[Block, ...], names: tuple[str, ...]
+    settings: SearchSettings,
+    blocks: tuple[Block, ...],
+    names: tuple[str, ...],
+    prints: Fingerprints,
 ) -> tuple[TrialResult, ...]:
-    """The finished trials of `--warm-start RUN_DIR`, once its space is checked to be ours."""
+    """The finished trials of `--warm-start RUN_DIR`, once its space is checked to be ours and
+    its inputs the same as ours (runs from before fingerprints cannot be checked)."""
     from . import search, space
-    from .rundir import RunDir
+    from .rundir import RunDir, RunRecord, check_unchanged
 
     if not settings.warm_start:
         return ()
     folder = Path(settings.warm_start)
-    stored = _StoredRun.read(folder)
+    stored = RunRecord.read(folder)
     earlier = space.build_space(stored.blocks, stored.names, stored.settings)
     search.check_same_space(earlier, space.build_space(blocks, names, settings), str(folder))
+    if stored.fingerprints:
+        check_unchanged(stored.fingerprints, prints, folder, "warm-start from")
+    else:
+        _note(f"{folder} is from before input fingerprints: its models and data are taken to "
+              "be the ones given here")  # fmt: skip
     return tuple(RunDir(folder).trials())
+
+
+def _note(message: str) -> None:
+    """A line for the user beside the progress (stderr), not an error."""
+    logging.getLogger("automerge_mk").warning(message)
 
 
 def _quiet_libraries() -> None:
@@ -259,49 +266,6 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-@dataclass(frozen=True)
-class _StoredRun:
-    """What a run's settings.json records."""
-
-    models: list[SourceModel]
-    base: SourceModel | None
-    data: dict[str, str]
-    settings: SearchSettings
-    blocks: tuple[Block, ...]
-    dtype: str
-
-    @classmethod
-    def read(cls, run_dir: Path) -> _StoredRun:
-        """Raises RunDirectoryError when `run_dir` has no readable settings.json."""
-        try:
-            stored = json.loads((run_dir / "settings.json").read_text())
-            return cls(
-                [SourceModel(**m) for m in stored["models"]],
-                SourceModel(**stored["base"]) if stored.get("base") else None,
-                stored["data"],
-                SearchSettings(**stored["settings"]),
-                tuple(Block(**b) for b in stored["blocks"]),
-                stored["dtype"],
-            )
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunDirectoryError(
-                f"{run_dir} is not an automerge-mk run directory (settings.json: {error})"
-            ) from None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.models)
-
-    def plan(self, config: dict):
-        """The MergePlan of one of the run's configurations."""
-        from . import space
-
-        base = str(self.base.path) if self.base else None
-        sources = tuple(str(m.path) for m in self.models)
-        return space.plan_from_config(config, self.blocks, sources, self.names, base,
-                                      self.settings, self.dtype)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -355,13 +319,39 @@ def _load_sources(inputs: _Inputs, settings: SearchSettings):
         eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
         trust_remote_code=settings.trust_remote_code,
     )
+    _check_finite_weights(engine, inputs)
     raw = {
         s.name: evaluate.score_model(
             engine.load_source(s.path), inputs.tasks, inputs.metrics, inputs.tokenizer
         )
         for s in inputs.sources
     }
+    for source in inputs.sources:
+        loss = raw[source.name][source.name].loss
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"{source.name} ({source.path}) has loss {loss} on its own task {source.name} "
+                f"although its weights are finite: the reference of AP cannot be {loss}; try "
+                "--eval-dtype float32 (float16 overflows) or check its data"
+            )
     return engine, raw
+
+
+def _check_finite_weights(engine: MergeEngine, inputs: _Inputs) -> None:
+    """Raises NonFiniteError naming the model and the first tensor with NaN/inf values (one
+    pass over the resident tensors, before any trial)."""
+    bad = engine.non_finite_tensors()
+    if not bad:
+        return
+    names = {m.path: f"{'base model' if m is inputs.base else 'source model'} {m.name}"
+             for m in inputs.sources + ([inputs.base] if inputs.base else [])}  # fmt: skip
+    folder, tensor, count = bad[0]
+    more = f" ({len(bad)} tensors in all)" if len(bad) > 1 else ""
+    raise NonFiniteError(
+        f"{names.get(folder, folder)} ({folder}): tensor {tensor} has {count:,} NaN/inf values "
+        f"as read in the merge dtype {inputs.dtype}{more}; every merge with it would fail. "
+        "Fix or re-export the model (or choose a wider --dtype if the cast overflows)"
+    )
 
 
 def _to_plan(inputs: _Inputs, settings: SearchSettings):
@@ -385,13 +375,22 @@ def worker_objective(model_refs, base_ref, data, settings: SearchSettings):
     from .search import MergeObjective
 
     _quiet_libraries()
-    inputs = _check_inputs(model_refs, base_ref, data, settings)
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
     return MergeObjective(
         engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
         inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
     )  # fmt: skip
+
+
+def _protected(inputs: _Inputs, settings: SearchSettings) -> list[Path]:
+    """What --out must keep apart from: the model folders and every file in them (a Hub
+    snapshot's files resolve into the cache), the data files, a --warm-start run."""
+    models = [m.path for m in inputs.sources + ([inputs.base] if inputs.base else [])]
+    paths = models + [file for folder in models for file in folder.iterdir()]
+    paths += list(inputs.files.values())
+    return paths + ([Path(settings.warm_start)] if settings.warm_start else [])
 
 
 def _open_session(
@@ -402,31 +401,49 @@ def _open_session(
     out: Path,
     overwrite: bool,
     resume: bool = False,
+    command: str = "search",
 ) -> _Session:
     """Check every input, then create (or reopen) the run directory, load the engine, score
-    the sources."""
-    from . import evaluate, plugins, report
-    from .rundir import RunDir
+    the sources. The session's run directory stays locked until `session.run.release()`."""
+    from .rundir import RunDir, RunRecord, check_unchanged, describe_takeover
 
-    _quiet_libraries()
-    if not resume:
+    files, data_sha = _check_paths(model_refs, data)  # before any heavy import
+    if resume:
+        run = RunDir.reopen(out)
+        recorded = RunRecord.read(out).fingerprints
+    else:
         RunDir.check_free(out, overwrite)
-    inputs = _check_inputs(model_refs, base_ref, data, settings)
-    _check_space(inputs, out, overwrite and not resume)
+        run = recorded = None
+    try:
+        _quiet_libraries()
+        inputs = _check_inputs(model_refs, base_ref, files, data_sha, settings)
+        _check_space(inputs, out, overwrite and not resume)
+        if recorded:
+            check_unchanged(recorded, inputs.fingerprints, out, "resume")
+        elif resume:
+            _note(f"{out} is from before input fingerprints: from now on it records them")
+        # --- expensive work from here on ---
+        if run is None:
+            run = RunDir.create(out, overwrite, _protected(inputs, settings), command)
+        if taken := describe_takeover(run.lock):
+            _note(taken.capitalize())
+        if recorded is None:
+            run.write_record(RunRecord(
+                models=inputs.sources, base=inputs.base,
+                data={k: str(v) for k, v in inputs.files.items()}, settings=settings,
+                dtype=inputs.dtype, blocks=inputs.blocks, fingerprints=inputs.fingerprints,
+            ))  # fmt: skip
+        return _start_session(run, inputs, settings)
+    except BaseException:
+        if run is not None:
+            run.release()
+        raise
 
-    # --- expensive work from here on ---
-    run = RunDir.reopen(out) if resume else RunDir.create(out, overwrite)
-    run.write_json(
-        "settings.json",
-        {
-            "models": [s.model_dump(mode="json") for s in inputs.sources],
-            "base": inputs.base.model_dump(mode="json") if inputs.base else None,
-            "data": {k: str(v) for k, v in inputs.files.items()},
-            "settings": settings.model_dump(mode="json"),
-            "dtype": inputs.dtype,
-            "blocks": [b.model_dump(mode="json") for b in inputs.blocks],
-        },
-    )
+
+def _start_session(run: RunDir, inputs: _Inputs, settings: SearchSettings) -> _Session:
+    """Load the engine and score the sources into a locked run directory."""
+    from . import evaluate, plugins, report
+
     run.write_json(
         "eval_subset.json",
         {
@@ -490,11 +507,15 @@ def run_baselines(
     """Score the five default methods at fixed settings; return the run directory and table."""
     from . import report
 
-    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite)
-    rows = _score_baselines(session, session.objective(), settings)
-    rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
-    table = report.score_table(rows)
-    session.run.write_text("baselines.md", table + "\n")
+    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite,
+                            command="baselines")  # fmt: skip
+    try:
+        rows = _score_baselines(session, session.objective(), settings)
+        rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
+        table = report.score_table(rows)
+        session.run.write_text("baselines.md", table + "\n")
+    finally:
+        session.run.release()
     return session.run.path, table
 
 
@@ -519,12 +540,21 @@ def run_search(
     Raises:
         AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
     """
-    from . import plugins, recipe, report, search, space
-
     started = time.perf_counter()
     # Recipes and rebuild commands must not depend on the working directory.
-    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite, resume)
-    run, inputs, engine = session.run, session.inputs, session.engine
+    session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite, resume,
+                            "search --resume" if resume else "search")  # fmt: skip
+    try:
+        return _search(session, model_refs, base_ref, data, progress, resume, started)
+    finally:
+        session.run.release()
+
+
+def _search(session: _Session, model_refs, base_ref, data, progress, resume, started) -> Path:
+    """The search of `run_search` in an open session; returns the run directory."""
+    from . import plugins, recipe, report, search, space
+
+    run, inputs, engine, settings = session.run, session.inputs, session.engine, session.settings
     sources_scored = session.sources_scored
 
     names = tuple(s.name for s in inputs.sources)
@@ -561,8 +591,9 @@ def run_search(
     best = best_trial(results)
     if best is None:
         raise NoSuccessfulTrialError(
-            f"all {len(results)} trials failed (see {run.path / 'trials.jsonl'}); check the "
-            "source models for NaN/inf weights or narrow --methods / --weight-range"
+            f"all {len(results)} trials failed (their errors are in {run.path / 'trials.jsonl'}): "
+            "the sources are finite, so the merges overflowed (NaN/inf losses) or the kernels "
+            "failed; try --dtype float32, or narrow --methods / --weight-range"
         )
     plan = to_plan(best.config)
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
@@ -653,10 +684,10 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
     """
     from . import report
-    from .rundir import RunDir
+    from .rundir import RunDir, RunRecord
 
     run, out = RunDir(run_dir), out or run_dir
-    stored = _StoredRun.read(run_dir)
+    stored = RunRecord.read(run_dir)
     if not (run_dir / "sources.json").is_file():
         raise RunDirectoryError(f"{run_dir} has no sources.json yet: the search has not started")
     sources = run.read_json("sources.json")
@@ -705,20 +736,36 @@ def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, st
     Raises:
         RunDirectoryError: when `run_dir` is not a run directory.
     """
-    from .rundir import RunDir
+    from .rundir import RunRecord
 
-    stored = _StoredRun.read(RunDir.reopen(run_dir).path)
+    stored = RunRecord.read(run_dir)
     base = stored.base.pinned if stored.base else None
     return [m.pinned for m in stored.models], base, stored.data, stored.settings
+
+
+class _NoteHandler(logging.Handler):
+    """Notes of the stages (rows left out, a lock taken over) as `Note: ...` lines on stderr,
+    through click so that the stream in use at the time gets them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"Note: {record.getMessage()}", err=True)
 
 
 class _Group(click.Group):
     """Reports user errors as one line and exit code 1, without a traceback."""
 
     def invoke(self, ctx):
+        import logging
+
         from .hub import redact_logs
 
         redact_logs()
+        notes = logging.getLogger("automerge_mk")
+        if not any(isinstance(h, _NoteHandler) for h in notes.handlers):
+            notes.addHandler(_NoteHandler(logging.INFO))
+        # Our own level and no propagation: SMAC sets the root logger's level and handlers.
+        notes.setLevel(logging.INFO)
+        notes.propagate = False
         try:
             return super().invoke(ctx)
         except AutomergeError as error:
@@ -1088,18 +1135,36 @@ def search_command(
             raise click.UsageError("--resume takes the models and data from RUN_DIR; drop them")
         model_refs, base, files, settings = resume_arguments(resume)
         out = resume
+        if _finished(resume, settings):
+            click.echo(
+                f"{resume} is already finished: all {settings.trials} trials ran and "
+                "model/ is built; nothing was run again. Its summary:\n",
+                err=True,
+            )
+            click.echo((resume / "summary.md").read_text())
+            click.echo("To search further, start a new run with --warm-start "
+                       f"{resume.resolve()} and a larger --trials.", err=True)  # fmt: skip
+            return
     elif len(models) < 2 or not data:
         raise click.UsageError("give two or more MODELS and their --data (or --resume RUN_DIR)")
     else:
         model_refs, files = list(models), _key_values(data, "--data")
         settings = _settings(trials, text_column=text_column, dtype=dtype, **options)
-    with _resumable(out):
+    with _resumable(out, resumed=bool(resume)):
         run = run_search(model_refs, base, files, settings, out, overwrite, progress=not quiet,
                          resume=bool(resume))  # fmt: skip
     click.echo((run / "summary.md").read_text())
     click.echo(f"Run directory: {run}")
     if push_to:
         _push(run, push_to, private, branch)
+
+
+def _finished(run_dir: Path, settings: SearchSettings) -> bool:
+    """Whether a run has all its trials, its model and its summary (written last)."""
+    from .rundir import RunDir
+
+    done = (run_dir / "summary.md").is_file() and (run_dir / "model" / "config.json").is_file()
+    return done and len(RunDir(run_dir).trials()) >= settings.trials
 
 
 class _Terminated(KeyboardInterrupt):
@@ -1111,7 +1176,7 @@ def _terminate(signum, frame):
 
 
 @contextmanager
-def _resumable(out: Path) -> Iterator[None]:
+def _resumable(out: Path, resumed: bool = False) -> Iterator[None]:
     """Ctrl-C, SIGTERM or a full disk stops a search with one message saying how to go on.
 
     Every finished trial is already in trials.jsonl (appended and fsynced one by one); only the
@@ -1125,7 +1190,7 @@ def _resumable(out: Path) -> Iterator[None]:
 
     def this_run() -> bool:  # not an earlier run that --overwrite has not replaced yet
         settings = run / "settings.json"
-        return settings.is_file() and settings.stat().st_mtime >= started - 1
+        return resumed or (settings.is_file() and settings.stat().st_mtime >= started - 1)
 
     follow = f"continue with: automerge-mk search --resume {run}"
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -1152,7 +1217,9 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
     import tempfile
 
     from .hub import publish
+    from .rundir import RunLock
 
+    RunLock.check_free(run)  # a search still writing it would publish half a run
     click.echo(f"Publishing {run} to {repo} ...")
     # The card shows the report's plots; they are drawn aside, so the run stays as it was.
     with tempfile.TemporaryDirectory() as plots:

@@ -268,6 +268,16 @@ class MergeEngine:
         self._methods: dict[str, MergeMethod] = {}
         self.cache_order = cache_order
 
+    def non_finite_tensors(self) -> list[tuple[Path, str, int]]:
+        """(folder, tensor, count) of every resident tensor holding NaN/inf values, as cast
+        to the merge dtype: one pass over the sources and the base."""
+        found = []
+        for folder, tensors in self.resident.items():
+            for name, tensor in tensors.items():
+                if not bool(torch.isfinite(tensor).all()):
+                    found.append((folder, name, int((~torch.isfinite(tensor)).sum())))
+        return found
+
     # --- what never changes between trials ---
 
     def _rank(self, name: str, entry_id: Hashable, delta: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,20 @@ class RunDirectoryError(AutomergeError):
     """A run directory lacks what a step needs (e.g. `push` before the model was built)."""
 
 
+class RunInUseError(RunDirectoryError):
+    """Another process is writing the run directory (a search, resume, baselines or demo)."""
+
+
+class InputChangedError(AutomergeError):
+    """A model or data file differs from what a run's trials were scored with, so they cannot
+    be continued (--resume) or reused (--warm-start)."""
+
+
+class NonFiniteError(AutomergeError):
+    """A source or base model holds NaN/inf weights, or a specialist's own loss is not finite,
+    so every merge would fail."""
+
+
 class StorageError(AutomergeError):
     """A write failed or would fail for lack of space (disk full, quota, file size limit);
     everything saved before it is intact."""

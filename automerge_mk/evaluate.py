@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import random
 import weakref
@@ -23,16 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import DataError, MetricError, SettingsError
+from .inputs import DATA_BUILDERS, check_data_file
 from .types import BUILT_IN_METRICS, TaskScore, harmonic_mean
-
-# `datasets` builder per file suffix (checked: datasets 5.2 packaged modules).
-_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".txt": "text",
-}
 
 
 class TaskData(BaseModel):
@@ -130,13 +123,8 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     """
     import datasets  # deferred: importing datasets costs seconds and only searches need it
 
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{path}: unsupported data format; use {', '.join(_BUILDERS)}")
-    if path.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty")
+    check_data_file(path)
+    builder = DATA_BUILDERS[path.suffix.lower()]
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:
@@ -145,6 +133,7 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     columns = dataset.column_names
     if column in columns:
         rows = [r for r in dataset if isinstance(r[column], str) and r[column].strip()]
+        _note_left_out(path, len(dataset) - len(rows), f"no text in column {column!r}")
         if "prompt" in columns and any(r[column] is None and r["prompt"] for r in dataset):
             raise DataError(
                 f"{path} mixes texts (column {column!r}) and prompt/label rows: use one kind"
@@ -153,6 +142,7 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     elif {"prompt", "label"} <= set(columns):
         rows = [_labelled_row(r, dataset.features["label"], path) for r in dataset]
         rows = [r for r in rows if r["prompt"].strip()]
+        _note_left_out(path, len(dataset) - len(rows), "an empty prompt")
     else:
         raise DataError(
             f"{path} has no column {column!r} and no prompt/label columns; its columns are "
@@ -164,6 +154,13 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     if "label" in rows[0] and "text" not in rows[0] and len({r["label"] for r in rows}) < 2:
         raise DataError(f"{path}: prompt/label data needs at least two distinct labels")
     return rows
+
+
+def _note_left_out(path: Path, count: int, why: str) -> None:
+    if count:
+        logging.getLogger("automerge_mk").warning(
+            "%s: %d row(s) with %s (null, blank or not a string) are left out", path, count, why
+        )
 
 
 def _labelled_row(row: dict[str, Any], feature, path: Path) -> dict[str, Any]:

@@ -55,20 +55,30 @@ def resolve_model(
     if folder.is_dir():
         model = SourceModel(reference=reference, name=folder.resolve().name, path=folder.resolve())
     else:
+        check_reference(reference)
         repo_id, _, revision = reference.partition("@")
-        if not _HUB_ID.match(repo_id):
-            raise ModelReferenceError(
-                f"{reference!r} is neither an existing folder nor a Hub id like org/name[@rev]"
-            )
-        if revision and not _REVISION.match(revision):
-            raise ModelReferenceError(
-                f"{reference!r}: {revision!r} is not a branch, tag or commit (no '..', no "
-                "leading '/')"
-            )
         files = MERGE_FILES + [PICKLED_WEIGHTS] * allow_pickle + ["*.py"] * trust_remote_code
         model = _download(reference, repo_id, revision or None, files)
     _check_folder(model, trust_remote_code, allow_pickle)
     return model
+
+
+def check_reference(reference: str) -> None:
+    """Check that a reference that is no folder is a Hub id `org/name[@revision]` whose parts
+    are plain names (each becomes part of a path in the Hub cache).
+
+    Raises:
+        ModelReferenceError: saying what is wrong with it.
+    """
+    repo_id, _, revision = reference.partition("@")
+    if not _HUB_ID.match(repo_id):
+        raise ModelReferenceError(
+            f"{reference!r} is neither an existing folder nor a Hub id like org/name[@rev]"
+        )
+    if revision and not _REVISION.match(revision):
+        raise ModelReferenceError(
+            f"{reference!r}: {revision!r} is not a branch, tag or commit (no '..', no leading '/')"
+        )
 
 
 def redact(text: str, token: str | None = None) -> str:
@@ -122,11 +132,8 @@ def _download(reference: str, repo_id: str, revision: str | None, files: list[st
     where = {"endpoint": os.environ.get("HF_ENDPOINT"), "cache_dir": os.environ.get("HF_HUB_CACHE")}
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, **where))
-    except LocalEntryNotFoundError:
-        raise ModelReferenceError(
-            f"{reference} is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(HF_HUB_OFFLINE=1 reads only the cache): download it once online first"
-        ) from None
+    except LocalEntryNotFoundError as error:
+        raise ModelReferenceError(_not_downloaded(reference, error)) from None
     except Exception:  # noqa: BLE001 - mirrors refuse listing routes (401/404): fetch by name
         path = _download_by_name(reference, repo_id, revision, where)
     return SourceModel(
@@ -135,6 +142,28 @@ def _download(reference: str, repo_id: str, revision: str | None, files: list[st
         path=path,
         revision=path.name,
         repo_id=repo_id,
+    )
+
+
+def _not_downloaded(reference: str, error: Exception) -> str:
+    """Why snapshot_download found neither the Hub nor the cache: huggingface_hub raises the
+    same LocalEntryNotFoundError for an offline switch, a dead connection and a server error,
+    with the real cause chained."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    cause = error.__cause__ or error.__context__
+    missing = f"{reference} is not in the local Hugging Face cache"
+    if isinstance(cause, OfflineModeIsEnabled) or cause is None:
+        return f"{missing} and HF_HUB_OFFLINE=1 reads only the cache: download it once online"
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if isinstance(cause, HfHubHTTPError) and status is not None:
+        return redact(
+            f"{missing}, and the Hub answered HTTP {status} ({str(cause).splitlines()[0]}); "
+            "a 5xx is the server's fault: try again later, or check HF_ENDPOINT"
+        )
+    return redact(
+        f"{missing}, and the Hub cannot be reached ({type(cause).__name__}: {cause}); check "
+        "the network and HF_ENDPOINT, or download it once online"
     )
 
 

@@ -242,6 +242,9 @@ def build_with_mergekit(
     env = dict(os.environ, TQDM_DISABLE="1")
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env)
+    except BaseException:  # Ctrl-C, SIGTERM: run() has killed mergekit; drop its half model
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(intermediate, ignore_errors=True)
     if result.returncode != 0:

@@ -30,6 +30,7 @@ from benchmark import RESULTS, SEARCHES, _append, _done, _home, _models  # noqa:
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
 from automerge_mk import cli, report, segment, space  # noqa: E402
+from automerge_mk.rundir import RunRecord  # noqa: E402
 from automerge_mk.types import SearchSettings  # noqa: E402
 
 FULL = "search:blocks"  # the full-fidelity search of benchmark.py
@@ -65,7 +66,7 @@ def run_search_step(models: Path, work: Path, full: dict, seed: int, fidelity: b
     kind = "fidelity" if fidelity else "full"
     out = work / f"blocks-{kind}-{seed}"
     # An interrupted search (killed, crashed after its trials) resumes: no trial runs twice.
-    resume = (out / "trials.jsonl").is_file() and cli._StoredRun.read(out).settings == settings
+    resume = (out / "trials.jsonl").is_file() and RunRecord.read(out).settings == settings
     started = time.perf_counter()
     run = cli.run_search(sources, base, data["validation"], settings, out,
                          overwrite=not resume, resume=resume)  # fmt: skip

@@ -2,7 +2,7 @@
 
 Each rejected input is given together with `--overwrite` and a pre-existing --out folder that
 holds one sentinel file: the command must stop before `RunDir.create` replaces the folder.
-The last tests give a specialist a NaN tensor: its trials fail with the worst cost, the search
+The last tests make every merge non-finite: its trials fail with the worst cost, the search
 goes on, and the command ends with a one-line error instead of a recipe.
 """
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from conftest import llama_config, save_model
-from safetensors.torch import load_file, save_file
 from transformers import OPTConfig
 
 from automerge_mk.cli import main
+from automerge_mk.engine import MergeEngine
 from automerge_mk.rundir import RunDir
 
 SENTINEL = "results of an earlier run\n"
@@ -337,20 +337,27 @@ def test_rejected_input_creates_no_out_directory(demo_models, tmp_path):
 
 
 @pytest.fixture
-def poisoned(demo_models, tmp_path) -> Path:
-    """A copy of the arith specialist with one all-NaN tensor (folder name stays `arith`)."""
-    folder = shutil.copytree(demo_models.specialists["arith"], tmp_path / "poisoned" / "arith")
-    weights = load_file(str(folder / "model.safetensors"))
-    name = "model.layers.1.mlp.down_proj.weight"
-    assert name in weights
-    weights[name] = torch.full_like(weights[name], float("nan"))
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
+def nan_merges(monkeypatch):
+    """Every merge comes out with one all-NaN tensor, as a float16 merge that overflows does.
+
+    Sources with NaN weights are refused before the first trial (test_run_safety.py), so finite
+    sources must give the non-finite merge: the real merge runs, then one of its tensors is
+    overwritten, exactly where an overflowing kernel would leave it.
+    """
+    merge = MergeEngine.merge_into_model
+
+    def overflowing(self, plan):
+        model = merge(self, plan)
+        with torch.no_grad():
+            model.get_parameter("model.layers.1.mlp.down_proj.weight").fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(MergeEngine, "merge_into_model", overflowing)
 
 
-def test_nan_trials_fail_with_worst_cost_and_the_search_goes_on(demo_models, poisoned, tmp_path):
+def test_nan_trials_fail_with_worst_cost_and_the_search_goes_on(demo_models, nan_merges, tmp_path):
     out = tmp_path / "run"
-    arguments = ["search", poisoned, demo_models.specialists["reverse"]]
+    arguments = ["search", demo_models.specialists["arith"], demo_models.specialists["reverse"]]
     arguments += ["--base", demo_models.base, "--out", out, "--quiet"]
     arguments += ["--trials", 3, "--initial", 2]
     for name in ("arith", "reverse"):
@@ -370,10 +377,10 @@ def test_nan_trials_fail_with_worst_cost_and_the_search_goes_on(demo_models, poi
     assert not (out / "model").exists()
 
 
-def test_nan_trials_are_read_back_from_trials_jsonl(demo_models, poisoned, tmp_path):
+def test_nan_trials_are_read_back_from_trials_jsonl(demo_models, nan_merges, tmp_path):
     """A failed trial's line is complete: RunDir.trials() must return it, not drop it as torn."""
     out = tmp_path / "run"
-    arguments = ["search", poisoned, demo_models.specialists["reverse"]]
+    arguments = ["search", demo_models.specialists["arith"], demo_models.specialists["reverse"]]
     arguments += ["--base", demo_models.base, "--out", out, "--quiet"]
     arguments += ["--trials", 2, "--initial", 2, "--methods", "linear,ties"]
     for name in ("arith", "reverse"):

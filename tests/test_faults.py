@@ -156,6 +156,27 @@ def test_sigterm_stops_like_ctrl_c(demo_models, tmp_path):
     assert 3 <= len(saved) < 12 and [t["trial"] for t in saved] == list(range(len(saved)))
 
 
+def test_ctrl_c_during_the_model_build_leaves_no_partial_model(demo_models, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        CLI + short_search_arguments(demo_models, out, 2),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 600
+    while not (out / "model.partial").exists():  # mergekit is writing the model
+        assert process.poll() is None, "the build ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Interrupted: 2 finished trials are saved" in stderr and "Traceback" not in stderr
+    assert not (out / "model.partial").exists() and not (out / "model").exists()
+    assert len(_trials(out)) == 2 and (out / "recipe.yaml").is_file()  # --resume builds it
+
+
 # --- a full disk -------------------------------------------------------------------------
 
 

@@ -11,9 +11,10 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from automerge_mk.cli import _StoredRun, main
+from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.evaluate import load_rows, score_task, subset_task, tokenize_task
+from automerge_mk.rundir import RunRecord
 from automerge_mk.types import harmonic_mean
 
 TRIALS = 30
@@ -77,7 +78,7 @@ def test_a_low_budget_trial_is_scored_against_the_specialists_on_the_same_exampl
 ):
     """Recompute one low-budget trial from scratch: its merge on its subset, and each
     specialist (loaded by transformers, not the engine) on that same subset."""
-    stored = _StoredRun.read(fidelity_run)
+    stored = RunRecord.read(fidelity_run)
     trial = next(t for t in _lines(fidelity_run / "trials.jsonl") if t["budget"] < 200)
     tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base))
     engine = MergeEngine([m.path for m in stored.models], stored.base.path, stored.base.path,

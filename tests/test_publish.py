@@ -185,6 +185,20 @@ def test_mirror_refusing_repo_listing_still_resolves_by_file(hub_family, hub_cac
     assert (model.path / "config.json").is_file() and (model.path / "model.safetensors").is_file()
 
 
+def test_a_hub_server_error_is_named_as_one_not_as_a_missing_cache(hub_family, hub_cache, hub_env):
+    from automerge_mk.errors import ModelReferenceError
+    from automerge_mk.hub import resolve_model
+
+    hub_env.fail_next("/api/models/org/a", status=500, count=50)
+    try:
+        with pytest.raises(
+            ModelReferenceError, match=r"the Hub answered HTTP 500.*try again later"
+        ):
+            resolve_model("org/a")
+    finally:
+        hub_env._fail_rules.clear()
+
+
 def test_a_hostile_shard_index_cannot_fetch_outside_the_cache(family, hub_env, hub_cache, tmp_path):
     from huggingface_hub import HfApi
 
