@@ -553,6 +553,7 @@ def run_search(
 def _search(session: _Session, model_refs, base_ref, data, progress, resume, started) -> Path:
     """The search of `run_search` in an open session; returns the run directory."""
     from . import plugins, recipe, report, search, space
+    from .rundir import writing
 
     run, inputs, engine, settings = session.run, session.inputs, session.engine, session.settings
     sources_scored = session.sources_scored
@@ -628,7 +629,8 @@ def _search(session: _Session, model_refs, base_ref, data, progress, resume, sta
     references = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
     label, (_, value) = max(baselines.items(), key=lambda item: item[1][1])
     references[f"best baseline ({label})"] = value
-    report.progress_plot(results, run.path / "progress.png", references)
+    with writing(run.path / "progress.png"):
+        report.progress_plot(results, run.path / "progress.png", references)
     summary = report.summary_markdown(
         f"automerge-mk: {' + '.join(names)}",
         best,
@@ -684,7 +686,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
     """
     from . import report
-    from .rundir import RunDir, RunRecord
+    from .rundir import RunDir, RunRecord, writing
 
     run, out = RunDir(run_dir), out or run_dir
     stored = RunRecord.read(run_dir)
@@ -703,9 +705,10 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
                             key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
         rows[f"best baseline ({label})"] = scored
     rows |= {f"{name} alone": scored for name, scored in sources.items()}
-    report.search_progress_plot(trials, out / "report-progress.png")
-    report.task_plot(rows, out / "report-tasks.png")
-    report.plan_heatmap(plan, names, out / "report-blocks.png")
+    with writing(out):
+        report.search_progress_plot(trials, out / "report-progress.png")
+        report.task_plot(rows, out / "report-tasks.png")
+        report.plan_heatmap(plan, names, out / "report-blocks.png")
     failed = len(trials) - len(ok)
     tokens = sum(report.computed_tokens(t) for t in trials)
     budgets = sorted({t.budget for t in trials if t.budget is not None})

@@ -22,6 +22,7 @@ import yaml
 from mergekit.merge_methods import registry
 
 from .errors import NO_SPACE, RecipeError, StorageError
+from .rundir import writing
 from .space import SOURCE_AS_BASE, is_sparsifying, method_accepts, uses_base
 from .types import MergePlan
 
@@ -257,8 +258,9 @@ def build_with_mergekit(
                 f"files removed; {out} is unchanged):\n{tail}"
             )
         raise RecipeError(f"mergekit failed on {recipe} ({' '.join(command)}):\n{tail}")
-    for code in sorted(code_from.glob("*.py")) if code_from else ():
-        shutil.copy2(code, partial / code.name)  # mergekit copies config, not the code it names
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    with writing(out):
+        for code in sorted(code_from.glob("*.py")) if code_from else ():
+            shutil.copy2(code, partial / code.name)  # mergekit copies config, not its code
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
