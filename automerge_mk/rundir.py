@@ -301,16 +301,7 @@ class RunLock:
         file = folder / LOCK
         with writing(file):
             handle = open(file, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
-        try:
-            _lock_exclusive(handle)
-        except OSError:
-            holder = _read_holder(handle)
-            handle.close()
-            who = _holder_text(holder) if holder else "another process"
-            raise RunInUseError(
-                f"{folder} is in use by {who}: wait for it to finish or stop it; a run "
-                "directory has one writer at a time"
-            ) from None
+        _lock_or_refuse(handle, folder)
         previous = _read_holder(handle)
         if previous and previous.get("host") != socket.gethostname():
             handle.close()  # its holder may still run there: a lock cannot tell across hosts
@@ -348,9 +339,27 @@ class RunLock:
 
     @classmethod
     def check_free(cls, folder: Path) -> None:
-        """Raises RunInUseError when another process holds the lock on `folder`."""
-        if (folder / LOCK).is_file() and folder.resolve() not in cls._held:
-            cls.acquire(folder, "check").release()
+        """Raises RunInUseError when another process holds the lock on `folder` (a probe that
+        writes nothing)."""
+        if not (folder / LOCK).is_file() or folder.resolve() in cls._held:
+            return
+        with open(folder / LOCK, encoding="utf-8") as handle:
+            _lock_or_refuse(handle, folder)  # closing the file unlocks it
+
+
+def _lock_or_refuse(handle, folder: Path) -> None:
+    """Lock the open lock file of `folder`, or close it and raise RunInUseError naming the
+    holder."""
+    try:
+        _lock_exclusive(handle)
+    except OSError:
+        holder = _read_holder(handle)
+        handle.close()
+        who = _holder_text(holder) if holder else "another process"
+        raise RunInUseError(
+            f"{folder} is in use by {who}: wait for it to finish or stop it; a run directory "
+            "has one writer at a time"
+        ) from None
 
 
 def _read_holder(handle) -> dict:
