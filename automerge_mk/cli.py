@@ -169,7 +169,7 @@ def _check_inputs(
     """
     from transformers import AutoTokenizer
 
-    from . import evaluate, hub, plugins, segment, space
+    from . import evaluate, plugins, segment, sources, space
     from .engine import check_device, check_dtype
     from .rundir import DataPrint, Fingerprints, model_print
     from .search import Fidelity
@@ -184,7 +184,7 @@ def _check_inputs(
     evals = plugins.parse_evals(settings.evals, settings.eval_arguments)
     trust = settings.trust_remote_code
     resolve = partial(
-        hub.resolve_model, trust_remote_code=trust, allow_pickle=settings.allow_pickle_weights
+        sources.resolve_model, trust_remote_code=trust, allow_pickle=settings.allow_pickle_weights
     )
     sources = [resolve(ref) for ref in model_refs]
     base = resolve(base_ref) if base_ref else None
@@ -294,8 +294,8 @@ class _Session:
 def _check_space(inputs: _Inputs, out: Path, replacing: bool) -> None:
     """Refuse to start when `out` cannot hold the merged model (one source's weights in the
     merge dtype, plus a margin for the run's files), instead of failing at the end."""
-    from .hub import model_bytes
     from .rundir import check_space
+    from .weights import model_bytes
 
     model = model_bytes(inputs.reference_model, _model_dtype(inputs.reference_model), inputs.dtype)
     freed = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if replacing else 0
@@ -760,7 +760,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         import logging
 
-        from .hub import redact_logs
+        from .sources import redact_logs
 
         redact_logs()
         notes = logging.getLogger("automerge_mk")
@@ -791,8 +791,8 @@ def segment(
     model: str, strategy: str, as_json: bool, trust_remote_code: bool, allow_pickle_weights: bool
 ) -> None:
     """Print the blocks MODEL (a folder or Hub id) is split into."""
-    from .hub import resolve_model
     from .segment import blocks_to_json, describe_blocks, segment_model
+    from .sources import resolve_model
 
     folder = resolve_model(model, trust_remote_code, allow_pickle_weights).path
     blocks = segment_model(folder, strategy, trust_remote_code)
@@ -1219,7 +1219,7 @@ def _resumable(out: Path, resumed: bool = False) -> Iterator[None]:
 def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
     import tempfile
 
-    from .hub import publish
+    from .publish import publish
     from .rundir import RunLock
 
     RunLock.check_free(run)  # a search still writing it would publish half a run

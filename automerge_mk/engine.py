@@ -44,11 +44,11 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import ModelReferenceError, SettingsError
-from .hub import open_weights, weight_files
 from .recipe import plan_documents
 from .segment import load_config, merge_tensor_keys
 from .space import SOURCE_AS_BASE, method_accepts, uses_base
 from .types import BlockChoice, MergePlan
+from .weights import open_weights, weight_files
 
 Tensors = dict[str, torch.Tensor]
 Sink = Callable[[str, torch.Tensor], None]

@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from .errors import DataError, ModelReferenceError
-from .hub import check_reference
+from .sources import check_reference
 
 # `datasets` builder per file suffix (checked: datasets 5.2 packaged modules).
 DATA_BUILDERS = {

@@ -37,8 +37,8 @@ from .errors import (
     RunInUseError,
     StorageError,
 )
-from .hub import weight_files
 from .types import Block, Frozen, SearchSettings, SourceModel, TrialResult
+from .weights import weight_files
 
 TRIALS = "trials.jsonl"
 SETTINGS = "settings.json"

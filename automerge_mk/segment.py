@@ -21,8 +21,8 @@ from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_con
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import ArchitectureMismatchError, ModelReferenceError, SettingsError
-from .hub import open_weights, weight_files
 from .types import STRATEGY_HELP, Block, Component
+from .weights import open_weights, weight_files
 
 # Checked against llama/mistral/qwen2 (self_attn.), gpt2 (attn.), bert (attention.), falcon
 # (self_attention.) module names; norms named after attention (post_attention_layernorm) are not

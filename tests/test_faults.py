@@ -24,9 +24,9 @@ from conftest import short_search_arguments
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.errors import StorageError
-from automerge_mk.hub import model_bytes
 from automerge_mk.rundir import RunDir, check_space
 from automerge_mk.types import TrialResult
+from automerge_mk.weights import model_bytes
 
 CLI = [sys.executable, "-c", "from automerge_mk.cli import main; main()"]
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from automerge_mk.cli import main
 from automerge_mk.errors import ModelReferenceError, RecipeError
-from automerge_mk.hub import resolve_model
 from automerge_mk.recipe import load_recipe
+from automerge_mk.sources import resolve_model
 
 
 def _run_python(marker: Path) -> str:

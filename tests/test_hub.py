@@ -8,9 +8,9 @@ import huggingface_hub.constants
 import pytest
 
 from automerge_mk.errors import ModelReferenceError
-from automerge_mk.hub import resolve_model
 from automerge_mk.recipe import recipe_text
 from automerge_mk.segment import segment_model
+from automerge_mk.sources import resolve_model
 from automerge_mk.types import BlockChoice, MergePlan
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

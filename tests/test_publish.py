@@ -150,7 +150,7 @@ def hub_cache(hub_env, tmp_path, monkeypatch):
 
 
 def test_hub_id_resolves_to_main_and_to_a_pinned_commit(hub_family, hub_cache, family):
-    from automerge_mk.hub import resolve_model
+    from automerge_mk.sources import resolve_model
 
     main_model = resolve_model("org/a")
     assert (
@@ -165,7 +165,7 @@ def test_hub_id_resolves_to_main_and_to_a_pinned_commit(hub_family, hub_cache, f
 
 def test_missing_repo_or_revision_is_a_clear_error(hub_family, hub_cache):
     from automerge_mk.errors import ModelReferenceError
-    from automerge_mk.hub import resolve_model
+    from automerge_mk.sources import resolve_model
 
     with pytest.raises(ModelReferenceError, match="RepositoryNotFoundError"):
         resolve_model("org/absent")
@@ -174,7 +174,7 @@ def test_missing_repo_or_revision_is_a_clear_error(hub_family, hub_cache):
 
 
 def test_mirror_refusing_repo_listing_still_resolves_by_file(hub_family, hub_cache, hub_env):
-    from automerge_mk.hub import resolve_model
+    from automerge_mk.sources import resolve_model
 
     hub_env.fail_next("/api/models/org/b", status=401, count=50)  # model_info, tree, paths-info
     try:
@@ -187,7 +187,7 @@ def test_mirror_refusing_repo_listing_still_resolves_by_file(hub_family, hub_cac
 
 def test_a_hub_server_error_is_named_as_one_not_as_a_missing_cache(hub_family, hub_cache, hub_env):
     from automerge_mk.errors import ModelReferenceError
-    from automerge_mk.hub import resolve_model
+    from automerge_mk.sources import resolve_model
 
     hub_env.fail_next("/api/models/org/a", status=500, count=50)
     try:
@@ -203,7 +203,7 @@ def test_a_hostile_shard_index_cannot_fetch_outside_the_cache(family, hub_env, h
     from huggingface_hub import HfApi
 
     from automerge_mk.errors import ModelReferenceError
-    from automerge_mk.hub import resolve_model
+    from automerge_mk.sources import resolve_model
 
     api = HfApi(endpoint=hub_env.url, token=TOKEN)
     api.create_repo("org/hostile", exist_ok=True)

@@ -1,0 +1,208 @@
+"""Publishing a finished run to the Hub: the model card and a one-commit upload."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import PublishError, RunDirectoryError
+from .rundir import RunRecord
+from .sources import redact
+
+# What a published repo holds besides the model folder's own files.
+RUN_FILES = ("recipe.yaml", "trials.jsonl", "progress.png", "summary.md")
+
+
+def _run_json(run_dir: Path, name: str) -> dict:
+    try:
+        return json.loads((run_dir / name).read_text())
+    except (OSError, ValueError) as error:
+        raise RunDirectoryError(
+            f"{run_dir} is not a finished automerge-mk run ({name}: {error}); run "
+            "`automerge-mk search` to completion first"
+        ) from None
+
+
+def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], float, str]:
+    """PR_i of the final model as its run computed them, PD = max PR - min PR, and the
+    metric(s) they come from.
+
+    Runs from before PR was stored get PR from next-token accuracy.
+    """
+    rates, metrics = {}, set()
+    for task, score in final["tasks"].items():
+        if score.get("rate") is not None:
+            rates[task] = score["rate"]
+            metrics.add(score.get("rate_metric") or "token_accuracy")
+        else:
+            own = sources[task]["tasks"][task]["accuracy"]
+            rates[task] = score["accuracy"] / own if own > 0 else 0.0
+            metrics.add("token_accuracy")
+    return rates, max(rates.values()) - min(rates.values()), " / ".join(sorted(metrics))
+
+
+REPORT_PLOTS = {
+    "report-tasks.png": "AP and PR per task: this merge, the best baseline, each source alone",
+    "report-blocks.png": "the merge method, weights and densities chosen per block",
+}
+
+
+def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
+    """The model card (README.md) of a run: metadata, scores, plot, recipe, how to rebuild it.
+
+    Raises:
+        RunDirectoryError: when the run is not finished.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    record = RunRecord.read(run_dir)
+    final = _run_json(run_dir, "final.json")
+    sources = _run_json(run_dir, "sources.json")
+    trials = (run_dir / "trials.jsonl").read_text().count("\n")
+    recipe = (run_dir / "recipe.yaml").read_text()
+    models, base = record.models, record.base
+    pinned = [m.pinned for m in models + ([base] if base else [])]
+    _, discrepancy, metric = preservation_rates(final, sources)
+    tasks = list(final["tasks"])
+    header = "| model | H (AP) | " + " | ".join(f"{t} AP | {t} PR" for t in tasks) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(tasks))]
+    rows = {"this merge": final} | {f"{name} alone": value for name, value in sources.items()}
+    for name, scores in rows.items():
+        cells = [name, f"{scores['harmonic_mean']:.4f}"]
+        scored = preservation_rates(scores, sources)[0]
+        for task in tasks:
+            cells += [f"{scores['tasks'][task]['preservation']:.4f}", f"{scored[task]:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    local = [m.reference for m in models + ([base] if base else []) if not m.repo_id]
+    local_note = (
+        f"\n\nThe recipe names local folders ({', '.join(local)}); replace them with the "
+        "models' Hub ids to rebuild elsewhere."
+        if local
+        else ""
+    )
+    report_plots = "".join(
+        f"\n![{text}]({name})\n"
+        for name, text in REPORT_PLOTS.items()
+        if plots and (plots / name).is_file()
+    )
+    seed = record.settings.seed
+    tool = "mergekit-multi" if "\n---\n" in recipe else "mergekit-yaml"
+    rebuild = (
+        f"mergekit-multi recipe.yaml --out-path merged --intermediate-dir "
+        f'"$PWD/merged-parts" --random-seed {seed}'
+        if tool == "mergekit-multi"
+        else f"mergekit-yaml recipe.yaml merged --random-seed {seed}"
+    )
+    body = f"""# {repo_id.split("/")[-1]}
+
+A merge of {", ".join(f"`{p}`" for p in pinned[: len(models)])}
+{f"(base `{pinned[-1]}`) " if base else ""}found by automerge-mk on top of
+[mergekit](https://github.com/arcee-ai/mergekit):
+SMAC's Bayesian optimisation chose a merge method, weights and densities for every block of the
+network over {trials} trials, and stock mergekit built this model from the recipe below.
+
+## Preservation on the validation data
+
+AP = a specialist's validation loss on its own task / this model's loss on it; H is the harmonic
+mean of AP over tasks. PR = {metric.replace("_", " ")} of this model / of the task's specialist;
+preservation discrepancy PD = max PR - min PR = **{discrepancy:.4f}**.
+
+{chr(10).join(lines)}
+
+![best harmonic-mean AP so far vs trial](progress.png)
+{report_plots}
+## Recipe
+
+```yaml
+{recipe.rstrip()}
+```
+
+## Reproduce with plain mergekit
+
+```bash
+pip install mergekit
+{rebuild}
+```{local_note}
+"""
+    data = ModelCardData(
+        # Hub metadata names repos; local folders are named in the text instead.
+        base_model=[m.pinned for m in models + ([base] if base else []) if m.repo_id] or None,
+        tags=["merge", "mergekit", "automerge-mk"],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model_relation="merge",
+    )
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
+
+
+def publish(
+    run_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    branch: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    plots: Path | None = None,
+) -> str:
+    """Create (or reuse) a Hub model repo and upload model, recipe, trials, plots and card in
+    one commit.
+
+    Args:
+        run_dir: a finished run directory (with `model/`).
+        repo_id: `org/name` of the target repo.
+        private: create the repo private.
+        branch: commit to this branch (created from main when missing).
+        token: a Hub token; default: HF_TOKEN or the stored login.
+        endpoint: the Hub URL; default: HF_ENDPOINT or huggingface.co.
+        plots: a folder with the report's plots (`automerge-mk report`) for the card.
+
+    Returns:
+        The commit URL.
+
+    Raises:
+        RunDirectoryError: when the run has no built model.
+        PublishError: when the Hub refuses or cannot be reached; nothing local was changed.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    model = run_dir / "model"
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        raise RunDirectoryError(f"{model} holds no built model; finish `automerge-mk search` first")
+    card = card_text(run_dir, repo_id, plots).encode()
+    operations = [
+        CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        for path in sorted(model.iterdir())
+        if path.is_file() and path.name not in ("README.md", "mergekit_config.yml")
+    ]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
+        for name in RUN_FILES
+        if (run_dir / name).is_file()
+    ]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(plots / name))
+        for name in REPORT_PLOTS
+        if plots and (plots / name).is_file()
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    # HF_ENDPOINT is read here, not only when huggingface_hub was imported.
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT"), token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message="automerge-mk: merged model, recipe, trials and card",
+            revision=branch,
+        )
+    except Exception as error:  # huggingface_hub and httpx raise many types for one cause
+        message = redact(f"{type(error).__name__}: {error}", token)
+        raise PublishError(
+            f"upload of {run_dir} to {repo_id} failed ({message}). The run directory is "
+            f"unchanged; retry with: automerge-mk push {run_dir} {repo_id}"
+        ) from None
+    return commit.commit_url
