@@ -25,6 +25,7 @@ from .errors import (
     SettingsError,
     StorageError,
 )
+from .methods import METHODS_HELP
 from .types import (
     METRIC_HELP,
     STRATEGY_HELP,
@@ -43,25 +44,6 @@ if TYPE_CHECKING:  # these import torch; --help should not wait for it
     from .evaluate import Metric, TaskData
     from .rundir import Fingerprints, RunDir
     from .search import Fidelity
-
-METHODS_HELP = (
-    "Comma-separated merge methods to search per block (mergekit's own kernels). Default: "
-    "linear (weighted average; weights searched), task_arithmetic (base + weighted task "
-    "vectors), ties (task vectors trimmed to the top-density magnitudes, sign election), "
-    "dare_linear / dare_ties (task vectors randomly dropped to density and rescaled, then "
-    "summed / sign-elected). Also: breadcrumbs / breadcrumbs_ties (drop the largest and "
-    "smallest magnitudes; density searched, gamma at mergekit's default), della / "
-    "della_linear (magnitude-ranked drop probabilities; density searched, epsilon at "
-    "mergekit's default); slerp (two sources: spherical interpolation from the first to the "
-    "second, t = the second source's weight), nuslerp (two sources, weights searched; with "
-    "--base it interpolates task vectors), multislerp (any number of sources, weights "
-    "searched; task vectors with --base), karcher (Riemannian mean of the sources, nothing "
-    "searched), model_stock (base + sources, geometric interpolation, nothing searched; needs "
-    "3 models in all). lambda, normalize, rescale, int8_mask, filter_wise, nuslerp_row_wise, "
-    "nuslerp_flatten, normalize_weights, eps, max_iter, tol: via --set. Searched per block: "
-    "a weight per source for the methods that take weights, and a density per source for "
-    "the sparsifying ones. Task-vector methods and model_stock need --base."
-)
 
 
 def _range(text: str, label: str) -> tuple[float, float]:
@@ -169,14 +151,14 @@ def _check_inputs(
     """
     from transformers import AutoTokenizer
 
-    from . import evaluate, plugins, segment, sources, space
+    from . import evaluate, methods, plugins, segment, sources
     from .engine import check_device, check_dtype
     from .rundir import DataPrint, Fingerprints, model_print
     from .search import Fidelity
 
     segment.parse_strategy(settings.strategy)
-    space.check_methods(settings.methods, base_ref is not None, len(model_refs))
-    space.check_method_parameters(settings.methods, settings.method_parameters)
+    methods.check_methods(settings.methods, base_ref is not None, len(model_refs))
+    methods.check_method_parameters(settings.methods, settings.method_parameters)
     check_device(settings.device)
     metrics = tuple(evaluate.parse_metric(spec) for spec in settings.metrics)
     if len({m.name for m in metrics}) < len(metrics):

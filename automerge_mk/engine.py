@@ -44,9 +44,9 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import ModelReferenceError, SettingsError
+from .methods import SOURCE_AS_BASE, is_random, method_accepts, uses_base
 from .recipe import plan_documents
 from .segment import load_config, merge_tensor_keys
-from .space import SOURCE_AS_BASE, method_accepts, uses_base
 from .types import BlockChoice, MergePlan
 from .weights import open_weights, weight_files
 
@@ -212,11 +212,6 @@ class RankedMagnitudeMerge(GeneralizedTaskArithmeticMerge):
         return (base + mixed_delta).to(base.dtype)
 
 
-def _is_random(method: str) -> bool:
-    sparsification = getattr(registry.get(method), "sparsification_method", None)
-    return sparsification in (SparsificationMethod.random, SparsificationMethod.della_magprune)
-
-
 class MergeEngine:
     """Resident sources on a device, per-trial merges with mergekit's kernels, a live model.
 
@@ -367,7 +362,7 @@ class MergeEngine:
                 if choice.method == method
                 for name in block.tensors
             }
-            if _is_random(method):
+            if is_random(method):
                 if plan.seed is not None:  # run_merge seeds only when given --random-seed
                     transformers.trainer_utils.set_seed(plan.seed)
                 # Unselected tensors take the document's fallback (its first block's values).

@@ -22,8 +22,8 @@ import yaml
 from mergekit.merge_methods import registry
 
 from .errors import NO_SPACE, RecipeError, StorageError
+from .methods import SOURCE_AS_BASE, is_random, is_sparsifying, method_accepts, uses_base
 from .rundir import writing
-from .space import SOURCE_AS_BASE, is_sparsifying, method_accepts, uses_base
 from .types import MergePlan
 
 PART_SUFFIX = "_part"
@@ -130,11 +130,11 @@ def recipe_text(
 ) -> str:
     """The recipe file: a comment header (how to run it, the seed) and the documents."""
     documents = plan_documents(plan, references)
-    uses_random = any(is_sparsifying(m) and "dare" in m for m in plan.methods)
+    uses_random = any(is_random(m) for m in plan.methods)
     tool = "mergekit-multi" if is_multi(documents) else "mergekit-yaml"
     lines = [f"# automerge-mk recipe: run with plain {tool} (see README)."]
     if plan.seed is not None:
-        note = "DARE draws depend on it" if uses_random else "only random methods use it"
+        note = "DARE/DELLA draws depend on it" if uses_random else "only random methods use it"
         lines.append(f"# random seed: {plan.seed} (pass --random-seed {plan.seed}; {note})")
     lines += [f"# {line}" for line in header.splitlines() if line]
     return "\n".join(lines) + "\n" + documents_yaml(documents)

@@ -178,7 +178,7 @@ def test_unsupported_mergekit_method_is_rejected(demo_models, out):
 @pytest.mark.parametrize("method", ["slerp", "nuslerp"])
 def test_two_model_methods_refuse_three_sources(method):
     from automerge_mk.errors import SettingsError
-    from automerge_mk.space import check_methods
+    from automerge_mk.methods import check_methods
 
     check_methods((method,), has_base=True, sources=2)
     with pytest.raises(SettingsError, match=rf"{method} merges exactly 2 .*\(3 sources"):

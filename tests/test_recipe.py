@@ -131,6 +131,22 @@ def test_dare_recipe_reproduces_with_the_recorded_seed(family, tmp_path):
     )
 
 
+@pytest.mark.parametrize("method, random", [("della", True), ("dare_linear", True),
+                                              ("ties", False), ("breadcrumbs", False)])  # fmt: skip
+def test_the_recipe_says_the_seed_matters_exactly_for_methods_the_engine_seeds(
+    family, method, random
+):
+    """One method table: the recipe's header and the engine agree on which methods draw."""
+    from automerge_mk.methods import is_random
+
+    blocks = segment_model(family["base"], "layers:2")
+    choice = BlockChoice(method=method, weights=(0.5, 0.5), densities=(0.5, 0.5))
+    plan = MergePlan(sources=(str(family["a"]), str(family["b"])), base=str(family["base"]),
+                     blocks=blocks, choices=(choice,) * len(blocks), seed=3)  # fmt: skip
+    assert is_random(method) is random
+    assert ("draws depend on it" in recipe_text(plan)) is random
+
+
 def test_recipes_pin_references(family):
     plan = _plan(family, "layers:2", ["ties"])
     text = recipe_text(plan, references={str(family["a"]): "org/a@0123abc"})
