@@ -351,11 +351,12 @@ def _to_plan(inputs: _Inputs, settings: SearchSettings):
     )
 
 
-def worker_objective(model_refs, base_ref, data, settings: SearchSettings):
+def worker_objective(model_refs, base_ref, data, settings: dict):
     """What a Dask worker process needs to run trials: the checked inputs, its own resident
     engine and the specialists' reference scores, as one MergeObjective."""
     from .search import MergeObjective
 
+    settings = SearchSettings(**settings)
     _quiet_libraries()
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     engine, raw = _load_sources(inputs, settings)
@@ -527,12 +528,12 @@ def run_search(
     session = _open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite, resume,
                             "search --resume" if resume else "search")  # fmt: skip
     try:
-        return _search(session, model_refs, base_ref, data, progress, resume, started)
+        return _search(session, progress, resume, started)
     finally:
         session.run.release()
 
 
-def _search(session: _Session, model_refs, base_ref, data, progress, resume, started) -> Path:
+def _search(session: _Session, progress: bool, resume: bool, started: float) -> Path:
     """The search of `run_search` in an open session; returns the run directory."""
     from . import plugins, recipe, report, search, space
     from .rundir import writing
@@ -556,17 +557,14 @@ def _search(session: _Session, model_refs, base_ref, data, progress, resume, sta
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
     if settings.workers > 1 or settings.scheduler:
-        results = _parallel_search(
-            optimizer, session, model_refs, base_ref, data, settings, progress, finished
-        )
-        results = search.reevaluate_best(
-            results, objective, inputs.fidelity, run.append_trial, finished
-        )
+        results = _parallel_search(optimizer, session, progress, finished)
     else:
-        results = search.run_search(
-            optimizer, objective, settings.trials, run.append_trial, progress, finished,
-            inputs.fidelity,
-        )  # fmt: skip
+        runner = search.SerialRunner(objective)
+        results = search.run_search(optimizer, runner, settings.trials, run.append_trial,
+                                    progress, finished)  # fmt: skip
+    results = search.reevaluate_best(
+        results, objective, inputs.fidelity, run.append_trial, finished
+    )
     if inputs.fidelity:
         for budget in {r.budget for r in results if r.budget is not None}:
             objective.at_budget(budget)  # scored here already, unless trials ran elsewhere
@@ -627,20 +625,23 @@ def _search(session: _Session, model_refs, base_ref, data, progress, resume, sta
     return run.path
 
 
-def _parallel_search(optimizer, session, model_refs, base_ref, data, settings, progress, finished):
+def _parallel_search(optimizer, session: _Session, progress: bool, finished):
     """Trials on Dask workers (--workers / --scheduler), each with its own resident sources."""
-    from . import parallel
+    from .search import parallel, run_search
 
+    inputs, settings = session.inputs, session.settings
     target = parallel.WorkerTrial(
-        [str(s.path) for s in session.inputs.sources],
-        str(session.inputs.base.path) if session.inputs.base else None,
-        {k: str(v) for k, v in session.inputs.files.items()},
-        settings,
+        worker_objective,
+        [str(s.path) for s in inputs.sources],
+        str(inputs.base.path) if inputs.base else None,
+        {k: str(v) for k, v in inputs.files.items()},
+        # A warm start is told to SMAC in this process; workers only run trials.
+        settings.model_copy(update={"warm_start": None}).model_dump(mode="json"),
     )
     with parallel.dask_client(settings.workers, settings.scheduler, settings.device) as client:
-        return parallel.run_parallel_search(
-            optimizer, target, client, settings.trials, session.run.append_trial, progress, finished
-        )
+        runner = parallel.DaskRunner(optimizer, target, client)
+        return run_search(optimizer, runner, settings.trials, session.run.append_trial,
+                          progress, finished)  # fmt: skip
 
 
 def _write_budgets(run: RunDir, objective, fidelity: Fidelity) -> None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,11 +24,10 @@ from smac.runhistory.dataclasses import TrialInfo, TrialValue
 from smac.runhistory.enumerations import StatusType
 from smac.runner.dask_runner import DaskParallelRunner
 from smac.runner.target_function_runner import TargetFunctionRunner
-from tqdm.auto import tqdm
 
-from .errors import SettingsError
-from .search import WORST_COST, _ask, _failed, trial_value
-from .types import SearchSettings, TrialResult, best_trial
+from ..errors import SettingsError
+from ..types import TrialResult
+from .objective import WORST_COST, failed_result
 
 # Per worker process: the objective (engine with resident sources, tasks, references) of each
 # search it has run trials for, and how many times it was built.
@@ -38,29 +36,21 @@ _LOADS: dict[str, int] = {}
 
 
 class WorkerTrial:
-    """The target function SMAC ships to Dask workers: small to pickle (model references, data
-    paths, settings), it builds the heavy objective in the worker on first use and keeps it."""
+    """The target function SMAC ships to Dask workers: small to pickle, it builds the heavy
+    objective in the worker on first use, as `build(*arguments)`, and keeps it.
 
-    def __init__(
-        self,
-        model_refs: list[str],
-        base_ref: str | None,
-        data: dict[str, str],
-        settings: SearchSettings,
-    ):
-        self.model_refs, self.base_ref, self.data = list(model_refs), base_ref, dict(data)
-        # A warm start is told to SMAC in the main process; workers only run trials.
-        self.settings = settings.model_copy(update={"warm_start": None}).model_dump(mode="json")
-        self.key = json.dumps([self.model_refs, base_ref, self.data, self.settings], sort_keys=True)
+    `build` is a module-level function (pickled by reference, so this module need not import
+    the layer that wires a search together); `arguments` are JSON values, which key the cache.
+    """
+
+    def __init__(self, build: Callable[..., Any], *arguments: Any):
+        self.build, self.arguments = build, arguments
+        name = f"{build.__module__}.{build.__qualname__}"
+        self.key = json.dumps([name, arguments], sort_keys=True)
 
     def objective(self):
         if self.key not in _OBJECTIVES:
-            from .cli import worker_objective
-
-            settings = SearchSettings(**self.settings)
-            _OBJECTIVES[self.key] = worker_objective(
-                self.model_refs, self.base_ref, self.data, settings
-            )
+            _OBJECTIVES[self.key] = self.build(*self.arguments)
             _LOADS[self.key] = _LOADS.get(self.key, 0) + 1
         return _OBJECTIVES[self.key]
 
@@ -150,85 +140,47 @@ def dask_client(workers: int, scheduler: str | None, device: str) -> Iterator:
                 yield client
 
 
-def _result(info: TrialInfo, value: TrialValue, trial: int, ask_seconds: float) -> TrialResult:
+class DaskRunner:
+    """The loop's runner on a Dask client: SMAC's own DaskParallelRunner submits each trial to
+    a free worker; results come back in the order they finish."""
+
+    replays = False  # completion order is not repeatable: a resume tells finished trials first
+
+    def __init__(self, optimizer: AbstractFacade, target: WorkerTrial, client):
+        required = optimizer._get_signature_arguments()
+        self._runner = _Runner(
+            TargetFunctionRunner(optimizer.scenario, target, required_arguments=required),
+            dask_client=client,
+        )
+        self._asked: dict[str, list[TrialInfo]] = {}  # the loop's own TrialInfo per trial
+
+    def free(self) -> bool:
+        return self._runner.count_available_workers() > 0
+
+    def submit(self, info: TrialInfo) -> None:
+        self._asked.setdefault(_key(info), []).append(info)
+        self._runner.submit_trial(info)
+
+    def finished(self, first: int) -> Iterator[tuple[TrialInfo, TrialResult]]:
+        self._runner.wait()
+        for offset, (info, value) in enumerate(self._runner.iter_results()):
+            asked = self._asked.get(_key(info))
+            original = asked.pop(0) if asked else info
+            yield original, _result(original, value, first + offset)
+
+
+def _result(info: TrialInfo, value: TrialValue, trial: int) -> TrialResult:
     config = dict(info.config)
     budget = None if info.budget is None else round(info.budget)
     extra = value.additional_info or {}
     if "result" in extra:
         result = TrialResult(**extra["result"])
-        seconds = {"ask": ask_seconds, **result.seconds}
-        return result.model_copy(
-            update={"trial": trial, "seconds": seconds, "worker": extra.get("worker")}
-        )
+        return result.model_copy(update={"trial": trial, "worker": extra.get("worker")})
     # The target function raised, or its workers died: a failed trial, the search goes on.
     error = extra.get("error") or extra.get("traceback") or str(value.status)
-    return _failed(trial, config, {"ask": ask_seconds}, error).model_copy(update={"budget": budget})
-
-
-def run_parallel_search(
-    optimizer: AbstractFacade,
-    target: WorkerTrial,
-    client,
-    trials: int,
-    record: Callable[[TrialResult], None],
-    progress: bool = True,
-    finished: Sequence[TrialResult] = (),
-) -> list[TrialResult]:
-    """Keep every worker busy: ask SMAC for a trial whenever one is free, submit it through
-    SMAC's Dask runner, and tell and record (append + fsync) results as they arrive.
-
-    Trials are numbered in the order they finish. `finished` trials of an interrupted run are
-    told to SMAC first, and the search goes on to `trials`; unlike a serial search, the
-    proposals after a resume differ from an uninterrupted run's (completion order is not
-    repeatable), but no finished trial is lost or run again.
-    """
-    scenario = optimizer.scenario
-    runner = _Runner(
-        TargetFunctionRunner(scenario, target, required_arguments=_required(optimizer)),
-        dask_client=client,
-    )
-    for result in finished:
-        info = TrialInfo(
-            config=Configuration(scenario.configspace, values=result.config),
-            seed=0,
-            budget=result.budget,
-        )
-        optimizer.tell(info, trial_value(result))
-    results = list(finished)
-    asked: dict[str, float] = {}
-    submitted = len(results)
-    bar = tqdm(
-        total=trials, initial=len(results), desc="search", unit="trial", disable=not progress
-    )
-    started = time.perf_counter()
-    while len(results) < trials:
-        while submitted < trials and runner.count_available_workers() > 0:
-            start = time.perf_counter()
-            info = _ask(optimizer)
-            asked[_key(info)] = time.perf_counter() - start
-            runner.submit_trial(info)
-            submitted += 1
-        runner.wait()
-        for info, value in runner.iter_results():
-            result = _result(info, value, len(results), asked.pop(_key(info), 0.0))
-            result = result.model_copy(update={"finished_at": time.time()})
-            optimizer.tell(info, trial_value(result))
-            record(result)
-            results.append(result)
-            best = best_trial(results)
-            rate = 3600 * (len(results) - len(finished)) / (time.perf_counter() - started)
-            bar.set_postfix(
-                best_H=f"{best.harmonic_mean:.4f}" if best else "-", trials_per_h=f"{rate:.0f}"
-            )
-            bar.update()
-    bar.close()
-    return results
+    return failed_result(trial, config, {}, error).model_copy(update={"budget": budget})
 
 
 def _key(info: TrialInfo) -> str:
     """A trial's identity across the trip to a worker and back (TrialInfo is not hashable)."""
     return json.dumps([dict(info.config), info.budget], sort_keys=True, default=str)
-
-
-def _required(optimizer: AbstractFacade) -> list[str]:
-    return optimizer._get_signature_arguments()

@@ -1,0 +1,175 @@
+"""The target function: a configuration -> a merge in memory -> scores -> a TrialResult.
+
+What to optimise is kept apart from how (optimizer.py) and from the loop that asks and tells
+(loop.py), as SMAC keeps its Scenario and target function apart from its facades.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..engine import MergeEngine, release_memory
+from ..errors import MetricError, SettingsError
+from ..evaluate import Metric, TaskData, score_model, score_task, subset_task, with_preservation
+from ..plugins import run_evals
+from ..types import MergePlan, TaskScore, TrialResult
+
+WORST_COST = 1.0  # cost = 1 - harmonic mean of AP, and the harmonic mean is never below 0
+
+
+class Fidelity(NamedTuple):
+    """Multi-fidelity budgets, in validation tokens per task: Hyperband evaluates between `low`
+    and `high`; `full` is all of the data, at which the result is always evaluated."""
+
+    low: int
+    high: int
+    full: int
+
+    ETA = 3  # Hyperband keeps the best third at each budget and triples it
+
+    @classmethod
+    def resolve(cls, spec: tuple[int | None, int | None] | None, tasks: list[TaskData]):
+        """The budgets of `--fidelity tokens[:MIN:MAX]` for these tasks; None without it.
+
+        Raises:
+            SettingsError: when MIN or MAX does not fit the validation data.
+        """
+        if spec is None:
+            return None
+        full = max(task.computed_tokens for task in tasks)
+        low, high = spec
+        high = high or full
+        # At least ETA**2 between them, or SMAC's Hyperband drops its lowest budget.
+        low = low or max(1, high // cls.ETA**2)
+        if high > full:
+            raise SettingsError(
+                f"--fidelity tokens:{low}:{high}: MAX is more than the {full} validation tokens "
+                "of the largest task; leave MAX out to use all of them"
+            )
+        if not low < high:
+            raise SettingsError(f"--fidelity tokens:{low}:{high}: give MIN < MAX")
+        return cls(low, high, full)
+
+
+class MergeObjective:
+    """The target function: a configuration -> merge in memory -> score -> TrialResult.
+
+    Args:
+        engine: resident sources and the live model.
+        tasks: tokenised validation data, one per source model.
+        references: each task's scores under its own specialist (the reference of AP and PR).
+        to_plan: turns a configuration into a MergePlan.
+        metrics: user metrics computed after every merge; the first gives PR.
+        tokenizer: passed to user metrics.
+        specialists: each task's own source folder, to score references on fewer tokens.
+        seed: which subsets of the tasks lower budgets score.
+        evals: evaluation plug-ins (`--eval`), run on trials scored on all tokens.
+    """
+
+    def __init__(
+        self,
+        engine: MergeEngine,
+        tasks: list[TaskData],
+        references: dict[str, TaskScore],
+        to_plan: Callable[[dict[str, Any]], MergePlan] | None,
+        metrics: tuple[Metric, ...] = (),
+        tokenizer=None,
+        specialists: dict[str, Path] | None = None,
+        seed: int = 0,
+        evals: tuple = (),
+    ):
+        self.engine = engine
+        self.tasks = tasks
+        self.references = references
+        self.to_plan = to_plan
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.specialists = specialists or {}
+        self.seed = seed
+        self.evals = evals
+        self.levels: dict[int, tuple[list[TaskData], dict[str, TaskScore]]] = {}
+
+    def at_budget(self, budget: int | None) -> tuple[list[TaskData], dict[str, TaskScore]]:
+        """The tasks cut to `budget` tokens each, and their specialists' reference scores on
+        exactly those examples (scored once per budget). None: all of the data."""
+        if budget is None or all(budget >= task.computed_tokens for task in self.tasks):
+            return self.tasks, self.references
+        if budget not in self.levels:
+            tasks = [subset_task(task, budget, self.seed) for task in self.tasks]
+            references = {
+                task.name: score_task(
+                    self.engine.load_source(self.specialists[task.name]),
+                    task,
+                    metrics=self.metrics,
+                    tokenizer=self.tokenizer,
+                )
+                for task in tasks
+            }
+            self.levels[budget] = tasks, references
+        return self.levels[budget]
+
+    def score(self, model, budget: int | None = None) -> tuple[dict[str, TaskScore], float]:
+        """Scores of a model with AP and PR, and the harmonic mean of AP."""
+        tasks, references = self.at_budget(budget)
+        scores = score_model(model, tasks, self.metrics, self.tokenizer)
+        return with_preservation(scores, references, self.metrics)
+
+    def __call__(self, config: dict[str, Any], trial: int, budget: int | None = None):
+        return self.evaluate_plan(self.to_plan(config), trial, config, budget)
+
+    def evaluate_plan(
+        self, plan: MergePlan, trial: int, config: dict[str, Any], budget: int | None = None
+    ) -> TrialResult:
+        """Merge a plan into the live model and score it on `budget` tokens per task (None:
+        all); failures become failed results."""
+        tasks, _ = self.at_budget(budget)  # references first: they use the live model too
+        spent = {"budget": budget, "computed_tokens": sum(task.computed_tokens for task in tasks)}
+        started = time.perf_counter()
+        try:
+            model = self.engine.merge_into_model(plan)
+            merge_seconds = time.perf_counter() - started
+            scores, mean = self.score(model, budget)
+            full = tasks is self.tasks
+            evals = run_evals(self.evals, model, self.tokenizer) if full else {}
+        # A kernel failure, out of memory (torch's OutOfMemoryError is a RuntimeError) or a
+        # metric that fails on this merge fails this trial only.
+        except (RuntimeError, ValueError, MemoryError, MetricError) as error:
+            release_memory(self.engine.device)
+            seconds = {"merge": time.perf_counter() - started}
+            return failed_result(trial, config, seconds, repr(error)).model_copy(update=spent)
+        seconds = {
+            "merge": merge_seconds,
+            "evaluate": time.perf_counter() - started - merge_seconds,
+        }
+        if not all(math.isfinite(s.loss) for s in scores.values()):
+            failed = failed_result(trial, config, seconds, "non-finite loss", scores)
+            return failed.model_copy(update=spent)
+        return TrialResult(
+            trial=trial,
+            status="ok",
+            config=config,
+            cost=1.0 - mean,
+            harmonic_mean=mean,
+            tasks=scores,
+            seconds=seconds,
+            evals=evals,
+            **spent,
+        )
+
+
+def failed_result(trial, config, seconds, error, scores=None) -> TrialResult:
+    """A trial that failed: the worst cost, so the optimiser steers away from it."""
+    return TrialResult(
+        trial=trial,
+        status="failed",
+        config=config,
+        cost=WORST_COST,
+        harmonic_mean=0.0,
+        tasks=scores or {},
+        seconds=seconds,
+        error=error,
+    )
