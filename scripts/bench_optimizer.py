@@ -19,8 +19,8 @@ from pathlib import Path
 from smac import HyperparameterOptimizationFacade, Scenario
 
 from automerge_mk import search
-from automerge_mk.cli import run_search
 from automerge_mk.demo import build_demo_models
+from automerge_mk.pipeline import run_search
 from automerge_mk.types import SearchSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

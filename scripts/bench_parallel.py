@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import RESULTS, _append, _done, _models  # noqa: E402
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
-from automerge_mk import cli  # noqa: E402
+from automerge_mk import pipeline  # noqa: E402
 from automerge_mk.types import SearchSettings  # noqa: E402
 
 
@@ -52,8 +52,8 @@ def run_step(kind: str, workers: int, args) -> dict:
     settings = SearchSettings(trials=args.trials, initial=args.initial, seed=0,
                               eval_tokens=args.eval_tokens, workers=workers)  # fmt: skip
     started = time.perf_counter()
-    run = cli.run_search(sources, base, data, settings, args.work / f"parallel-{kind}-{workers}",
-                         overwrite=True, progress=False)  # fmt: skip
+    out = args.work / f"parallel-{kind}-{workers}"
+    run = pipeline.run_search(sources, base, data, settings, out, overwrite=True, progress=False)
     wall = time.perf_counter() - started
     trials = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     stamps = sorted(t["finished_at"] for t in trials)

@@ -177,7 +177,7 @@ def naive_loop(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
 
 
 def our_search(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
-    from automerge_mk.cli import run_search
+    from automerge_mk.pipeline import run_search
     from automerge_mk.rundir import RunDir
     from automerge_mk.types import SearchSettings
 

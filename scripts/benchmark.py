@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
-from automerge_mk import cli, report, segment, space  # noqa: E402
+from automerge_mk import pipeline, report, segment, space  # noqa: E402
 from automerge_mk.types import SearchSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +81,8 @@ def run_search_step(step: str, models: Path, work: Path, args) -> dict:
         eval_tokens=args.eval_tokens,
     )
     started = time.perf_counter()
-    run = cli.run_search(sources, base, data["validation"], settings, work / step.split(":")[1],
-                         overwrite=True)  # fmt: skip
+    out = work / step.split(":")[1]
+    run = pipeline.run_search(sources, base, data["validation"], settings, out, overwrite=True)
     wall = time.perf_counter() - started
     trials = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     best = json.loads((run / "best.json").read_text())
@@ -109,7 +109,7 @@ def run_test_step(models: Path, work: Path, done: dict[str, dict], args) -> dict
     sources, base, data = _models(models)
     settings = SearchSettings(trials=1, initial=1, seed=args.seed)
     started = time.perf_counter()
-    session = cli._open_session(sources, base, data["test"], settings, work / "test", True)
+    session = pipeline.open_session(sources, base, data["test"], settings, work / "test", True)
     objective, inputs = session.objective(), session.inputs
     rows = {}
     base_model = session.engine.load_source(Path(base))

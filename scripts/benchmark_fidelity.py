@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import RESULTS, SEARCHES, _append, _done, _home, _models  # noqa: E402
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
-from automerge_mk import cli, report, segment, space  # noqa: E402
+from automerge_mk import pipeline, report, segment, space  # noqa: E402
 from automerge_mk.rundir import RunRecord  # noqa: E402
 from automerge_mk.types import SearchSettings  # noqa: E402
 
@@ -68,7 +68,7 @@ def run_search_step(models: Path, work: Path, full: dict, seed: int, fidelity: b
     # An interrupted search (killed, crashed after its trials) resumes: no trial runs twice.
     resume = (out / "trials.jsonl").is_file() and RunRecord.read(out).settings == settings
     started = time.perf_counter()
-    run = cli.run_search(sources, base, data["validation"], settings, out,
+    run = pipeline.run_search(sources, base, data["validation"], settings, out,
                          overwrite=not resume, resume=resume)  # fmt: skip
     wall = time.perf_counter() - started
     trials = _trials(run)
@@ -95,7 +95,7 @@ def run_test_step(models: Path, work: Path, searched: dict) -> dict:
     """A search's result on the test split, scored as benchmark.py scores its rows."""
     sources, base, data = _models(models)
     settings = SearchSettings(trials=1, initial=1, seed=searched["settings"]["seed"])
-    session = cli._open_session(sources, base, data["test"], settings, work / "test-fidelity",
+    session = pipeline.open_session(sources, base, data["test"], settings, work / "test-fidelity",
                                 True)  # fmt: skip
     inputs = session.inputs
     plan = space.plan_from_config(

@@ -1,0 +1,698 @@
+"""The only wiring of the stages: a session, search, baselines, resume, build, report, publish.
+
+Each function here is one thing a user asks for; `cli.py` turns a command line into one of
+these calls, and scripts and tests call them directly:
+
+- `open_session`: check every input (cheap checks first), lock and create or reopen the run
+  directory, load the sources, score the specialists; `Session.objective()` scores merges.
+- `run_search`: a session, the SMAC loop, the recipe, the model built by stock mergekit,
+  scored again, the baselines, the plots and summary.md.
+- `run_baselines`, `run_report`, `publish_run`, `resume_arguments`, `finished`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import (
+    DataError,
+    ModelReferenceError,
+    NonFiniteError,
+    NoSuccessfulTrialError,
+    RunDirectoryError,
+    SettingsError,
+)
+from .types import Block, SearchSettings, SourceModel, TaskScore, TrialResult, best_trial
+
+if TYPE_CHECKING:  # these import torch: the cheap checks must not wait for them
+    from transformers import PreTrainedTokenizerBase
+
+    from .engine import MergeEngine
+    from .evaluate import Metric, TaskData
+    from .rundir import Fingerprints, RunDir
+    from .search import Fidelity
+
+
+def _model_dtype(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything `search` needs, checked before anything is loaded or written."""
+
+    sources: list[SourceModel]
+    base: SourceModel | None
+    files: dict[str, Path]
+    tasks: list[TaskData]  # one per source, in source order
+    blocks: tuple[Block, ...]
+    dtype: str
+    metrics: tuple[Metric, ...]
+    tokenizer: PreTrainedTokenizerBase
+    fingerprints: Fingerprints
+    warm_start: tuple[TrialResult, ...] = ()
+    fidelity: Fidelity | None = None
+    evals: tuple = ()  # evaluation plug-ins (plugins.LmEval)
+
+    @property
+    def reference_model(self) -> Path:
+        return (self.base or self.sources[0]).path
+
+
+def _check_paths(
+    model_refs: list[str], data: dict[str, str]
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The checks that need no model and no heavy import: the data files by source name (see
+    `inputs.data_files`), and their sha256."""
+    from . import inputs
+
+    if len(model_refs) < 2:
+        raise ModelReferenceError("give at least two source models to merge")
+    return inputs.data_files(data, model_refs)
+
+
+def _check_inputs(
+    model_refs: list[str],
+    base_ref: str | None,
+    files: dict[str, Path],
+    data_sha: dict[str, str],
+    settings: SearchSettings,
+) -> Inputs:
+    """Resolve and check models, data, methods and parameters; tokenise the data; segment.
+
+    `files` and `data_sha` are what `_check_paths` found, by source name.
+    """
+    from transformers import AutoTokenizer
+
+    from . import evaluate, methods, plugins, segment, sources
+    from .engine import check_device, check_dtype
+    from .rundir import DataPrint, Fingerprints, model_print
+    from .search import Fidelity
+
+    segment.parse_strategy(settings.strategy)
+    methods.check_methods(settings.methods, base_ref is not None, len(model_refs))
+    methods.check_method_parameters(settings.methods, settings.method_parameters)
+    check_device(settings.device)
+    metrics = tuple(evaluate.parse_metric(spec) for spec in settings.metrics)
+    if len({m.name for m in metrics}) < len(metrics):
+        raise SettingsError(f"--metric names repeat: {', '.join(m.name for m in metrics)}")
+    evals = plugins.parse_evals(settings.evals, settings.eval_arguments)
+    trust = settings.trust_remote_code
+    resolve = partial(
+        sources.resolve_model, trust_remote_code=trust, allow_pickle=settings.allow_pickle_weights
+    )
+    sources = [resolve(ref) for ref in model_refs]
+    base = resolve(base_ref) if base_ref else None
+    rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
+    reference_model = (base or sources[0]).path
+    segment.check_compatible([s.path for s in sources] + ([base.path] if base else []))
+    dtype = settings.dtype or _model_dtype(reference_model)
+    check_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(reference_model), trust_remote_code=trust)
+    except Exception as error:
+        raise ModelReferenceError(
+            f"cannot load a tokenizer from {reference_model}: {error}"
+        ) from None
+    tasks = [
+        evaluate.tokenize_task(
+            s.name,
+            rows[s.name],
+            tokenizer,
+            settings.max_length,
+            settings.eval_tokens,
+            settings.seed,
+        )
+        for s in sources
+    ]
+    unlabelled = [t.name for t in tasks if not t.labels]
+    if unlabelled and any(m.name == "label_accuracy" for m in metrics):
+        raise DataError(
+            f"--metric label_accuracy needs prompt/label data with at most "
+            f"{evaluate.MAX_LABELS} labels; {', '.join(unlabelled)} has plain texts or "
+            "free-form answers"
+        )
+    fidelity = Fidelity.resolve(settings.fidelity, tasks)
+    blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
+    prints = Fingerprints(
+        models={s.name: model_print(s) for s in sources},
+        base=model_print(base) if base else None,
+        data={n: DataPrint(path=str(files[n]), sha256=data_sha[n]) for n in files},
+    )
+    warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
+    return Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, prints, warm,
+                   fidelity, evals)  # fmt: skip
+
+
+def _warm_start_trials(
+    settings: SearchSettings,
+    blocks: tuple[Block, ...],
+    names: tuple[str, ...],
+    prints: Fingerprints,
+) -> tuple[TrialResult, ...]:
+    """The finished trials of `--warm-start RUN_DIR`, once its space is checked to be ours and
+    its inputs the same as ours (runs from before fingerprints cannot be checked)."""
+    from . import search, space
+    from .rundir import RunDir, RunRecord, check_unchanged
+
+    if not settings.warm_start:
+        return ()
+    folder = Path(settings.warm_start)
+    stored = RunRecord.read(folder)
+    earlier = space.build_space(stored.blocks, stored.names, stored.settings)
+    search.check_same_space(earlier, space.build_space(blocks, names, settings), str(folder))
+    if stored.fingerprints:
+        check_unchanged(stored.fingerprints, prints, folder, "warm-start from")
+    else:
+        _note(f"{folder} is from before input fingerprints: its models and data are taken to "
+              "be the ones given here")  # fmt: skip
+    return tuple(RunDir(folder).trials())
+
+
+def _note(message: str) -> None:
+    """A line for the user beside the progress (stderr), not an error."""
+    logging.getLogger("automerge_mk").warning(message)
+
+
+def _quiet_libraries() -> None:
+    """Our own bars show progress; per-file bars of datasets and transformers only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class Session:
+    """A run directory with resident sources and the specialists' reference scores."""
+
+    run: RunDir
+    inputs: Inputs
+    settings: SearchSettings
+    engine: MergeEngine
+    references: dict[str, TaskScore]  # each task under its own specialist
+    sources_scored: dict[str, tuple]
+
+    def objective(self, to_plan=None):
+        """The target function on this session's engine, data, references and metrics."""
+        from .search import MergeObjective
+
+        inputs = self.inputs
+        specialists = {source.name: source.path for source in inputs.sources}
+        return MergeObjective(
+            self.engine, inputs.tasks, self.references, to_plan, inputs.metrics,
+            inputs.tokenizer, specialists, self.settings.seed, inputs.evals,
+        )  # fmt: skip
+
+
+def _check_space(inputs: Inputs, out: Path, replacing: bool) -> None:
+    """Refuse to start when `out` cannot hold the merged model (one source's weights in the
+    merge dtype, plus a margin for the run's files), instead of failing at the end."""
+    from .rundir import check_space
+    from .weights import model_bytes
+
+    model = model_bytes(inputs.reference_model, _model_dtype(inputs.reference_model), inputs.dtype)
+    freed = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if replacing else 0
+    # The build writes model.partial beside an earlier model/ and replaces it at the end.
+    check_space(out, needed=model + 64 * 2**20, freed=freed)
+
+
+def _load_sources(inputs: Inputs, settings: SearchSettings):
+    """The engine with the sources resident, and each source's scores on every task (each
+    specialist's on its own task are the reference of AP and PR)."""
+    from . import evaluate
+    from .engine import MergeEngine, eval_dtype
+
+    engine = MergeEngine(
+        [s.path for s in inputs.sources],
+        inputs.base.path if inputs.base else None,
+        inputs.reference_model,
+        dtype=inputs.dtype,
+        device=settings.device,
+        cache_order=settings.cache_order,
+        eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
+        trust_remote_code=settings.trust_remote_code,
+    )
+    _check_finite_weights(engine, inputs)
+    raw = {
+        s.name: evaluate.score_model(
+            engine.load_source(s.path), inputs.tasks, inputs.metrics, inputs.tokenizer
+        )
+        for s in inputs.sources
+    }
+    for source in inputs.sources:
+        loss = raw[source.name][source.name].loss
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"{source.name} ({source.path}) has loss {loss} on its own task {source.name} "
+                f"although its weights are finite: the reference of AP cannot be {loss}; try "
+                "--eval-dtype float32 (float16 overflows) or check its data"
+            )
+    return engine, raw
+
+
+def _check_finite_weights(engine: MergeEngine, inputs: Inputs) -> None:
+    """Raises NonFiniteError naming the model and the first tensor with NaN/inf values (one
+    pass over the resident tensors, before any trial)."""
+    bad = engine.non_finite_tensors()
+    if not bad:
+        return
+    names = {m.path: f"{'base model' if m is inputs.base else 'source model'} {m.name}"
+             for m in inputs.sources + ([inputs.base] if inputs.base else [])}  # fmt: skip
+    folder, tensor, count = bad[0]
+    more = f" ({len(bad)} tensors in all)" if len(bad) > 1 else ""
+    raise NonFiniteError(
+        f"{names.get(folder, folder)} ({folder}): tensor {tensor} has {count:,} NaN/inf values "
+        f"as read in the merge dtype {inputs.dtype}{more}; every merge with it would fail. "
+        "Fix or re-export the model (or choose a wider --dtype if the cast overflows)"
+    )
+
+
+def _to_plan(inputs: Inputs, settings: SearchSettings):
+    """configuration -> MergePlan for these sources, blocks and settings."""
+    from . import space
+
+    return partial(
+        space.plan_from_config,
+        blocks=inputs.blocks,
+        sources=tuple(str(s.path) for s in inputs.sources),
+        source_names=tuple(s.name for s in inputs.sources),
+        base=str(inputs.base.path) if inputs.base else None,
+        settings=settings,
+        dtype=inputs.dtype,
+    )
+
+
+def worker_objective(model_refs, base_ref, data, settings: dict):
+    """What a Dask worker process needs to run trials: the checked inputs, its own resident
+    engine and the specialists' reference scores, as one MergeObjective."""
+    from .search import MergeObjective
+
+    settings = SearchSettings(**settings)
+    _quiet_libraries()
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
+    engine, raw = _load_sources(inputs, settings)
+    references = {name: scores[name] for name, scores in raw.items()}
+    return MergeObjective(
+        engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
+        inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
+    )  # fmt: skip
+
+
+def _protected(inputs: Inputs, settings: SearchSettings) -> list[Path]:
+    """What --out must keep apart from: the model folders and every file in them (a Hub
+    snapshot's files resolve into the cache), the data files, a --warm-start run."""
+    models = [m.path for m in inputs.sources + ([inputs.base] if inputs.base else [])]
+    paths = models + [file for folder in models for file in folder.iterdir()]
+    paths += list(inputs.files.values())
+    return paths + ([Path(settings.warm_start)] if settings.warm_start else [])
+
+
+def open_session(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool,
+    resume: bool = False,
+    command: str = "search",
+) -> Session:
+    """Check every input, then create (or reopen) the run directory, load the engine, score
+    the sources. The session's run directory stays locked until `session.run.release()`."""
+    from .rundir import RunDir, RunRecord, check_unchanged, describe_takeover
+
+    files, data_sha = _check_paths(model_refs, data)  # before any heavy import
+    if resume:
+        run = RunDir.reopen(out)
+        recorded = RunRecord.read(out).fingerprints
+    else:
+        RunDir.check_free(out, overwrite)
+        run = recorded = None
+    try:
+        _quiet_libraries()
+        inputs = _check_inputs(model_refs, base_ref, files, data_sha, settings)
+        _check_space(inputs, out, overwrite and not resume)
+        if recorded:
+            check_unchanged(recorded, inputs.fingerprints, out, "resume")
+        elif resume:
+            _note(f"{out} is from before input fingerprints: from now on it records them")
+        # --- expensive work from here on ---
+        if run is None:
+            run = RunDir.create(out, overwrite, _protected(inputs, settings), command)
+        if taken := describe_takeover(run.lock):
+            _note(taken.capitalize())
+        if recorded is None:
+            run.write_record(RunRecord(
+                models=inputs.sources, base=inputs.base,
+                data={k: str(v) for k, v in inputs.files.items()}, settings=settings,
+                dtype=inputs.dtype, blocks=inputs.blocks, fingerprints=inputs.fingerprints,
+            ))  # fmt: skip
+        return _start_session(run, inputs, settings)
+    except BaseException:
+        if run is not None:
+            run.release()
+        raise
+
+
+def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Session:
+    """Load the engine and score the sources into a locked run directory."""
+    from . import evaluate, plugins, report
+
+    run.write_json(
+        "eval_subset.json",
+        {
+            t.name: {"texts": list(t.indices), "tokens": t.tokens, "computed": t.computed_tokens}
+            for t in inputs.tasks
+        },
+    )
+    engine, raw = _load_sources(inputs, settings)
+    references = {name: scores[name] for name, scores in raw.items()}
+    sources_scored = {
+        n: evaluate.with_preservation(s, references, inputs.metrics) for n, s in raw.items()
+    }
+    run.write_json(
+        "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
+    )
+    if inputs.evals:  # the plug-ins' scores of each source, beside their AP and PR
+        evals = {
+            f"{s.name} alone": plugins.run_evals(
+                inputs.evals, engine.load_source(s.path), inputs.tokenizer
+            )
+            for s in inputs.sources
+        }
+        run.write_json("evals.json", evals)
+    return Session(run, inputs, settings, engine, references, sources_scored)
+
+
+def _score_baselines(session: Session, objective, settings: SearchSettings) -> dict:
+    """The five methods at fixed settings, scored like trials; saved as baselines.json."""
+    from . import report, space
+
+    inputs = session.inputs
+    plans = space.baseline_plans(
+        inputs.blocks,
+        tuple(str(s.path) for s in inputs.sources),
+        str(inputs.base.path) if inputs.base else None,
+        inputs.dtype,
+        settings.seed,
+    )
+    results = {
+        label: objective.evaluate_plan(plan, -1, {"baseline": label})
+        for label, plan in plans.items()
+    }
+    session.run.write_json(
+        "baselines.json",
+        {label: report.scored_json(r.tasks, r.harmonic_mean) for label, r in results.items()},
+    )
+    if session.inputs.evals:
+        evals = {f"baseline: {label}": r.evals for label, r in results.items()}
+        session.run.write_json("evals.json", session.run.read_json("evals.json") | evals)
+    return {label: (r.tasks, r.harmonic_mean) for label, r in results.items()}
+
+
+def run_baselines(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool = False,
+) -> tuple[Path, str]:
+    """Score the five default methods at fixed settings; return the run directory and table."""
+    from . import report
+
+    session = open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite,
+                            command="baselines")  # fmt: skip
+    try:
+        rows = _score_baselines(session, session.objective(), settings)
+        rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
+        table = report.score_table(rows)
+        session.run.write_text("baselines.md", table + "\n")
+    finally:
+        session.run.release()
+    return session.run.path, table
+
+
+def run_search(
+    model_refs: list[str],
+    base_ref: str | None,
+    data: dict[str, str],
+    settings: SearchSettings,
+    out: Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+) -> Path:
+    """Check every input, then search, write the recipe and build the model with mergekit.
+
+    With `resume`, `out` is an interrupted run: its finished trials are replayed, not run
+    again, and the search goes on to `settings.trials` (see `resume_arguments`).
+
+    Returns:
+        The run directory.
+
+    Raises:
+        AutomergeError: (a subclass) for any problem with the input, before `out` is touched.
+    """
+    started = time.perf_counter()
+    # Recipes and rebuild commands must not depend on the working directory.
+    session = open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite, resume,
+                            "search --resume" if resume else "search")  # fmt: skip
+    try:
+        return _search(session, progress, resume, started)
+    finally:
+        session.run.release()
+
+
+def _search(session: Session, progress: bool, resume: bool, started: float) -> Path:
+    """The search of `run_search` in an open session; returns the run directory."""
+    from . import plugins, recipe, report, search, space
+    from .rundir import writing
+
+    run, inputs, engine, settings = session.run, session.inputs, session.engine, session.settings
+    sources_scored = session.sources_scored
+
+    names = tuple(s.name for s in inputs.sources)
+    to_plan = _to_plan(inputs, settings)
+    objective = session.objective(to_plan)
+    optimizer = search.make_optimizer(
+        space.build_space(inputs.blocks, names, settings),
+        settings.trials,
+        settings.initial,
+        settings.seed,
+        run.path / ".smac",
+        settings.optimizer,
+        inputs.fidelity,
+    )
+    space_ = optimizer.scenario.configspace
+    search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
+    finished = run.trials() if resume else []
+    if settings.workers > 1 or settings.scheduler:
+        results = _parallel_search(optimizer, session, progress, finished)
+    else:
+        runner = search.SerialRunner(objective)
+        results = search.run_search(optimizer, runner, settings.trials, run.append_trial,
+                                    progress, finished)  # fmt: skip
+    results = search.reevaluate_best(
+        results, objective, inputs.fidelity, run.append_trial, finished
+    )
+    if inputs.fidelity:
+        for budget in {r.budget for r in results if r.budget is not None}:
+            objective.at_budget(budget)  # scored here already, unless trials ran elsewhere
+        _write_budgets(run, objective, inputs.fidelity)
+    best = best_trial(results)
+    if best is None:
+        raise NoSuccessfulTrialError(
+            f"all {len(results)} trials failed (their errors are in {run.path / 'trials.jsonl'}): "
+            "the sources are finite, so the merges overflowed (NaN/inf losses) or the kernels "
+            "failed; try --dtype float32, or narrow --methods / --weight-range"
+        )
+    plan = to_plan(best.config)
+    pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
+    command = recipe.reproduce_command(
+        run.path / "recipe.yaml", run.path / "model", len(plan.methods) > 1, plan.seed
+    )
+    recipe_file = run.write_text("recipe.yaml", recipe.recipe_text(plan, pinned, command))
+    run.write_json("best.json", best.model_dump(mode="json") | {"recipe": "recipe.yaml"})
+
+    code = inputs.reference_model if settings.trust_remote_code else None
+    recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device, code)
+    from transformers import AutoModelForCausalLM
+
+    # Scored in the live model's dtype, so the only difference to the trial could be the merge.
+    built = AutoModelForCausalLM.from_pretrained(
+        str(run.path / "model"), dtype=engine.model.dtype,
+        trust_remote_code=settings.trust_remote_code,
+    ).to(engine.device)  # fmt: skip
+    final = objective.score(built)
+    run.write_json("final.json", report.scored_json(*final))
+    if inputs.evals:
+        built_evals = plugins.run_evals(inputs.evals, built, inputs.tokenizer)
+        evals = {"search (best trial)": best.evals, "model/ (stock mergekit)": built_evals}
+        run.write_json("evals.json", evals | run.read_json("evals.json"))
+    baselines = _score_baselines(session, objective, settings)
+    table = {
+        "search (best trial)": (best.tasks, best.harmonic_mean),
+        "model/ (stock mergekit)": final,
+        **{f"baseline: {label}": scored for label, scored in baselines.items()},
+        **sources_scored,
+    }
+    references = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
+    label, (_, value) = max(baselines.items(), key=lambda item: item[1][1])
+    references[f"best baseline ({label})"] = value
+    with writing(run.path / "progress.png"):
+        report.progress_plot(results, run.path / "progress.png", references)
+    summary = report.summary_markdown(
+        f"automerge-mk: {' + '.join(names)}",
+        best,
+        results,
+        table,
+        plan,
+        command,
+        time.perf_counter() - started,
+        run.read_json("evals.json") if inputs.evals else None,
+    )
+    run.write_text("summary.md", summary)
+    return run.path
+
+
+def _parallel_search(optimizer, session: Session, progress: bool, finished):
+    """Trials on Dask workers (--workers / --scheduler), each with its own resident sources."""
+    from .search import parallel, run_search
+
+    inputs, settings = session.inputs, session.settings
+    target = parallel.WorkerTrial(
+        worker_objective,
+        [str(s.path) for s in inputs.sources],
+        str(inputs.base.path) if inputs.base else None,
+        {k: str(v) for k, v in inputs.files.items()},
+        # A warm start is told to SMAC in this process; workers only run trials.
+        settings.model_copy(update={"warm_start": None}).model_dump(mode="json"),
+    )
+    with parallel.dask_client(settings.workers, settings.scheduler, settings.device) as client:
+        runner = parallel.DaskRunner(optimizer, target, client)
+        return run_search(optimizer, runner, settings.trials, session.run.append_trial,
+                          progress, finished)  # fmt: skip
+
+
+def _write_budgets(run: RunDir, objective, fidelity: Fidelity) -> None:
+    """budgets.json: the Hyperband budgets, and per budget used the examples and tokens of each
+    task's subset and its specialist's reference loss on them."""
+    levels = {
+        str(budget): {
+            task.name: {
+                "examples": len(task.sequences),
+                "computed_tokens": task.computed_tokens,
+                "reference_loss": references[task.name].loss,
+            }
+            for task in tasks
+        }
+        for budget, (tasks, references) in sorted(objective.levels.items())
+    }
+    run.write_json("budgets.json", {**fidelity._asdict(), "eta": fidelity.ETA, "levels": levels})
+
+
+def run_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write report.md with its plots into `out` (default RUN_DIR), from whatever the run has
+    finished so far.
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
+    """
+    from . import report
+    from .rundir import RunDir, RunRecord, writing
+
+    run, out = RunDir(run_dir), out or run_dir
+    stored = RunRecord.read(run_dir)
+    if not (run_dir / "sources.json").is_file():
+        raise RunDirectoryError(f"{run_dir} has no sources.json yet: the search has not started")
+    sources = run.read_json("sources.json")
+    trials = run.trials()
+    ok = [t for t in trials if t.status == "ok"]
+    best = best_trial(trials)
+    if best is None:
+        raise RunDirectoryError(f"{run_dir} has no successful trial yet")
+    settings, names, plan = stored.settings, stored.names, stored.plan(best.config)
+    rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
+    if (run_dir / "baselines.json").is_file():
+        label, scored = max(run.read_json("baselines.json").items(),
+                            key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
+        rows[f"best baseline ({label})"] = scored
+    rows |= {f"{name} alone": scored for name, scored in sources.items()}
+    with writing(out):
+        report.search_progress_plot(trials, out / "report-progress.png")
+        report.task_plot(rows, out / "report-tasks.png")
+        report.plan_heatmap(plan, names, out / "report-blocks.png")
+    failed = len(trials) - len(ok)
+    tokens = sum(report.computed_tokens(t) for t in trials)
+    budgets = sorted({t.budget for t in trials if t.budget is not None})
+    fidelity = (
+        f" Multi-fidelity: trials at {', '.join(map(str, budgets))} validation tokens per task; "
+        "the best is taken from the highest budget only."
+        if budgets else ""
+    )  # fmt: skip
+    text = "\n\n".join([
+        f"# automerge-mk report: {' + '.join(names)}",
+        f"{len(trials)} of {settings.trials} trials finished ({failed} failed); best trial "
+        f"{best.trial}, harmonic-mean AP {best.harmonic_mean:.4f}. {tokens:,} validation "
+        f"tokens evaluated (forward-pass positions).{fidelity}",
+        "## Search progress\n\n![best so far vs trial and vs tokens](report-progress.png)",
+        "## Per task: AP and PR\n\nPR is from each task's metric ("
+        + ", ".join(f"{n}: {s.rate_metric}" for n, s in best.tasks.items())
+        + ").\n\n![AP and PR per task](report-tasks.png)",
+        "## The best configuration per block\n\n![method, weights and densities per block]"
+        "(report-blocks.png)\n\n" + report.plan_table(plan),
+        "## Top trials\n\n" + report.top_trials_table(trials),
+    ])  # fmt: skip
+    return RunDir(out).write_text("report.md", text + "\n")
+
+
+def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, str], SearchSettings]:
+    """Models (pinned), base, data and settings of a run, as `run_search` takes them.
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory.
+    """
+    from .rundir import RunRecord
+
+    stored = RunRecord.read(run_dir)
+    base = stored.base.pinned if stored.base else None
+    return [m.pinned for m in stored.models], base, stored.data, stored.settings
+
+
+def finished(run_dir: Path, settings: SearchSettings) -> bool:
+    """Whether a run has all its trials, its model and its summary (written last)."""
+    from .rundir import RunDir
+
+    done = (run_dir / "summary.md").is_file() and (run_dir / "model" / "config.json").is_file()
+    return done and len(RunDir(run_dir).trials()) >= settings.trials
+
+
+def publish_run(run: Path, repo: str, private: bool = False, branch: str | None = None) -> str:
+    """Publish a finished run to the Hub repo `repo` in one commit; returns the commit URL.
+
+    Raises:
+        RunInUseError: when a search is still writing the run.
+        RunDirectoryError: when the run has no built model.
+        PublishError: when the Hub refuses or cannot be reached (nothing local changed).
+    """
+    import tempfile
+
+    from .publish import publish
+    from .rundir import RunLock
+
+    RunLock.check_free(run)  # a search still writing it would publish half a run
+    # The card shows the report's plots; they are drawn aside, so the run stays as it was.
+    with tempfile.TemporaryDirectory() as plots:
+        run_report(run, Path(plots))
+        return publish(run, repo, private=private, branch=branch, plots=Path(plots))
