@@ -13,61 +13,8 @@ import click
 
 from . import pipeline
 from .errors import AutomergeError, StorageError
-from .methods import METHODS_HELP
-from .types import METRIC_HELP, STRATEGY_HELP, SearchSettings
-
-
-def _range(text: str, label: str) -> tuple[float, float]:
-    try:
-        low, high = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise click.BadParameter(f"{label} must be MIN:MAX, e.g. 0.1:1.0, not {text!r}") from None
-    return low, high
-
-
-FIDELITY_HELP = (
-    "Multi-fidelity search, tokens[:MIN:MAX]: SMAC's Hyperband (eta 3) evaluates most "
-    "configurations on a seeded subset of MIN..MAX validation tokens per task (forward-pass "
-    "positions) and only the best on more; each budget's AP is relative to the specialists' "
-    "loss on the same examples. --trials counts evaluations at any budget. The result is the "
-    "best at the highest budget, evaluated once more on all tokens when MAX is below them. "
-    "Default MAX: all of the largest task's tokens; MIN: MAX/9."
-)
-
-
-def _fidelity(text: str | None) -> tuple[int | None, int | None] | None:
-    if text is None:
-        return None
-    kind, *bounds = text.split(":")
-    try:
-        if kind != "tokens" or len(bounds) > 2:
-            raise ValueError
-        low, high = [int(b) if b else None for b in bounds] + [None] * (2 - len(bounds))
-    except ValueError:
-        raise click.BadParameter(
-            f"--fidelity takes tokens or tokens:MIN:MAX (token counts per task), not {text!r}"
-        ) from None
-    return low, high
-
-
-def _key_values(pairs: tuple[str, ...], option: str) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or not value:
-            raise click.BadParameter(f"{option} takes NAME=VALUE, not {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _parse_value(text: str):
-    """A --set / --eval-arg value as safe YAML: numbers, booleans, strings, lists."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, RecursionError) as error:
-        raise click.BadParameter(f"{text!r} is not a plain YAML value ({error})") from None
+from .settings import SearchSettings, key_values
+from .types import STRATEGY_HELP
 
 
 class _NoteHandler(logging.Handler):
@@ -148,6 +95,7 @@ def _with(function, options):
 
 def source_options(function, required: bool = True):
     """Models, base and validation data: shared by `search` and `baselines`."""
+    function = setting_options(SOURCE_SETTINGS)(function)
     return _with(
         function,
         [
@@ -166,248 +114,106 @@ def source_options(function, required: bool = True):
                 "prompt + ' ' + label). Repeat per model.",
             ),
             click.option(
-                "--text-column", default="text", show_default=True, help="Column holding the text."
+                "--overwrite",
+                is_flag=True,
+                help="Replace an existing --out run directory (never a folder that is not a "
+                "run, nor one holding the inputs).",
             ),
-            click.option(
-                "--dtype",
-                default=None,
-                help="Merge dtype written in the recipe. Default: the base model's.",
-            ),
-            click.option("--overwrite", is_flag=True, help="Replace an existing --out directory."),
         ],
     )
+
+
+# Which settings each group of commands offers (all declared once, in settings.py).
+SOURCE_SETTINGS = ("text_column", "dtype")
+EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "trust_remote_code",
+                       "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
+                       "device")  # fmt: skip
+SEARCH_SETTINGS = ("methods", "strategy", "weight_range", "density_range", "initial",
+                   "warm_start", "fidelity", "optimizer", "method_parameters", "cache_order",
+                   "workers", "scheduler")  # fmt: skip
+
+
+def setting_options(names: tuple[str, ...], **defaults):
+    """click options for these SearchSettings fields, made from the fields themselves: flag,
+    help (the field's description), type, default (or `defaults[name]`)."""
+
+    def decorate(function):
+        for name in reversed(names):
+            function = _setting_option(name, defaults.get(name))(function)
+        return function
+
+    return decorate
+
+
+def _setting_option(name: str, default=None):
+    import typing
+
+    field = SearchSettings.model_fields[name]
+    cli = (field.json_schema_extra or {}).get("cli", {})
+    flag = cli.get("flag", "--" + name.replace("_", "-"))
+    value = field.get_default(call_default_factory=True) if default is None else default
+    common = {"help": field.description}
+    if cli.get("metavar"):
+        common["metavar"] = cli["metavar"]
+    annotation, choices = field.annotation, typing.get_args(field.annotation)
+    if annotation is bool:
+        if value:
+            return click.option(f"{flag}/--no-{flag[2:]}", name, default=True, show_default=True,
+                                **common)  # fmt: skip
+        return click.option(flag, name, is_flag=True, **common)
+    if cli.get("multiple"):
+        return click.option(flag, name, multiple=True, **common)
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.option(flag, name, type=click.Choice(choices), default=value,
+                            show_default=True, **common)  # fmt: skip
+    if cli.get("folder"):
+        folder = click.Path(path_type=Path, exists=True, file_okay=False)
+        return click.option(flag, name, type=folder, **common)
+    if "shown" in cli:  # a tuple typed as text, e.g. MIN:MAX
+        shown = cli["shown"]
+        text = ",".join(value) if shown == "comma list" else shown
+        return click.option(flag, name, default=text, show_default=shown != "comma list",
+                            **common)  # fmt: skip
+    kind = int if int in choices or annotation is int else str
+    return click.option(flag, name, type=kind, default=value,
+                        show_default=value is not None, **common)  # fmt: skip
 
 
 def evaluation_options(function):
     """How merges are scored and where: shared by `search`, `demo` and `baselines`."""
-    return _with(
-        function,
-        [
-            click.option(
-                "--seed",
-                default=0,
-                show_default=True,
-                help="Seed of the evaluation subset, DARE draws and (search) the optimiser.",
-            ),
-            click.option(
-                "--eval-tokens",
-                type=int,
-                default=None,
-                help="Validation tokens per task (a fixed seeded subset). Default: all.",
-            ),
-            click.option(
-                "--max-length",
-                default=512,
-                show_default=True,
-                help="Truncate validation texts to this many tokens.",
-            ),
-            click.option(
-                "--trust-remote-code",
-                is_flag=True,
-                help="Accept models whose config needs code from their repository (off: such "
-                "models are refused and no code of theirs is downloaded or run). Only for "
-                "repositories you trust.",
-            ),
-            click.option(
-                "--allow-pickle-weights",
-                is_flag=True,
-                help="Accept models that have only pickled pytorch_model*.bin weights (off: "
-                "safetensors only). They are read with torch's weights-only unpickler, but a "
-                "pickle is still code: only for models you trust.",
-            ),
-            click.option("--metric", "metrics", multiple=True, metavar="SPEC", help=METRIC_HELP),
-            click.option(
-                "--eval",
-                "evals",
-                multiple=True,
-                metavar="lm-eval:TASK[,TASK]",
-                help="Also score lm-evaluation-harness tasks (optional extra: pip install "
-                "'automerge-mk[lm-eval]') on every trial scored on all validation tokens, the "
-                "sources, the baselines and the final model; recorded beside AP and PR "
-                "(trials.jsonl, evals.json, summary.md), not optimised.",
-            ),
-            click.option(
-                "--eval-arg",
-                "eval_arguments",
-                multiple=True,
-                metavar="KEY=VALUE",
-                callback=lambda _, __, pairs: {
-                    k: _parse_value(v) for k, v in _key_values(pairs, "--eval-arg").items()
-                },
-                help="Passed through to lm_eval.simple_evaluate, e.g. --eval-arg limit=100 "
-                "--eval-arg num_fewshot=0 --eval-arg batch_size=8; include_path=FOLDER adds "
-                "your own task YAMLs. Repeatable; unknown keys are refused.",
-            ),
-            click.option(
-                "--eval-dtype",
-                type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                default="auto",
-                show_default=True,
-                help="dtype of the live model that is scored: auto = float32 on CPU (the most "
-                "precise losses; on AVX512 CPUs bfloat16 can be about 2x faster, see "
-                "scripts/results/bench_search.md) and bfloat16 on a GPU. Losses are summed in "
-                "float32 either way.",
-            ),
-            click.option(
-                "--device",
-                default="cpu",
-                show_default=True,
-                help="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N.",
-            ),
-        ],
-    )
+    return setting_options(EVALUATION_SETTINGS)(function)
 
 
 def search_options(initial: int):
     """Options shared by `search` and `demo`; `initial` is the default Sobol design size."""
-    return partial(_add_search_options, initial=initial)
+
+    def decorate(function):
+        function = click.option("--quiet", is_flag=True, help="No progress bar.")(function)
+        function = setting_options(SEARCH_SETTINGS, initial=initial)(function)
+        return evaluation_options(function)
+
+    return decorate
 
 
-def _add_search_options(function, initial: int):
-    options = [
-        click.option("--methods", default=",".join(SearchSettings().methods), help=METHODS_HELP),
-        click.option(
-            "--strategy",
-            default="layers:4",
-            show_default=True,
-            help=STRATEGY_HELP,
-        ),
-        click.option(
-            "--weight-range",
-            default="0:1",
-            show_default=True,
-            help="MIN:MAX of each source's weight (two sources: w and 1-w).",
-        ),
-        click.option(
-            "--density-range",
-            default="0.1:1",
-            show_default=True,
-            help="MIN:MAX of each source's density for sparsifying methods.",
-        ),
-        click.option(
-            "--initial",
-            default=initial,
-            show_default=True,
-            help="Configurations in SMAC's Sobol initial design.",
-        ),
-        click.option(
-            "--warm-start",
-            type=click.Path(path_type=Path, exists=True, file_okay=False),
-            metavar="RUN_DIR",
-            help="Tell the optimiser the finished trials of an earlier run over the same space "
-            "(same models, --strategy, --methods and ranges; checked, and refused otherwise) "
-            "before it proposes anything. Its costs are taken as they are: use the same data.",
-        ),
-        click.option("--fidelity", metavar="tokens[:MIN:MAX]", help=FIDELITY_HELP),
-        click.option(
-            "--optimizer",
-            type=click.Choice(["smac", "random"]),
-            default="smac",
-            show_default=True,
-            help="smac: random-forest Bayesian optimisation; random: uniform random search of "
-            "the same space (a baseline for the optimiser).",
-        ),
-        click.option(
-            "--set",
-            "fixed",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Fix a merge parameter for every trial, e.g. --set lambda=1.0 "
-            "--set int8_mask=true. Unknown keys are rejected.",
-        ),
-        click.option(
-            "--cache-order/--no-cache-order",
-            default=True,
-            show_default=True,
-            help="Keep TIES's magnitude order of every task vector between trials instead of "
-            "sorting again each trial: much faster ties trials for 4 bytes of memory per "
-            "parameter per source model (about 1.1 GB for two 135M-parameter sources).",
-        ),
-        click.option(
-            "--workers",
-            type=int,
-            default=1,
-            show_default=True,
-            help="Run trials in parallel on a local Dask cluster of this many worker processes "
-            "(one per GPU, pinned with CUDA_VISIBLE_DEVICES, when --device is a GPU); each "
-            "loads the sources once and keeps them resident. 1: trials run in this process.",
-        ),
-        click.option(
-            "--scheduler",
-            metavar="tcp://HOST:PORT",
-            help="Run trials on the workers of an existing Dask cluster (e.g. dask-jobqueue on "
-            "SLURM, see the README); each worker loads the sources once.",
-        ),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
-    return evaluation_options(_with(function, options))
-
-
-def _validated(**values) -> SearchSettings:
-    """SearchSettings, with a validation failure reported as a bad parameter."""
+def _settings(**values) -> SearchSettings:
+    """SearchSettings from a command's options (the others are ignored), with a validation
+    failure reported as a bad parameter (exit code 2)."""
     from pydantic import ValidationError
 
     try:
-        return SearchSettings(**values)
+        return SearchSettings(
+            **{k: v for k, v in values.items() if k in SearchSettings.model_fields}
+        )
     except ValidationError as error:
         messages = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
         raise click.BadParameter(messages) from None
 
 
-def _settings(
-    trials,
-    methods,
-    strategy,
-    weight_range,
-    density_range,
-    initial,
-    warm_start,
-    fidelity,
-    optimizer,
-    workers,
-    scheduler,
-    seed,
-    eval_tokens,
-    max_length,
-    fixed,
-    device,
-    cache_order,
-    eval_dtype,
-    trust_remote_code,
-    allow_pickle_weights,
-    metrics=(),
-    evals=(),
-    eval_arguments=None,
-    text_column="text",
-    dtype=None,
-):
-    return _validated(
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-        strategy=strategy,
-        weight_range=_range(weight_range, "--weight-range"),
-        density_range=_range(density_range, "--density-range"),
-        trials=trials,
-        initial=initial,
-        warm_start=str(warm_start.resolve()) if warm_start else None,
-        optimizer=optimizer,
-        fidelity=_fidelity(fidelity),
-        workers=workers,
-        scheduler=scheduler,
-        seed=seed,
-        eval_tokens=eval_tokens,
-        max_length=max_length,
-        text_column=text_column,
-        dtype=dtype,
-        device=device,
-        cache_order=cache_order,
-        eval_dtype=eval_dtype,
-        trust_remote_code=trust_remote_code,
-        allow_pickle_weights=allow_pickle_weights,
-        metrics=tuple(metrics),
-        evals=tuple(evals),
-        eval_arguments=eval_arguments or {},
-        method_parameters={k: _parse_value(v) for k, v in _key_values(fixed, "--set").items()},
-    )
+def _data(pairs: tuple[str, ...]) -> dict[str, str]:
+    try:
+        return key_values(pairs, "--data")
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _out_option(default: str, help: str):
@@ -420,7 +226,7 @@ def _out_option(default: str, help: str):
 @main.command("search")
 @partial(source_options, required=False)
 @_out_option("automerge-run", "Run directory: trials.jsonl, best.json, recipe.yaml, model/.")
-@click.option("--trials", default=200, show_default=True, help="Trials in total.")
+@setting_options(("trials",))
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Publish the result to this repo.")
 @click.option(
     "--resume",
@@ -433,22 +239,8 @@ def _out_option(default: str, help: str):
 )
 @hub_options
 @search_options(initial=20)
-def search_command(
-    models,
-    base,
-    data,
-    text_column,
-    out,
-    trials,
-    dtype,
-    overwrite,
-    quiet,
-    push_to,
-    resume,
-    private,
-    branch,
-    **options,
-) -> None:
+def search_command(models, base, data, out, overwrite, quiet, push_to, resume, private, branch,
+                   **options) -> None:  # fmt: skip
     """Search the best per-block merge of MODELS and build it with stock mergekit.
 
     \b
@@ -475,8 +267,8 @@ def search_command(
     elif len(models) < 2 or not data:
         raise click.UsageError("give two or more MODELS and their --data (or --resume RUN_DIR)")
     else:
-        model_refs, files = list(models), _key_values(data, "--data")
-        settings = _settings(trials, text_column=text_column, dtype=dtype, **options)
+        model_refs, files = list(models), _data(data)
+        settings = _settings(**options)
     with _resumable(out, resumed=bool(resume)):
         run = pipeline.run_search(model_refs, base, files, settings, out, overwrite,
                                   progress=not quiet, resume=bool(resume))  # fmt: skip
@@ -541,7 +333,7 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
 @source_options
 @_out_option("automerge-baselines", "Where baselines.json / baselines.md go.")
 @evaluation_options
-def baselines(models, base, data, text_column, dtype, overwrite, out, **evaluation) -> None:
+def baselines(models, base, data, overwrite, out, **options) -> None:
     """Score the five usual merges of MODELS at fixed settings, like search trials.
 
     \b
@@ -549,16 +341,10 @@ def baselines(models, base, data, text_column, dtype, overwrite, out, **evaluati
     ties, dare_linear, dare_ties: the same weights and density 0.5 --
     the values of mergekit's README examples. Without --base only linear is scored.
     """
-    settings = _validated(
-        trials=1,
-        initial=1,
-        text_column=text_column,
-        dtype=dtype,
-        methods=("linear",) if base is None else SearchSettings().methods,
-        **evaluation,
-    )
-    run, table = pipeline.run_baselines(list(models), base, _key_values(data, "--data"),
-                                        settings, out, overwrite)  # fmt: skip
+    methods = ("linear",) if base is None else SearchSettings().methods
+    settings = _settings(trials=1, initial=1, methods=methods, **options)
+    run, table = pipeline.run_baselines(list(models), base, _data(data), settings, out,
+                                        overwrite)  # fmt: skip
     click.echo(table)
     click.echo(f"Saved in {run}")
 
@@ -588,7 +374,7 @@ def push(run_dir: Path, repo: str, private: bool, branch: str | None) -> None:
 
 @main.command()
 @_out_option("automerge-demo", "Where the demo models and the demo run go.")
-@click.option("--trials", default=40, show_default=True, help="Trials of the demo search.")
+@setting_options(("trials",), trials=40)
 @search_options(initial=10)
 def demo(out, trials, quiet, **options) -> None:
     """Build a small base and two trained specialists offline, then search their merge.
@@ -597,7 +383,7 @@ def demo(out, trials, quiet, **options) -> None:
     """
     from .demo import build_demo_models
 
-    settings = _settings(trials, **options)
+    settings = _settings(**options)
     models = build_demo_models(out / "models", seed=settings.seed, progress=not quiet)
     names = list(models.specialists)
     with _resumable(out / "run"):

@@ -29,7 +29,8 @@ from .errors import (
     RunDirectoryError,
     SettingsError,
 )
-from .types import Block, SearchSettings, SourceModel, TaskScore, TrialResult, best_trial
+from .settings import SearchSettings
+from .types import Block, SourceModel, TaskScore, TrialResult, best_trial
 
 if TYPE_CHECKING:  # these import torch: the cheap checks must not wait for them
     from transformers import PreTrainedTokenizerBase

@@ -37,7 +37,8 @@ from .errors import (
     RunInUseError,
     StorageError,
 )
-from .types import Block, Frozen, SearchSettings, SourceModel, TrialResult
+from .settings import SearchSettings
+from .types import Block, Frozen, SourceModel, TrialResult
 from .weights import weight_files
 
 TRIALS = "trials.jsonl"

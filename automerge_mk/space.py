@@ -15,7 +15,8 @@ from typing import Any
 from ConfigSpace import Categorical, ConfigurationSpace, Float, InCondition
 
 from .methods import DEFAULT_METHODS, is_sparsifying, needs_base, takes_weights
-from .types import Block, BlockChoice, MergePlan, SearchSettings
+from .settings import SearchSettings
+from .types import Block, BlockChoice, MergePlan
 
 
 def _name(block: Block, what: str, source: str | None = None) -> str:

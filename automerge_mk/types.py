@@ -16,14 +16,6 @@ STRATEGY_HELP = (
 )
 
 BUILT_IN_METRICS = ("label_accuracy", "token_accuracy")
-METRIC_HELP = (
-    "Task metric for the preservation rate PR, NAME=module:function[:min] (also "
-    "NAME=path/to/file.py:function): called as function(model, tokenizer, rows) on each "
-    "task's validation rows (dicts as read from --data) after every trial; higher is better "
-    "unless ':min'. Built in: label_accuracy (prompt/label data: the label with the highest "
-    "log-likelihood among the task's labels) and token_accuracy. Repeatable; the first one "
-    "gives PR. Default: label_accuracy for prompt/label data, else token_accuracy."
-)
 
 
 class Frozen(BaseModel):
@@ -167,62 +159,3 @@ def harmonic_mean(values: list[float]) -> float:
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1.0 / v for v in values)
-
-
-class SearchSettings(Frozen):
-    """What to search and how much; validated before any model is loaded."""
-
-    methods: tuple[str, ...] = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-    strategy: str = "layers:4"
-    weight_range: tuple[float, float] = (0.0, 1.0)
-    density_range: tuple[float, float] = (0.1, 1.0)
-    trials: int = 200
-    initial: int = 20
-    optimizer: Literal["smac", "random"] = "smac"
-    warm_start: str | None = None  # an earlier run directory whose trials the optimiser is told
-    seed: int = 0
-    workers: int = 1  # Dask worker processes on this machine (1: trials run in this process)
-    scheduler: str | None = None  # tcp://HOST:PORT of an existing Dask cluster
-    eval_tokens: int | None = None
-    # Multi-fidelity (--fidelity tokens[:MIN:MAX]): Hyperband over validation tokens per task;
-    # (None, None) takes the defaults MAX = all of them, MIN = MAX / 9.
-    fidelity: tuple[int | None, int | None] | None = None
-    max_length: int = 512
-    text_column: str = "text"
-    metrics: tuple[str, ...] = ()  # NAME=module:function[:min] specs or built-in names
-    evals: tuple[str, ...] = ()  # evaluation plug-ins: lm-eval:TASK[,TASK]
-    eval_arguments: dict[str, Any] = Field(default_factory=dict)  # passed through to them
-    dtype: str | None = None
-    device: str = "cpu"
-    cache_order: bool = True
-    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    allow_pickle_weights: bool = False  # accept pytorch_model*.bin when there is no safetensors
-    method_parameters: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SearchSettings:
-        if self.initial < 1:
-            raise ValueError("--initial must be at least 1")
-        if self.trials < self.initial:
-            raise ValueError(
-                f"--trials ({self.trials}) is smaller than --initial ({self.initial}): "
-                "the initial design alone would exceed the budget; raise --trials or lower "
-                "--initial"
-            )
-        for label, (low, high) in (("weight", self.weight_range), ("density", self.density_range)):
-            if not low < high:
-                raise ValueError(f"{label} range {low}..{high} is empty: give MIN < MAX")
-        if not (0.0 < self.density_range[0] and self.density_range[1] <= 1.0):
-            raise ValueError("densities must lie in (0, 1]")
-        low, high = self.fidelity or (None, None)
-        if (low is not None and low < 1) or (low and high and not low < high):
-            raise ValueError(f"--fidelity tokens:{low}:{high}: give 0 < MIN < MAX")
-        if self.workers < 1:
-            raise ValueError("--workers must be at least 1")
-        if self.scheduler and self.workers > 1:
-            raise ValueError("--workers starts a local cluster; with --scheduler the cluster's "
-                             "workers are used: give one of them")  # fmt: skip
-        if self.fidelity and self.optimizer == "random":
-            raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
-        return self

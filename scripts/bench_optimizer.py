@@ -21,7 +21,7 @@ from smac import HyperparameterOptimizationFacade, Scenario
 from automerge_mk import search
 from automerge_mk.demo import build_demo_models
 from automerge_mk.pipeline import run_search
-from automerge_mk.types import SearchSettings
+from automerge_mk.settings import SearchSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -32,7 +32,7 @@ from benchmark import RESULTS, _append, _done, _models  # noqa: E402
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
 from automerge_mk import pipeline  # noqa: E402
-from automerge_mk.types import SearchSettings  # noqa: E402
+from automerge_mk.settings import SearchSettings  # noqa: E402
 
 
 def _inputs(kind: str, work: Path):

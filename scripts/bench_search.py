@@ -122,8 +122,9 @@ def naive_loop(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
     from automerge_mk.evaluate import load_texts, tokenize_task
     from automerge_mk.recipe import load_recipe, recipe_text
     from automerge_mk.segment import segment_model
+    from automerge_mk.settings import SearchSettings
     from automerge_mk.space import build_space, plan_from_config
-    from automerge_mk.types import SearchSettings, harmonic_mean
+    from automerge_mk.types import harmonic_mean
 
     settings = SearchSettings(trials=trials, initial=min(trials, 20), eval_tokens=eval_tokens)
     blocks = segment_model(models["base"], settings.strategy)
@@ -179,7 +180,7 @@ def naive_loop(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
 def our_search(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
     from automerge_mk.pipeline import run_search
     from automerge_mk.rundir import RunDir
-    from automerge_mk.types import SearchSettings
+    from automerge_mk.settings import SearchSettings
 
     settings = SearchSettings(trials=trials, initial=min(trials, 20), eval_tokens=eval_tokens)
     started = time.perf_counter()
@@ -230,8 +231,8 @@ def optimiser_cost(models: dict, trials: int = 200) -> dict:
 
     from automerge_mk.search import make_optimizer
     from automerge_mk.segment import segment_model
+    from automerge_mk.settings import SearchSettings
     from automerge_mk.space import build_space
-    from automerge_mk.types import SearchSettings
 
     settings = SearchSettings()
     names = tuple(p.name for p in models["sources"])

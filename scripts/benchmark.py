@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
 from automerge_mk import pipeline, report, segment, space  # noqa: E402
-from automerge_mk.types import SearchSettings  # noqa: E402
+from automerge_mk.settings import SearchSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "scripts" / "results"

@@ -31,7 +31,7 @@ from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
 from automerge_mk import pipeline, report, segment, space  # noqa: E402
 from automerge_mk.rundir import RunRecord  # noqa: E402
-from automerge_mk.types import SearchSettings  # noqa: E402
+from automerge_mk.settings import SearchSettings  # noqa: E402
 
 FULL = "search:blocks"  # the full-fidelity search of benchmark.py
 

@@ -1,0 +1,262 @@
+"""SearchSettings: what to search and how, declared once.
+
+Each field carries its help text (`description`) and how it is spelt on the command line
+(`json_schema_extra`: flag, metavar, repeatable, a default shown as typed); cli.py builds its
+options from these fields, as mergekit's `add_merge_options` builds its flags from
+`MergeOptions.model_fields`. Values typed on the command line (`0:1`, `tokens:100:900`,
+`lambda=1.0`, `linear,ties`) are parsed by the field validators here, so a setting read from
+a run's settings.json and one typed by a user go through the same validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .methods import DEFAULT_METHODS, METHODS_HELP
+from .types import STRATEGY_HELP, Frozen
+
+METRIC_HELP = (
+    "Task metric for the preservation rate PR, NAME=module:function[:min] (also "
+    "NAME=path/to/file.py:function): called as function(model, tokenizer, rows) on each "
+    "task's validation rows (dicts as read from --data) after every trial; higher is better "
+    "unless ':min'. Built in: label_accuracy (prompt/label data: the label with the highest "
+    "log-likelihood among the task's labels) and token_accuracy. Repeatable; the first one "
+    "gives PR. Default: label_accuracy for prompt/label data, else token_accuracy."
+)
+FIDELITY_HELP = (
+    "Multi-fidelity search, tokens[:MIN:MAX]: SMAC's Hyperband (eta 3) evaluates most "
+    "configurations on a seeded subset of MIN..MAX validation tokens per task (forward-pass "
+    "positions) and only the best on more; each budget's AP is relative to the specialists' "
+    "loss on the same examples. --trials counts evaluations at any budget. The result is the "
+    "best at the highest budget, evaluated once more on all tokens when MAX is below them. "
+    "Default MAX: all of the largest task's tokens; MIN: MAX/9."
+)
+
+
+def _cli(**spelling: Any) -> dict[str, Any]:
+    return {"cli": spelling}
+
+
+class SearchSettings(Frozen):
+    """What to search and how much; validated before any model is loaded."""
+
+    methods: tuple[str, ...] = Field(
+        DEFAULT_METHODS, description=METHODS_HELP, json_schema_extra=_cli(shown="comma list")
+    )
+    strategy: str = Field("layers:4", description=STRATEGY_HELP)
+    weight_range: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="MIN:MAX of each source's weight (two sources: w and 1-w).",
+        json_schema_extra=_cli(shown="0:1", metavar="MIN:MAX"),
+    )
+    density_range: tuple[float, float] = Field(
+        (0.1, 1.0),
+        description="MIN:MAX of each source's density for sparsifying methods.",
+        json_schema_extra=_cli(shown="0.1:1", metavar="MIN:MAX"),
+    )
+    trials: int = Field(200, description="Trials in total.")
+    initial: int = Field(20, description="Configurations in SMAC's Sobol initial design.")
+    optimizer: Literal["smac", "random"] = Field(
+        "smac",
+        description="smac: random-forest Bayesian optimisation; random: uniform random search "
+        "of the same space (a baseline for the optimiser).",
+    )
+    warm_start: str | None = Field(
+        None,
+        description="Tell the optimiser the finished trials of an earlier run over the same "
+        "space (same models, --strategy, --methods and ranges; checked, and refused otherwise) "
+        "before it proposes anything. Its models and data must be the same too (their "
+        "fingerprints are compared).",
+        json_schema_extra=_cli(metavar="RUN_DIR", folder=True),
+    )
+    seed: int = Field(
+        0, description="Seed of the evaluation subset, DARE draws and (search) the optimiser."
+    )
+    workers: int = Field(
+        1,
+        description="Run trials in parallel on a local Dask cluster of this many worker "
+        "processes (one per GPU, pinned with CUDA_VISIBLE_DEVICES, when --device is a GPU); "
+        "each loads the sources once and keeps them resident. 1: trials run in this process.",
+    )
+    scheduler: str | None = Field(
+        None,
+        description="Run trials on the workers of an existing Dask cluster (e.g. dask-jobqueue "
+        "on SLURM, see the README); each worker loads the sources once.",
+        json_schema_extra=_cli(metavar="tcp://HOST:PORT"),
+    )
+    eval_tokens: int | None = Field(
+        None, description="Validation tokens per task (a fixed seeded subset). Default: all."
+    )
+    # Multi-fidelity: Hyperband over validation tokens per task; (None, None) takes the
+    # defaults MAX = all of them, MIN = MAX / 9.
+    fidelity: tuple[int | None, int | None] | None = Field(
+        None, description=FIDELITY_HELP, json_schema_extra=_cli(metavar="tokens[:MIN:MAX]")
+    )
+    max_length: int = Field(512, description="Truncate validation texts to this many tokens.")
+    text_column: str = Field("text", description="Column holding the text.")
+    metrics: tuple[str, ...] = Field(
+        (),
+        description=METRIC_HELP,
+        json_schema_extra=_cli(flag="--metric", metavar="SPEC", multiple=True),
+    )
+    evals: tuple[str, ...] = Field(
+        (),
+        description="Also score lm-evaluation-harness tasks (optional extra: pip install "
+        "'automerge-mk[lm-eval]') on every trial scored on all validation tokens, the "
+        "sources, the baselines and the final model; recorded beside AP and PR "
+        "(trials.jsonl, evals.json, summary.md), not optimised.",
+        json_schema_extra=_cli(flag="--eval", metavar="lm-eval:TASK[,TASK]", multiple=True),
+    )
+    eval_arguments: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed through to lm_eval.simple_evaluate, e.g. --eval-arg limit=100 "
+        "--eval-arg num_fewshot=0 --eval-arg batch_size=8; include_path=FOLDER adds your own "
+        "task YAMLs. Repeatable; unknown keys are refused.",
+        json_schema_extra=_cli(flag="--eval-arg", metavar="KEY=VALUE", multiple=True),
+    )
+    dtype: str | None = Field(
+        None, description="Merge dtype written in the recipe. Default: the base model's."
+    )
+    device: str = Field(
+        "cpu", description="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N."
+    )
+    cache_order: bool = Field(
+        True,
+        description="Keep TIES's magnitude order of every task vector between trials instead "
+        "of sorting again each trial: much faster ties trials for 4 bytes of memory per "
+        "parameter per source model (about 1.1 GB for two 135M-parameter sources).",
+    )
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the live model that is scored: auto = float32 on CPU (the most "
+        "precise losses; on AVX512 CPUs bfloat16 can be about 2x faster, see "
+        "scripts/results/bench_search.md) and bfloat16 on a GPU. Losses are summed in float32 "
+        "either way.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Accept models whose config needs code from their repository (off: such "
+        "models are refused and no code of theirs is downloaded or run). Only for "
+        "repositories you trust.",
+    )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Accept models that have only pickled pytorch_model*.bin weights (off: "
+        "safetensors only). They are read with torch's weights-only unpickler, but a pickle "
+        "is still code: only for models you trust.",
+    )
+    method_parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fix a merge parameter for every trial, e.g. --set lambda=1.0 "
+        "--set int8_mask=true. Unknown keys are rejected.",
+        json_schema_extra=_cli(flag="--set", metavar="KEY=VALUE", multiple=True),
+    )
+
+    # --- values as typed on the command line ---
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return tuple(m.strip() for m in value.split(",") if m.strip())
+        return value
+
+    @field_validator("weight_range", "density_range", mode="before")
+    @classmethod
+    def _range(cls, value, info):
+        if not isinstance(value, str):
+            return value
+        try:
+            low, high = (float(x) for x in value.split(":"))
+        except ValueError:
+            flag = "--" + info.field_name.replace("_", "-")
+            raise ValueError(f"{flag} must be MIN:MAX, e.g. 0.1:1.0, not {value!r}") from None
+        return low, high
+
+    @field_validator("fidelity", mode="before")
+    @classmethod
+    def _fidelity(cls, value):
+        if not isinstance(value, str):
+            return value
+        kind, *bounds = value.split(":")
+        try:
+            if kind != "tokens" or len(bounds) > 2:
+                raise ValueError
+            return [int(b) if b else None for b in bounds] + [None] * (2 - len(bounds))
+        except ValueError:
+            raise ValueError(
+                f"--fidelity takes tokens or tokens:MIN:MAX (token counts per task), not {value!r}"
+            ) from None
+
+    @field_validator("method_parameters", "eval_arguments", mode="before")
+    @classmethod
+    def _key_values(cls, value, info):
+        if not isinstance(value, list | tuple):
+            return value
+        flag = {"method_parameters": "--set", "eval_arguments": "--eval-arg"}[info.field_name]
+        return {key: plain_value(text) for key, text in key_values(value, flag).items()}
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _absolute(cls, value):
+        from pathlib import Path
+
+        return str(Path(value).resolve()) if value is not None else None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSettings:
+        if self.initial < 1:
+            raise ValueError("--initial must be at least 1")
+        if self.trials < self.initial:
+            raise ValueError(
+                f"--trials ({self.trials}) is smaller than --initial ({self.initial}): "
+                "the initial design alone would exceed the budget; raise --trials or lower "
+                "--initial"
+            )
+        for label, (low, high) in (("weight", self.weight_range), ("density", self.density_range)):
+            if not low < high:
+                raise ValueError(f"{label} range {low}..{high} is empty: give MIN < MAX")
+        if not (0.0 < self.density_range[0] and self.density_range[1] <= 1.0):
+            raise ValueError("densities must lie in (0, 1]")
+        low, high = self.fidelity or (None, None)
+        if (low is not None and low < 1) or (low and high and not low < high):
+            raise ValueError(f"--fidelity tokens:{low}:{high}: give 0 < MIN < MAX")
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.scheduler and self.workers > 1:
+            raise ValueError("--workers starts a local cluster; with --scheduler the cluster's "
+                             "workers are used: give one of them")  # fmt: skip
+        if self.fidelity and self.optimizer == "random":
+            raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
+        return self
+
+
+def key_values(pairs, option: str) -> dict[str, str]:
+    """`NAME=VALUE` strings -> a dict of strings.
+
+    Raises:
+        ValueError: naming the option and the pair that is not NAME=VALUE.
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{option} takes NAME=VALUE, not {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def plain_value(text: str):
+    """A --set / --eval-arg value as safe YAML: numbers, booleans, strings, lists.
+
+    Raises:
+        ValueError: for anything else (a python tag, malformed YAML).
+    """
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as error:
+        raise ValueError(f"{text!r} is not a plain YAML value ({error})") from None
