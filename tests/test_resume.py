@@ -62,3 +62,27 @@ def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_resume_takes_no_models(tmp_path):
     result = CliRunner().invoke(main, ["search", "a", "b", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "--resume takes the models and data" in result.output
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-before-fingerprints"
+
+
+def test_a_run_written_before_the_redesign_still_resumes(demo_models, tmp_path, monkeypatch):
+    """settings.json and two trials as the main branch wrote them at 6049ef5 (no marker, no
+    fingerprints, data paths relative to where the search was started), on the demo models."""
+    out = tmp_path / "run"
+    out.mkdir()
+    settings = (FIXTURE / "settings.json").read_text()
+    (out / "settings.json").write_text(settings.replace("{MODELS}", str(demo_models.base.parent)))
+    (out / "trials.jsonl").write_text((FIXTURE / "trials.jsonl").read_text())
+    before = _lines(out / "trials.jsonl")
+    started_in = tmp_path / "where-it-was-started"
+    started_in.mkdir()
+    (started_in / "models").symlink_to(demo_models.base.parent, target_is_directory=True)
+    monkeypatch.chdir(started_in)
+
+    result = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    after = _lines(out / "trials.jsonl")
+    assert [t["trial"] for t in after] == [0, 1, 2] and after[:2] == before
+    assert (out / "model" / "config.json").is_file() and (out / "summary.md").is_file()
