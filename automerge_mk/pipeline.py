@@ -610,7 +610,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     Raises:
         RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
     """
-    from . import report
+    from . import report, space
     from .rundir import RunDir, RunRecord, writing
 
     run, out = RunDir(run_dir), out or run_dir
@@ -623,7 +623,11 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     best = best_trial(trials)
     if best is None:
         raise RunDirectoryError(f"{run_dir} has no successful trial yet")
-    settings, names, plan = stored.settings, stored.names, stored.plan(best.config)
+    settings, names, plan = (
+        stored.settings,
+        stored.names,
+        space.plan_from_record(stored, best.config),
+    )
     rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
     if (run_dir / "baselines.json").is_file():
         label, scored = max(run.read_json("baselines.json").items(),

@@ -224,15 +224,6 @@ class RunRecord(Frozen):
     def names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)
 
-    def plan(self, config: dict):
-        """The MergePlan of one of the run's configurations."""
-        from .space import plan_from_config  # deferred: it imports mergekit (and torch)
-
-        base = str(self.base.path) if self.base else None
-        sources = tuple(str(m.path) for m in self.models)
-        return plan_from_config(config, self.blocks, sources, self.names, base, self.settings,
-                                self.dtype)  # fmt: skip
-
     @classmethod
     def read(cls, run_dir: Path) -> RunRecord:
         """Raises RunDirectoryError when `run_dir` has no readable settings.json."""

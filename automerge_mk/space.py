@@ -10,13 +10,16 @@ own registry, so they are never restated here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ConfigSpace import Categorical, ConfigurationSpace, Float, InCondition
 
 from .methods import DEFAULT_METHODS, is_sparsifying, needs_base, takes_weights
 from .settings import SearchSettings
 from .types import Block, BlockChoice, MergePlan
+
+if TYPE_CHECKING:
+    from .rundir import RunRecord
 
 
 def _name(block: Block, what: str, source: str | None = None) -> str:
@@ -135,3 +138,11 @@ def baseline_plans(
         label = f"{method} w={weights[0]:.2g}" + (f" d={BASELINE_DENSITY}" if densities else "")
         plans[label] = uniform_plan(method, weights, densities, blocks, sources, base, dtype, seed)
     return plans
+
+
+def plan_from_record(record: RunRecord, config: Mapping[str, Any]) -> MergePlan:
+    """The MergePlan of one of a recorded run's configurations."""
+    base = str(record.base.path) if record.base else None
+    sources = tuple(str(m.path) for m in record.models)
+    return plan_from_config(config, record.blocks, sources, record.names, base, record.settings,
+                            record.dtype)  # fmt: skip

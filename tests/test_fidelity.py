@@ -15,6 +15,7 @@ from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.evaluate import load_rows, score_task, subset_task, tokenize_task
 from automerge_mk.rundir import RunRecord
+from automerge_mk.space import plan_from_record
 from automerge_mk.types import harmonic_mean
 
 TRIALS = 30
@@ -83,7 +84,7 @@ def test_a_low_budget_trial_is_scored_against_the_specialists_on_the_same_exampl
     tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base))
     engine = MergeEngine([m.path for m in stored.models], stored.base.path, stored.base.path,
                          dtype=stored.dtype)  # fmt: skip
-    merged = engine.merge_into_model(stored.plan(trial["config"]))
+    merged = engine.merge_into_model(plan_from_record(stored, trial["config"]))
     preservation = []
     for name, path in demo_models.specialists.items():
         task = tokenize_task(name, load_rows(Path(stored.data[name])), tokenizer, 512)
