@@ -29,8 +29,6 @@ class _Group(click.Group):
     """Reports user errors as one line and exit code 1, without a traceback."""
 
     def invoke(self, ctx):
-        import logging
-
         from .sources import redact_logs
 
         redact_logs()
@@ -62,23 +60,8 @@ def segment(
     model: str, strategy: str, as_json: bool, trust_remote_code: bool, allow_pickle_weights: bool
 ) -> None:
     """Print the blocks MODEL (a folder or Hub id) is split into."""
-    from .segment import blocks_to_json, describe_blocks, segment_model
-    from .sources import resolve_model
-
-    folder = resolve_model(model, trust_remote_code, allow_pickle_weights).path
-    blocks = segment_model(folder, strategy, trust_remote_code)
-    if as_json:
-        click.echo(blocks_to_json(blocks))
-        return
-    rows = describe_blocks(blocks)
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
-    click.echo("  ".join(k.ljust(w) for k, w in widths.items()))
-    for row in rows:
-        click.echo("  ".join(row[k].ljust(w) for k, w in widths.items()))
-    total = sum(b.parameters for b in blocks)
-    click.echo(
-        f"{len(blocks)} blocks, {sum(len(b.tensors) for b in blocks)} tensors, {total:,} parameters"
-    )
+    click.echo(pipeline.segment_text(model, strategy, as_json, trust_remote_code,
+                                     allow_pickle_weights))  # fmt: skip
 
 
 def hub_options(function):
@@ -252,7 +235,7 @@ def search_command(models, base, data, out, overwrite, quiet, push_to, resume, p
     if resume:
         if models or data:
             raise click.UsageError("--resume takes the models and data from RUN_DIR; drop them")
-        model_refs, base, files, settings = pipeline.resume_arguments(resume)
+        request, settings = pipeline.resume_arguments(resume)
         out = resume
         if pipeline.finished(resume, settings):
             click.echo(
@@ -267,10 +250,10 @@ def search_command(models, base, data, out, overwrite, quiet, push_to, resume, p
     elif len(models) < 2 or not data:
         raise click.UsageError("give two or more MODELS and their --data (or --resume RUN_DIR)")
     else:
-        model_refs, files = list(models), _data(data)
+        request = pipeline.MergeRequest(list(models), base, _data(data))
         settings = _settings(**options)
     with _resumable(out, resumed=bool(resume)):
-        run = pipeline.run_search(model_refs, base, files, settings, out, overwrite,
+        run = pipeline.run_search(request, settings, out, overwrite,
                                   progress=not quiet, resume=bool(resume))  # fmt: skip
     click.echo((run / "summary.md").read_text())
     click.echo(f"Run directory: {run}")
@@ -343,8 +326,8 @@ def baselines(models, base, data, overwrite, out, **options) -> None:
     """
     methods = ("linear",) if base is None else SearchSettings().methods
     settings = _settings(trials=1, initial=1, methods=methods, **options)
-    run, table = pipeline.run_baselines(list(models), base, _data(data), settings, out,
-                                        overwrite)  # fmt: skip
+    request = pipeline.MergeRequest(list(models), base, _data(data))
+    run, table = pipeline.run_baselines(request, settings, out, overwrite)
     click.echo(table)
     click.echo(f"Saved in {run}")
 
@@ -387,10 +370,13 @@ def demo(out, trials, quiet, **options) -> None:
     models = build_demo_models(out / "models", seed=settings.seed, progress=not quiet)
     names = list(models.specialists)
     with _resumable(out / "run"):
-        run = pipeline.run_search(
+        request = pipeline.MergeRequest(
             [str(models.specialists[n]) for n in names],
             str(models.base),
             {n: str(models.validation[n]) for n in names},
+        )
+        run = pipeline.run_search(
+            request,
             settings,
             out / "run",
             overwrite=True,

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import (
     DataError,
@@ -39,6 +39,15 @@ if TYPE_CHECKING:  # these import torch: the cheap checks must not wait for them
     from .evaluate import Metric, TaskData
     from .rundir import Fingerprints, RunDir
     from .search import Fidelity
+
+
+class MergeRequest(NamedTuple):
+    """What to merge: the source model references (folders or Hub ids), the base, and each
+    source's validation data file by source name."""
+
+    models: list[str]
+    base: str | None
+    data: dict[str, str]
 
 
 def _model_dtype(folder: Path) -> str:
@@ -319,9 +328,7 @@ def _protected(inputs: Inputs, settings: SearchSettings) -> list[Path]:
 
 
 def open_session(
-    model_refs: list[str],
-    base_ref: str | None,
-    data: dict[str, str],
+    request: MergeRequest,
     settings: SearchSettings,
     out: Path,
     overwrite: bool,
@@ -332,6 +339,7 @@ def open_session(
     the sources. The session's run directory stays locked until `session.run.release()`."""
     from .rundir import RunDir, RunRecord, check_unchanged, describe_takeover
 
+    model_refs, base_ref, data = request
     files, data_sha = _check_paths(model_refs, data)  # before any heavy import
     if resume:
         run = RunDir.reopen(out)
@@ -422,9 +430,7 @@ def _score_baselines(session: Session, objective, settings: SearchSettings) -> d
 
 
 def run_baselines(
-    model_refs: list[str],
-    base_ref: str | None,
-    data: dict[str, str],
+    request: MergeRequest,
     settings: SearchSettings,
     out: Path,
     overwrite: bool = False,
@@ -432,8 +438,7 @@ def run_baselines(
     """Score the five default methods at fixed settings; return the run directory and table."""
     from . import report
 
-    session = open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite,
-                            command="baselines")  # fmt: skip
+    session = open_session(request, settings, out.resolve(), overwrite, command="baselines")
     try:
         rows = _score_baselines(session, session.objective(), settings)
         rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
@@ -445,9 +450,7 @@ def run_baselines(
 
 
 def run_search(
-    model_refs: list[str],
-    base_ref: str | None,
-    data: dict[str, str],
+    request: MergeRequest,
     settings: SearchSettings,
     out: Path,
     overwrite: bool = False,
@@ -467,8 +470,8 @@ def run_search(
     """
     started = time.perf_counter()
     # Recipes and rebuild commands must not depend on the working directory.
-    session = open_session(model_refs, base_ref, data, settings, out.resolve(), overwrite, resume,
-                            "search --resume" if resume else "search")  # fmt: skip
+    session = open_session(request, settings, out.resolve(), overwrite, resume,
+                           "search --resume" if resume else "search")  # fmt: skip
     try:
         return _search(session, progress, resume, started)
     finally:
@@ -662,8 +665,8 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     return RunDir(out).write_text("report.md", text + "\n")
 
 
-def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, str], SearchSettings]:
-    """Models (pinned), base, data and settings of a run, as `run_search` takes them.
+def resume_arguments(run_dir: Path) -> tuple[MergeRequest, SearchSettings]:
+    """What a run merges (models pinned) and its settings, as `run_search` takes them.
 
     Raises:
         RunDirectoryError: when `run_dir` is not a run directory.
@@ -672,7 +675,7 @@ def resume_arguments(run_dir: Path) -> tuple[list[str], str | None, dict[str, st
 
     stored = RunRecord.read(run_dir)
     base = stored.base.pinned if stored.base else None
-    return [m.pinned for m in stored.models], base, stored.data, stored.settings
+    return MergeRequest([m.pinned for m in stored.models], base, stored.data), stored.settings
 
 
 def finished(run_dir: Path, settings: SearchSettings) -> bool:
@@ -701,3 +704,27 @@ def publish_run(run: Path, repo: str, private: bool = False, branch: str | None 
     with tempfile.TemporaryDirectory() as plots:
         run_report(run, Path(plots))
         return publish(run, repo, private=private, branch=branch, plots=Path(plots))
+
+
+def segment_text(
+    model: str,
+    strategy: str = "layers:4",
+    as_json: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
+) -> str:
+    """The blocks a model (folder or Hub id) is split into: a table with totals, or JSON."""
+    from .segment import blocks_to_json, describe_blocks, segment_model
+    from .sources import resolve_model
+
+    folder = resolve_model(model, trust_remote_code, allow_pickle_weights).path
+    blocks = segment_model(folder, strategy, trust_remote_code)
+    if as_json:
+        return blocks_to_json(blocks)
+    rows = describe_blocks(blocks)
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
+    lines += ["  ".join(row[k].ljust(w) for k, w in widths.items()) for row in rows]
+    tensors, total = sum(len(b.tensors) for b in blocks), sum(b.parameters for b in blocks)
+    lines.append(f"{len(blocks)} blocks, {tensors} tensors, {total:,} parameters")
+    return "\n".join(lines)

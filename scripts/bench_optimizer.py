@@ -20,7 +20,7 @@ from smac import HyperparameterOptimizationFacade, Scenario
 
 from automerge_mk import search
 from automerge_mk.demo import build_demo_models
-from automerge_mk.pipeline import run_search
+from automerge_mk.pipeline import MergeRequest, run_search
 from automerge_mk.settings import SearchSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,10 +46,13 @@ def one(models, trials, seed, out, make) -> tuple[float, float]:
     search.make_optimizer = make
     try:
         names = list(models.specialists)
-        run = run_search(
+        request = MergeRequest(
             [str(models.specialists[n]) for n in names],
             str(models.base),
             {n: str(models.validation[n]) for n in names},
+        )
+        run = run_search(
+            request,
             SearchSettings(trials=trials, initial=10, seed=seed),
             out,
             overwrite=True,

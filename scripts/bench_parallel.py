@@ -53,7 +53,9 @@ def run_step(kind: str, workers: int, args) -> dict:
                               eval_tokens=args.eval_tokens, workers=workers)  # fmt: skip
     started = time.perf_counter()
     out = args.work / f"parallel-{kind}-{workers}"
-    run = pipeline.run_search(sources, base, data, settings, out, overwrite=True, progress=False)
+    run = pipeline.run_search(
+        pipeline.MergeRequest(sources, base, data), settings, out, overwrite=True, progress=False
+    )
     wall = time.perf_counter() - started
     trials = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     stamps = sorted(t["finished_at"] for t in trials)

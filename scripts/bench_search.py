@@ -178,16 +178,19 @@ def naive_loop(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
 
 
 def our_search(models: dict, trials: int, eval_tokens: int, work: Path) -> dict:
-    from automerge_mk.pipeline import run_search
+    from automerge_mk.pipeline import MergeRequest, run_search
     from automerge_mk.rundir import RunDir
     from automerge_mk.settings import SearchSettings
 
     settings = SearchSettings(trials=trials, initial=min(trials, 20), eval_tokens=eval_tokens)
     started = time.perf_counter()
-    run = run_search(
+    request = MergeRequest(
         [str(s) for s in models["sources"]],
         str(models["base"]),
         {n: str(p) for n, p in models["data"].items()},
+    )
+    run = run_search(
+        request,
         settings,
         work / "ours",
         overwrite=True,

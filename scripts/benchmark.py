@@ -82,7 +82,9 @@ def run_search_step(step: str, models: Path, work: Path, args) -> dict:
     )
     started = time.perf_counter()
     out = work / step.split(":")[1]
-    run = pipeline.run_search(sources, base, data["validation"], settings, out, overwrite=True)
+    run = pipeline.run_search(
+        pipeline.MergeRequest(sources, base, data["validation"]), settings, out, overwrite=True
+    )
     wall = time.perf_counter() - started
     trials = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     best = json.loads((run / "best.json").read_text())
@@ -109,7 +111,9 @@ def run_test_step(models: Path, work: Path, done: dict[str, dict], args) -> dict
     sources, base, data = _models(models)
     settings = SearchSettings(trials=1, initial=1, seed=args.seed)
     started = time.perf_counter()
-    session = pipeline.open_session(sources, base, data["test"], settings, work / "test", True)
+    session = pipeline.open_session(
+        pipeline.MergeRequest(sources, base, data["test"]), settings, work / "test", True
+    )
     objective, inputs = session.objective(), session.inputs
     rows = {}
     base_model = session.engine.load_source(Path(base))

@@ -68,8 +68,8 @@ def run_search_step(models: Path, work: Path, full: dict, seed: int, fidelity: b
     # An interrupted search (killed, crashed after its trials) resumes: no trial runs twice.
     resume = (out / "trials.jsonl").is_file() and RunRecord.read(out).settings == settings
     started = time.perf_counter()
-    run = pipeline.run_search(sources, base, data["validation"], settings, out,
-                         overwrite=not resume, resume=resume)  # fmt: skip
+    request = pipeline.MergeRequest(sources, base, data["validation"])
+    run = pipeline.run_search(request, settings, out, overwrite=not resume, resume=resume)
     wall = time.perf_counter() - started
     trials = _trials(run)
     if resume:  # the resumed part, plus the trials' own span before it
@@ -95,8 +95,8 @@ def run_test_step(models: Path, work: Path, searched: dict) -> dict:
     """A search's result on the test split, scored as benchmark.py scores its rows."""
     sources, base, data = _models(models)
     settings = SearchSettings(trials=1, initial=1, seed=searched["settings"]["seed"])
-    session = pipeline.open_session(sources, base, data["test"], settings, work / "test-fidelity",
-                                True)  # fmt: skip
+    request = pipeline.MergeRequest(sources, base, data["test"])
+    session = pipeline.open_session(request, settings, work / "test-fidelity", True)
     inputs = session.inputs
     plan = space.plan_from_config(
         searched["best_config"],
