@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import pipeline
+from . import pipeline, rundir
 from .errors import AutomergeError, StorageError
 from .settings import SearchSettings, key_values
 from .types import STRATEGY_HELP
@@ -243,7 +243,7 @@ def search_command(models, base, data, out, overwrite, quiet, push_to, resume, p
                 "model/ is built; nothing was run again. Its summary:\n",
                 err=True,
             )
-            click.echo((resume / "summary.md").read_text())
+            click.echo((resume / rundir.SUMMARY).read_text())
             click.echo("To search further, start a new run with --warm-start "
                        f"{resume.resolve()} and a larger --trials.", err=True)  # fmt: skip
             return
@@ -255,7 +255,7 @@ def search_command(models, base, data, out, overwrite, quiet, push_to, resume, p
     with _resumable(out, resumed=bool(resume)):
         run = pipeline.run_search(request, settings, out, overwrite,
                                   progress=not quiet, resume=bool(resume))  # fmt: skip
-    click.echo((run / "summary.md").read_text())
+    click.echo((run / rundir.SUMMARY).read_text())
     click.echo(f"Run directory: {run}")
     if push_to:
         _push(run, push_to, private, branch)
@@ -283,7 +283,7 @@ def _resumable(out: Path, resumed: bool = False) -> Iterator[None]:
     run, started = out.resolve(), time.time()
 
     def this_run() -> bool:  # not an earlier run that --overwrite has not replaced yet
-        settings = run / "settings.json"
+        settings = run / rundir.SETTINGS
         return resumed or (settings.is_file() and settings.stat().st_mtime >= started - 1)
 
     follow = f"continue with: automerge-mk search --resume {run}"
@@ -382,5 +382,5 @@ def demo(out, trials, quiet, **options) -> None:
             overwrite=True,
             progress=not quiet,
         )
-    click.echo((run / "summary.md").read_text())
+    click.echo((run / rundir.SUMMARY).read_text())
     click.echo(f"Run directory: {run}")

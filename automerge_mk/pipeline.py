@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import rundir
 from .errors import (
     DataError,
     ModelReferenceError,
@@ -28,6 +29,18 @@ from .errors import (
     NoSuccessfulTrialError,
     RunDirectoryError,
     SettingsError,
+)
+from .rundir import (
+    DataPrint,
+    Fingerprints,
+    RunDir,
+    RunLock,
+    RunRecord,
+    check_space,
+    check_unchanged,
+    describe_takeover,
+    model_print,
+    writing,
 )
 from .settings import SearchSettings
 from .types import Block, SourceModel, TaskScore, TrialResult, best_trial
@@ -37,7 +50,6 @@ if TYPE_CHECKING:  # these import torch: the cheap checks must not wait for them
 
     from .engine import MergeEngine
     from .evaluate import Metric, TaskData
-    from .rundir import Fingerprints, RunDir
     from .search import Fidelity
 
 
@@ -104,7 +116,6 @@ def _check_inputs(
 
     from . import evaluate, methods, plugins, segment, sources
     from .engine import check_device, check_dtype
-    from .rundir import DataPrint, Fingerprints, model_print
     from .search import Fidelity
 
     segment.parse_strategy(settings.strategy)
@@ -171,7 +182,6 @@ def _warm_start_trials(
     """The finished trials of `--warm-start RUN_DIR`, once its space is checked to be ours and
     its inputs the same as ours (runs from before fingerprints cannot be checked)."""
     from . import search, space
-    from .rundir import RunDir, RunRecord, check_unchanged
 
     if not settings.warm_start:
         return ()
@@ -227,7 +237,6 @@ class Session:
 def _check_space(inputs: Inputs, out: Path, replacing: bool) -> None:
     """Refuse to start when `out` cannot hold the merged model (one source's weights in the
     merge dtype, plus a margin for the run's files), instead of failing at the end."""
-    from .rundir import check_space
     from .weights import model_bytes
 
     model = model_bytes(inputs.reference_model, _model_dtype(inputs.reference_model), inputs.dtype)
@@ -337,7 +346,6 @@ def open_session(
 ) -> Session:
     """Check every input, then create (or reopen) the run directory, load the engine, score
     the sources. The session's run directory stays locked until `session.run.release()`."""
-    from .rundir import RunDir, RunRecord, check_unchanged, describe_takeover
 
     model_refs, base_ref, data = request
     files, data_sha = _check_paths(model_refs, data)  # before any heavy import
@@ -378,7 +386,7 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
     from . import evaluate, plugins, report
 
     run.write_json(
-        "eval_subset.json",
+        rundir.EVAL_SUBSET,
         {
             t.name: {"texts": list(t.indices), "tokens": t.tokens, "computed": t.computed_tokens}
             for t in inputs.tasks
@@ -390,7 +398,7 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
         n: evaluate.with_preservation(s, references, inputs.metrics) for n, s in raw.items()
     }
     run.write_json(
-        "sources.json", {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
+        rundir.SOURCES, {n: report.scored_json(*scored) for n, scored in sources_scored.items()}
     )
     if inputs.evals:  # the plug-ins' scores of each source, beside their AP and PR
         evals = {
@@ -399,7 +407,7 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
             )
             for s in inputs.sources
         }
-        run.write_json("evals.json", evals)
+        run.write_json(rundir.EVALS, evals)
     return Session(run, inputs, settings, engine, references, sources_scored)
 
 
@@ -420,12 +428,12 @@ def _score_baselines(session: Session, objective, settings: SearchSettings) -> d
         for label, plan in plans.items()
     }
     session.run.write_json(
-        "baselines.json",
+        rundir.BASELINES,
         {label: report.scored_json(r.tasks, r.harmonic_mean) for label, r in results.items()},
     )
     if session.inputs.evals:
         evals = {f"baseline: {label}": r.evals for label, r in results.items()}
-        session.run.write_json("evals.json", session.run.read_json("evals.json") | evals)
+        session.run.add_evals(evals)
     return {label: (r.tasks, r.harmonic_mean) for label, r in results.items()}
 
 
@@ -443,7 +451,7 @@ def run_baselines(
         rows = _score_baselines(session, session.objective(), settings)
         rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
         table = report.score_table(rows)
-        session.run.write_text("baselines.md", table + "\n")
+        session.run.write_text(rundir.BASELINES_TABLE, table + "\n")
     finally:
         session.run.release()
     return session.run.path, table
@@ -481,7 +489,6 @@ def run_search(
 def _search(session: Session, progress: bool, resume: bool, started: float) -> Path:
     """The search of `run_search` in an open session; returns the run directory."""
     from . import plugins, recipe, report, search, space
-    from .rundir import writing
 
     run, inputs, engine, settings = session.run, session.inputs, session.engine, session.settings
     sources_scored = session.sources_scored
@@ -524,26 +531,28 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     plan = to_plan(best.config)
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
     command = recipe.reproduce_command(
-        run.path / "recipe.yaml", run.path / "model", len(plan.methods) > 1, plan.seed
+        run.path / rundir.RECIPE, run.path / rundir.MODEL, len(plan.methods) > 1, plan.seed
     )
-    recipe_file = run.write_text("recipe.yaml", recipe.recipe_text(plan, pinned, command))
-    run.write_json("best.json", best.model_dump(mode="json") | {"recipe": "recipe.yaml"})
+    recipe_file = run.write_text(rundir.RECIPE, recipe.recipe_text(plan, pinned, command))
+    run.write_json(rundir.BEST, best.model_dump(mode="json") | {"recipe": rundir.RECIPE})
 
     code = inputs.reference_model if settings.trust_remote_code else None
-    recipe.build_with_mergekit(recipe_file, run.path / "model", plan.seed, settings.device, code)
+    recipe.build_with_mergekit(
+        recipe_file, run.path / rundir.MODEL, plan.seed, settings.device, code
+    )
     from transformers import AutoModelForCausalLM
 
     # Scored in the live model's dtype, so the only difference to the trial could be the merge.
     built = AutoModelForCausalLM.from_pretrained(
-        str(run.path / "model"), dtype=engine.model.dtype,
+        str(run.path / rundir.MODEL), dtype=engine.model.dtype,
         trust_remote_code=settings.trust_remote_code,
     ).to(engine.device)  # fmt: skip
     final = objective.score(built)
-    run.write_json("final.json", report.scored_json(*final))
+    run.write_json(rundir.FINAL, report.scored_json(*final))
     if inputs.evals:
         built_evals = plugins.run_evals(inputs.evals, built, inputs.tokenizer)
         evals = {"search (best trial)": best.evals, "model/ (stock mergekit)": built_evals}
-        run.write_json("evals.json", evals | run.read_json("evals.json"))
+        run.add_evals(evals)
     baselines = _score_baselines(session, objective, settings)
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
@@ -554,8 +563,8 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     references = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
     label, (_, value) = max(baselines.items(), key=lambda item: item[1][1])
     references[f"best baseline ({label})"] = value
-    with writing(run.path / "progress.png"):
-        report.progress_plot(results, run.path / "progress.png", references)
+    with writing(run.path / rundir.PROGRESS):
+        report.progress_plot(results, run.path / rundir.PROGRESS, references)
     summary = report.summary_markdown(
         f"automerge-mk: {' + '.join(names)}",
         best,
@@ -564,9 +573,9 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         plan,
         command,
         time.perf_counter() - started,
-        run.read_json("evals.json") if inputs.evals else None,
+        run.read_json(rundir.EVALS) if inputs.evals else None,
     )
-    run.write_text("summary.md", summary)
+    run.write_text(rundir.SUMMARY, summary)
     return run.path
 
 
@@ -603,7 +612,7 @@ def _write_budgets(run: RunDir, objective, fidelity: Fidelity) -> None:
         }
         for budget, (tasks, references) in sorted(objective.levels.items())
     }
-    run.write_json("budgets.json", {**fidelity._asdict(), "eta": fidelity.ETA, "levels": levels})
+    run.write_json(rundir.BUDGETS, {**fidelity._asdict(), "eta": fidelity.ETA, "levels": levels})
 
 
 def run_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -614,13 +623,12 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         RunDirectoryError: when `run_dir` is not a run directory or has no successful trial.
     """
     from . import report, space
-    from .rundir import RunDir, RunRecord, writing
 
     run, out = RunDir(run_dir), out or run_dir
     stored = RunRecord.read(run_dir)
-    if not (run_dir / "sources.json").is_file():
+    if not (run_dir / rundir.SOURCES).is_file():
         raise RunDirectoryError(f"{run_dir} has no sources.json yet: the search has not started")
-    sources = run.read_json("sources.json")
+    sources = run.read_json(rundir.SOURCES)
     trials = run.trials()
     ok = [t for t in trials if t.status == "ok"]
     best = best_trial(trials)
@@ -632,15 +640,15 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         space.plan_from_record(stored, best.config),
     )
     rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
-    if (run_dir / "baselines.json").is_file():
-        label, scored = max(run.read_json("baselines.json").items(),
+    if (run_dir / rundir.BASELINES).is_file():
+        label, scored = max(run.read_json(rundir.BASELINES).items(),
                             key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
         rows[f"best baseline ({label})"] = scored
     rows |= {f"{name} alone": scored for name, scored in sources.items()}
     with writing(out):
-        report.search_progress_plot(trials, out / "report-progress.png")
-        report.task_plot(rows, out / "report-tasks.png")
-        report.plan_heatmap(plan, names, out / "report-blocks.png")
+        report.search_progress_plot(trials, out / rundir.REPORT_PROGRESS)
+        report.task_plot(rows, out / rundir.REPORT_TASKS)
+        report.plan_heatmap(plan, names, out / rundir.REPORT_BLOCKS)
     failed = len(trials) - len(ok)
     tokens = sum(report.computed_tokens(t) for t in trials)
     budgets = sorted({t.budget for t in trials if t.budget is not None})
@@ -662,7 +670,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         "(report-blocks.png)\n\n" + report.plan_table(plan),
         "## Top trials\n\n" + report.top_trials_table(trials),
     ])  # fmt: skip
-    return RunDir(out).write_text("report.md", text + "\n")
+    return RunDir(out).write_text(rundir.REPORT, text + "\n")
 
 
 def resume_arguments(run_dir: Path) -> tuple[MergeRequest, SearchSettings]:
@@ -671,7 +679,6 @@ def resume_arguments(run_dir: Path) -> tuple[MergeRequest, SearchSettings]:
     Raises:
         RunDirectoryError: when `run_dir` is not a run directory.
     """
-    from .rundir import RunRecord
 
     stored = RunRecord.read(run_dir)
     base = stored.base.pinned if stored.base else None
@@ -680,9 +687,10 @@ def resume_arguments(run_dir: Path) -> tuple[MergeRequest, SearchSettings]:
 
 def finished(run_dir: Path, settings: SearchSettings) -> bool:
     """Whether a run has all its trials, its model and its summary (written last)."""
-    from .rundir import RunDir
 
-    done = (run_dir / "summary.md").is_file() and (run_dir / "model" / "config.json").is_file()
+    done = (run_dir / rundir.SUMMARY).is_file() and (
+        run_dir / rundir.MODEL / "config.json"
+    ).is_file()
     return done and len(RunDir(run_dir).trials()) >= settings.trials
 
 
@@ -697,7 +705,6 @@ def publish_run(run: Path, repo: str, private: bool = False, branch: str | None 
     import tempfile
 
     from .publish import publish
-    from .rundir import RunLock
 
     RunLock.check_free(run)  # a search still writing it would publish half a run
     # The card shows the report's plots; they are drawn aside, so the run stays as it was.

@@ -6,12 +6,13 @@ import json
 import os
 from pathlib import Path
 
+from . import rundir
 from .errors import PublishError, RunDirectoryError
 from .rundir import RunRecord
 from .sources import redact
 
 # What a published repo holds besides the model folder's own files.
-RUN_FILES = ("recipe.yaml", "trials.jsonl", "progress.png", "summary.md")
+RUN_FILES = (rundir.RECIPE, rundir.TRIALS, rundir.PROGRESS, rundir.SUMMARY)
 
 
 def _run_json(run_dir: Path, name: str) -> dict:
@@ -43,8 +44,8 @@ def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], fl
 
 
 REPORT_PLOTS = {
-    "report-tasks.png": "AP and PR per task: this merge, the best baseline, each source alone",
-    "report-blocks.png": "the merge method, weights and densities chosen per block",
+    rundir.REPORT_TASKS: "AP and PR per task: this merge, the best baseline, each source alone",
+    rundir.REPORT_BLOCKS: "the merge method, weights and densities chosen per block",
 }
 
 
@@ -57,10 +58,10 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     record = RunRecord.read(run_dir)
-    final = _run_json(run_dir, "final.json")
-    sources = _run_json(run_dir, "sources.json")
-    trials = (run_dir / "trials.jsonl").read_text().count("\n")
-    recipe = (run_dir / "recipe.yaml").read_text()
+    final = _run_json(run_dir, rundir.FINAL)
+    sources = _run_json(run_dir, rundir.SOURCES)
+    trials = (run_dir / rundir.TRIALS).read_text().count("\n")
+    recipe = (run_dir / rundir.RECIPE).read_text()
     models, base = record.models, record.base
     pinned = [m.pinned for m in models + ([base] if base else [])]
     _, discrepancy, metric = preservation_rates(final, sources)
@@ -167,7 +168,7 @@ def publish(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    model = run_dir / "model"
+    model = run_dir / rundir.MODEL
     if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
         raise RunDirectoryError(f"{model} holds no built model; finish `automerge-mk search` first")
     card = card_text(run_dir, repo_id, plots).encode()

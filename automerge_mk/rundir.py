@@ -41,10 +41,27 @@ from .settings import SearchSettings
 from .types import Block, Frozen, SourceModel, TrialResult
 from .weights import weight_files
 
-TRIALS = "trials.jsonl"
-SETTINGS = "settings.json"
-MARKER = "automerge-mk-run.json"
-LOCK = ".automerge-mk.lock"
+# Every file of a run directory, named here only.
+TRIALS = "trials.jsonl"  # one line per finished trial
+SETTINGS = "settings.json"  # the RunRecord
+MARKER = "automerge-mk-run.json"  # what makes a folder a run directory
+LOCK = ".automerge-mk.lock"  # held by its one writer
+EVAL_SUBSET = "eval_subset.json"
+SOURCES = "sources.json"  # each source scored on every task
+EVALS = "evals.json"  # --eval plug-in scores
+BASELINES = "baselines.json"
+BASELINES_TABLE = "baselines.md"
+BUDGETS = "budgets.json"  # --fidelity
+BEST = "best.json"
+RECIPE = "recipe.yaml"
+MODEL = "model"  # built by stock mergekit
+FINAL = "final.json"  # model/ scored again
+PROGRESS = "progress.png"
+SUMMARY = "summary.md"  # written last
+REPORT = "report.md"
+REPORT_PROGRESS = "report-progress.png"
+REPORT_TASKS = "report-tasks.png"
+REPORT_BLOCKS = "report-blocks.png"
 
 
 def check_space(folder: Path, needed: int, freed: int = 0) -> None:
@@ -609,6 +626,12 @@ class RunDir:
 
     def write_json(self, name: str, data: Any) -> Path:
         return self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
+
+    def add_evals(self, entries: dict[str, dict]) -> None:
+        """Add evaluation plug-in scores to evals.json; an entry of the same label is replaced,
+        the others keep their place."""
+        known = self.read_json(EVALS) if (self.path / EVALS).is_file() else {}
+        self.write_json(EVALS, known | entries)
 
     def read_json(self, name: str) -> Any:
         try:
