@@ -6,8 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from . import rundir
+from . import report, rundir
 from .errors import PublishError, RunDirectoryError
+from .recipe import reproduce_command
 from .rundir import RunRecord
 from .sources import redact
 
@@ -25,24 +26,6 @@ def _run_json(run_dir: Path, name: str) -> dict:
         ) from None
 
 
-def preservation_rates(final: dict, sources: dict) -> tuple[dict[str, float], float, str]:
-    """PR_i of the final model as its run computed them, PD = max PR - min PR, and the
-    metric(s) they come from.
-
-    Runs from before PR was stored get PR from next-token accuracy.
-    """
-    rates, metrics = {}, set()
-    for task, score in final["tasks"].items():
-        if score.get("rate") is not None:
-            rates[task] = score["rate"]
-            metrics.add(score.get("rate_metric") or "token_accuracy")
-        else:
-            own = sources[task]["tasks"][task]["accuracy"]
-            rates[task] = score["accuracy"] / own if own > 0 else 0.0
-            metrics.add("token_accuracy")
-    return rates, max(rates.values()) - min(rates.values()), " / ".join(sorted(metrics))
-
-
 REPORT_PLOTS = {
     rundir.REPORT_TASKS: "AP and PR per task: this merge, the best baseline, each source alone",
     rundir.REPORT_BLOCKS: "the merge method, weights and densities chosen per block",
@@ -58,23 +41,18 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     record = RunRecord.read(run_dir)
-    final = _run_json(run_dir, rundir.FINAL)
-    sources = _run_json(run_dir, rundir.SOURCES)
+    stored_sources = _run_json(run_dir, rundir.SOURCES)
+    final = report.scored_from_json(_run_json(run_dir, rundir.FINAL), stored_sources)
+    sources = {n: report.scored_from_json(v, stored_sources) for n, v in stored_sources.items()}
     trials = (run_dir / rundir.TRIALS).read_text().count("\n")
     recipe = (run_dir / rundir.RECIPE).read_text()
     models, base = record.models, record.base
     pinned = [m.pinned for m in models + ([base] if base else [])]
-    _, discrepancy, metric = preservation_rates(final, sources)
-    tasks = list(final["tasks"])
-    header = "| model | H (AP) | " + " | ".join(f"{t} AP | {t} PR" for t in tasks) + " |"
-    lines = [header, "|" + "---|" * (2 + 2 * len(tasks))]
-    rows = {"this merge": final} | {f"{name} alone": value for name, value in sources.items()}
-    for name, scores in rows.items():
-        cells = [name, f"{scores['harmonic_mean']:.4f}"]
-        scored = preservation_rates(scores, sources)[0]
-        for task in tasks:
-            cells += [f"{scores['tasks'][task]['preservation']:.4f}", f"{scored[task]:.4f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    discrepancy = report.discrepancy(final[0])
+    metric = " / ".join(sorted({s.rate_metric or "token_accuracy" for s in final[0].values()}))
+    table = report.score_table(
+        {"this merge": final} | {f"{n} alone": v for n, v in sources.items()}
+    )
     local = [m.reference for m in models + ([base] if base else []) if not m.repo_id]
     local_note = (
         f"\n\nThe recipe names local folders ({', '.join(local)}); replace them with the "
@@ -87,14 +65,9 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
         for name, text in REPORT_PLOTS.items()
         if plots and (plots / name).is_file()
     )
-    seed = record.settings.seed
-    tool = "mergekit-multi" if "\n---\n" in recipe else "mergekit-yaml"
-    rebuild = (
-        f"mergekit-multi recipe.yaml --out-path merged --intermediate-dir "
-        f'"$PWD/merged-parts" --random-seed {seed}'
-        if tool == "mergekit-multi"
-        else f"mergekit-yaml recipe.yaml merged --random-seed {seed}"
-    )
+    multi = "\n---\n" in recipe
+    merged = Path("$PWD/merged")  # mergekit-multi's --intermediate-dir must be absolute
+    rebuild = reproduce_command(Path(rundir.RECIPE), merged, multi, record.settings.seed)
     body = f"""# {repo_id.split("/")[-1]}
 
 A merge of {", ".join(f"`{p}`" for p in pinned[: len(models)])}
@@ -109,7 +82,7 @@ AP = a specialist's validation loss on its own task / this model's loss on it; H
 mean of AP over tasks. PR = {metric.replace("_", " ")} of this model / of the task's specialist;
 preservation discrepancy PD = max PR - min PR = **{discrepancy:.4f}**.
 
-{chr(10).join(lines)}
+{table}
 
 ![best harmonic-mean AP so far vs trial](progress.png)
 {report_plots}

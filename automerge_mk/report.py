@@ -55,6 +55,23 @@ def discrepancy(scores: dict[str, TaskScore]) -> float:
     return max(rates) - min(rates) if rates else math.nan
 
 
+def scored_from_json(stored: dict, sources: dict | None = None) -> ScoredModel:
+    """A sources.json / final.json / baselines.json entry back as (task scores, H).
+
+    Runs from before PR was stored get it from next-token accuracy against each task's own
+    source in `sources` (their sources.json).
+    """
+    scores = {}
+    for task, score in stored["tasks"].items():
+        score = TaskScore(**score)
+        if score.rate is None and sources:
+            own = sources[task]["tasks"][task]["accuracy"]
+            rate = score.accuracy / own if own > 0 else 0.0
+            score = score.model_copy(update={"rate": rate, "rate_metric": "token_accuracy"})
+        scores[task] = score
+    return scores, stored["harmonic_mean"]
+
+
 def scored_json(scores: dict[str, TaskScore], harmonic_mean: float) -> dict:
     """A model's scores as stored in sources.json / final.json / baselines.json."""
     pd = discrepancy(scores)
