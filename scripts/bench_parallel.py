@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import RESULTS, _append, _done, _models  # noqa: E402
+from benchmark import RESULTS, append_step, benchmark_models, done_steps  # noqa: E402
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
 from automerge_mk import pipeline  # noqa: E402
@@ -43,7 +43,7 @@ def _inputs(kind: str, work: Path):
         names = list(models.specialists)
         sources = [str(models.specialists[n]) for n in names]
         return sources, str(models.base), {n: str(models.validation[n]) for n in names}
-    sources, base, data = _models(DEFAULT_DIR)
+    sources, base, data = benchmark_models(DEFAULT_DIR)
     return sources, base, data["validation"]
 
 
@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.workers.split(",")]
     steps_file = args.results / "bench_parallel-steps.jsonl"
-    done = _done(steps_file)
+    done = done_steps(steps_file)
     for count in counts:
         step = f"{args.models}:{count}"
         if step in done and done[step]["trials"] == args.trials:
@@ -140,7 +140,7 @@ def main() -> None:
             continue
         print(f"{step}: running", flush=True)
         done[step] = run_step(args.models, count, args)
-        _append(steps_file, done[step])
+        append_step(steps_file, done[step])
     text = render(done, args.models, counts, args)
     (args.results / "bench_parallel.md").write_text(text)
     print(text)

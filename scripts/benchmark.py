@@ -45,20 +45,20 @@ SEARCHES = {  # step -> (strategy, optimiser, label)
 }
 
 
-def _done(steps_file: Path) -> dict[str, dict]:
+def done_steps(steps_file: Path) -> dict[str, dict]:
     if not steps_file.is_file():
         return {}
     lines = [json.loads(line) for line in steps_file.read_text().splitlines() if line.strip()]
     return {line["step"]: line for line in lines}
 
 
-def _append(steps_file: Path, record: dict) -> None:
+def append_step(steps_file: Path, record: dict) -> None:
     with steps_file.open("a") as handle:
         handle.write(json.dumps(record, default=str) + "\n")
         handle.flush()
 
 
-def _models(folder: Path) -> tuple[list[str], str, dict[str, dict[str, str]]]:
+def benchmark_models(folder: Path) -> tuple[list[str], str, dict[str, dict[str, str]]]:
     for needed in [folder / "base", *(folder / t for t in TASKS)]:
         if not (needed / "model.safetensors").is_file():
             raise SystemExit(f"{needed} is missing: run scripts/build_benchmark_models.py first")
@@ -70,7 +70,7 @@ def _models(folder: Path) -> tuple[list[str], str, dict[str, dict[str, str]]]:
 
 
 def run_search_step(step: str, models: Path, work: Path, args) -> dict:
-    sources, base, data = _models(models)
+    sources, base, data = benchmark_models(models)
     strategy, optimizer, _ = SEARCHES[step]
     settings = SearchSettings(
         strategy=strategy,
@@ -108,7 +108,7 @@ def run_test_step(models: Path, work: Path, done: dict[str, dict], args) -> dict
     """Score base, specialists, baselines and each search's best plan on the test split."""
     from automerge_mk.engine import eval_dtype
 
-    sources, base, data = _models(models)
+    sources, base, data = benchmark_models(models)
     settings = SearchSettings(trials=1, initial=1, seed=args.seed)
     started = time.perf_counter()
     session = pipeline.open_session(
@@ -256,8 +256,8 @@ def render(done: dict[str, dict], models: Path) -> str:
 Reproduce (2 CPU cores here; see the timings below):
 
 ```bash
-python scripts/build_benchmark_models.py --out {_home(models)}
-python scripts/benchmark.py --models {_home(models)} --trials {settings["trials"]} \\
+python scripts/build_benchmark_models.py --out {home_path(models)}
+python scripts/benchmark.py --models {home_path(models)} --trials {settings["trials"]} \\
     --initial {settings["initial"]} --seed {settings["seed"]}
 ```
 
@@ -323,7 +323,7 @@ def _caveats(done: dict[str, dict]) -> str:
     return text
 
 
-def _home(path: Path) -> str:
+def home_path(path: Path) -> str:
     return str(path).replace(str(Path.home()), "~")
 
 
@@ -342,7 +342,7 @@ def main() -> None:
     steps_file = args.results / "benchmark-steps.jsonl"
     if args.fresh:
         steps_file.unlink(missing_ok=True)
-    done = _done(steps_file)
+    done = done_steps(steps_file)
     for step in SEARCHES:
         if step in done and any(
             done[step]["settings"][key] != getattr(args, key)
@@ -354,7 +354,7 @@ def main() -> None:
             continue
         print(f"{step}: running", flush=True)
         done[step] = run_search_step(step, models, work, args)
-        _append(steps_file, done[step])
+        append_step(steps_file, done[step])
         if step == "search:blocks":
             recipes = ROOT / "recipes"
             shutil.copy(Path(done[step]["run_dir"]) / "recipe.yaml",
@@ -362,7 +362,7 @@ def main() -> None:
     if "test" not in done:
         print("test: scoring every model on the test split", flush=True)
         done["test"] = run_test_step(models, work, done, args)
-        _append(steps_file, done["test"])
+        append_step(steps_file, done["test"])
     plot(done, args.results / "benchmark.png")
     (args.results / "benchmark.md").write_text(render(done, models))
     print((args.results / "benchmark.md").read_text())

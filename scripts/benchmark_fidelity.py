@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import RESULTS, SEARCHES, _append, _done, _home, _models  # noqa: E402
+from benchmark import RESULTS, SEARCHES, append_step, benchmark_models, done_steps, home_path  # noqa: E402
 from build_benchmark_models import DEFAULT_DIR  # noqa: E402
 
 from automerge_mk import pipeline, report, segment, space  # noqa: E402
@@ -58,7 +58,7 @@ def evaluated_tokens(run: Path) -> dict[str, int]:
 def run_search_step(models: Path, work: Path, full: dict, seed: int, fidelity: bool, args) -> dict:
     """One per-block search on validation: benchmark.py's settings with this seed, with or
     without --fidelity tokens."""
-    sources, base, data = _models(models)
+    sources, base, data = benchmark_models(models)
     changed = {"seed": seed, "trials": args.trials if fidelity else full["settings"]["trials"]}
     if fidelity:
         changed["fidelity"] = [None, None]
@@ -93,7 +93,7 @@ def run_search_step(models: Path, work: Path, full: dict, seed: int, fidelity: b
 
 def run_test_step(models: Path, work: Path, searched: dict) -> dict:
     """A search's result on the test split, scored as benchmark.py scores its rows."""
-    sources, base, data = _models(models)
+    sources, base, data = benchmark_models(models)
     settings = SearchSettings(trials=1, initial=1, seed=searched["settings"]["seed"])
     request = pipeline.MergeRequest(sources, base, data["test"])
     session = pipeline.open_session(request, settings, work / "test-fidelity", True)
@@ -208,7 +208,7 @@ def render(done: dict[str, dict], seeds: list[int], models: Path, args) -> str:
 Reproduce (after scripts/benchmark.py; 2 CPU cores here):
 
 ```bash
-python scripts/benchmark_fidelity.py --models {_home(models)} --trials {args.trials} \\
+python scripts/benchmark_fidelity.py --models {home_path(models)} --trials {args.trials} \\
     --seeds {",".join(map(str, seeds))}
 ```
 
@@ -248,11 +248,11 @@ def main() -> None:
     args = parser.parse_args()
     models, work = args.models.expanduser(), args.work.expanduser()
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    benchmark = _done(args.results / "benchmark-steps.jsonl")
+    benchmark = done_steps(args.results / "benchmark-steps.jsonl")
     if FULL not in benchmark or "test" not in benchmark:
         raise SystemExit("run scripts/benchmark.py first: its per-block search is the reference")
     steps_file = args.results / "fidelity-steps.jsonl"
-    done = _done(steps_file)
+    done = done_steps(steps_file)
     done["full:0"], done["test:full:0"] = _from_benchmark(benchmark)
     for seed in seeds:
         for kind in ("full", "fidelity"):
@@ -263,11 +263,11 @@ def main() -> None:
                 print(f"{step}: running", flush=True)
                 done[step] = run_search_step(models, work, benchmark[FULL], seed,
                                              kind == "fidelity", args)  # fmt: skip
-                _append(steps_file, done[step])
+                append_step(steps_file, done[step])
             if f"test:{step}" not in done:
                 print(f"test:{step}: scoring its result on the test split", flush=True)
                 done[f"test:{step}"] = run_test_step(models, work, done[step])
-                _append(steps_file, done[f"test:{step}"])
+                append_step(steps_file, done[f"test:{step}"])
             (args.results / "fidelity.md").write_text(render(done, seeds, models, args))
     print((args.results / "fidelity.md").read_text())
 
