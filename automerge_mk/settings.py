@@ -203,7 +203,7 @@ class SearchSettings(Frozen):
     def _absolute(cls, value):
         from pathlib import Path
 
-        return str(Path(value).resolve()) if value is not None else None
+        return str(Path(value).resolve()) if isinstance(value, str | Path) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSettings:
