@@ -241,6 +241,8 @@ def key_values(pairs, option: str) -> dict[str, str]:
     """
     out = {}
     for pair in pairs:
+        if not isinstance(pair, str):
+            raise ValueError(f"{option} takes NAME=VALUE, not {pair!r}")
         key, sep, value = pair.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"{option} takes NAME=VALUE, not {pair!r}")
