@@ -86,3 +86,8 @@ def test_a_run_written_before_the_redesign_still_resumes(demo_models, tmp_path, 
     after = _lines(out / "trials.jsonl")
     assert [t["trial"] for t in after] == [0, 1, 2] and after[:2] == before
     assert (out / "model" / "config.json").is_file() and (out / "summary.md").is_file()
+    # Nothing was recorded to compare; from now on the run records its inputs' fingerprints.
+    assert "from before input fingerprints" in result.output
+    recorded = json.loads((out / "settings.json").read_text())["fingerprints"]
+    assert set(recorded["models"]) == set(recorded["data"]) == {"arith", "reverse"}
+    assert (out / "automerge-mk-run.json").is_file()

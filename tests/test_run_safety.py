@@ -279,24 +279,6 @@ def test_resume_from_another_working_directory_uses_the_recorded_absolute_data(
     assert (out / "sources.json").read_text() == sources  # scored on the same data again
 
 
-def test_a_run_from_before_fingerprints_resumes_and_records_them(short_run, tmp_path):
-    out = _interrupted_copy(short_run, tmp_path / "run", keep=2)
-    settings = json.loads((out / "settings.json").read_text())
-    del settings["fingerprints"]
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    (out / "automerge-mk-run.json").unlink()  # what the main branch wrote before the marker
-    result = _invoke(["search", "--resume", out, "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert "from before input fingerprints" in result.output
-    assert [t["trial"] for t in _lines(out)] == [0, 1, 2]
-    recorded = json.loads((out / "settings.json").read_text())["fingerprints"]
-    assert set(recorded["models"]) == {"arith", "reverse"} and set(recorded["data"]) == {
-        "arith",
-        "reverse",
-    }
-    assert (out / "automerge-mk-run.json").is_file()
-
-
 def test_a_changed_source_weight_file_is_refused_on_resume(models, tmp_path):
     out = tmp_path / "run"
     assert _invoke(_search(models, out, 3)).exit_code == 0
