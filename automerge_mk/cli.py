@@ -111,9 +111,9 @@ SOURCE_SETTINGS = ("text_column", "dtype")
 EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "trust_remote_code",
                        "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
                        "device")  # fmt: skip
-SEARCH_SETTINGS = ("methods", "strategy", "weight_range", "density_range", "initial",
-                   "warm_start", "fidelity", "optimizer", "method_parameters", "cache_order",
-                   "workers", "scheduler")  # fmt: skip
+SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",
+                   "initial", "baselines_first", "warm_start", "fidelity", "optimizer",
+                   "method_parameters", "cache_order", "workers", "scheduler")  # fmt: skip
 
 
 def setting_options(names: tuple[str, ...], **defaults):
@@ -155,6 +155,8 @@ def _setting_option(name: str, default=None):
     if "shown" in cli:  # a tuple typed as text, e.g. MIN:MAX
         shown = cli["shown"]
         text = ",".join(value) if shown == "comma list" else shown
+        if cli.get("unset"):  # the default depends on other settings: resolved in settings.py
+            return click.option(flag, name, default=None, show_default=shown, **common)
         return click.option(flag, name, default=text, show_default=shown != "comma list",
                             **common)  # fmt: skip
     kind = int if int in choices or annotation is int else str
@@ -315,19 +317,31 @@ def _push(run: Path, repo: str, private: bool, branch: str | None) -> None:
 @main.command()
 @source_options
 @_out_option("automerge-baselines", "Where baselines.json / baselines.md go.")
+@click.option(
+    "--grid",
+    is_flag=True,
+    help="Also score the hand grid: slerp t=0.5 (two sources), task_arithmetic at weights "
+    "0.3 and 0.7, ties at densities 0.3 and 0.7, dare_linear at weights 1 and density 0.5.",
+)
 @evaluation_options
-def baselines(models, base, data, overwrite, out, **options) -> None:
-    """Score the five usual merges of MODELS at fixed settings, like search trials.
+def baselines(models, base, data, overwrite, out, grid, **options) -> None:
+    """Score the usual fixed merges of MODELS, like search trials.
 
     \b
     linear, task_arithmetic: weights 0.5/0.5 (1/N each for N sources);
-    ties, dare_linear, dare_ties: the same weights and density 0.5 --
-    the values of mergekit's README examples. Without --base only linear is scored.
+    ties, dare_linear, dare_ties: the same weights and density 0.5
+      (the values of mergekit's README examples);
+    task_arithmetic at weights 1/1 (both task vectors whole), and
+      dare_ties at weights 1/1, density 0.5.
+    Without --base only linear (and slerp) are scored. A search
+    evaluates the same rows as its first trials (--baselines-first).
     """
     methods = ("linear",) if base is None else SearchSettings().methods
+    if grid and len(models) == 2:
+        methods += ("slerp",)
     settings = _settings(trials=1, initial=1, methods=methods, **options)
     request = pipeline.MergeRequest(list(models), base, _data(data))
-    run, table = pipeline.run_baselines(request, settings, out, overwrite)
+    run, table = pipeline.run_baselines(request, settings, out, overwrite, grid)
     click.echo(table)
     click.echo(f"Saved in {run}")
 

@@ -29,6 +29,11 @@ SEARCHED_PARAMETERS = frozenset({"weight", "density", "t"})
 # slerp interpolates from its `base_model` to the one other input: the first source plays
 # that part (t = 0 is the first source, t = 1 the second).
 SOURCE_AS_BASE = frozenset({"slerp"})
+# The parameters by which mergekit divides a merge by the sum of its weights (linear, ties,
+# della: `normalize`; multislerp: `normalize_weights`). nuslerp has none but always uses
+# t = w2 / (w1 + w2) (mergekit/merge_methods/nuslerp.py); slerp's t is a fraction anyway.
+NORMALIZING_PARAMETERS = ("normalize", "normalize_weights")
+ALWAYS_NORMALIZED = frozenset({"slerp", "nuslerp"})
 
 
 class MethodFacts(NamedTuple):
@@ -40,6 +45,7 @@ class MethodFacts(NamedTuple):
     base: str  # mergekit's BasePolicy: required, optional or ignored
     weights: bool  # per-source weights (or slerp's t) are searched
     parameters: tuple[str, ...]  # every parameter name it accepts
+    defaults: tuple[tuple[str, Any], ...]  # (name, default) of the parameters that have one
 
 
 def _registry():
@@ -56,6 +62,8 @@ def facts(method: str) -> MethodFacts:
     entry = _registry().get(method)
     sparsification = getattr(entry, "sparsification_method", None)
     names = tuple(p.name for p in entry.spec.parameters)
+    defaults = tuple((p.name, p.default) for p in entry.spec.parameters
+                     if isinstance(p.default, bool | int | float | str))  # fmt: skip
     return MethodFacts(
         name=method,
         random=sparsification in (SparsificationMethod.random, SparsificationMethod.della_magprune),
@@ -63,6 +71,7 @@ def facts(method: str) -> MethodFacts:
         base=entry.spec.contract.base.value,
         weights="weight" in names or "t" in names,
         parameters=names,
+        defaults=defaults,
     )
 
 
@@ -90,6 +99,17 @@ def uses_base(method: str, has_base: bool) -> bool:
 def takes_weights(method: str) -> bool:
     """Whether the method's per-source weights (or slerp's t) are searched."""
     return facts(method).weights
+
+
+def adds_weights(method: str, parameters: Mapping[str, Any] | None = None) -> bool:
+    """Whether the merge depends on the sum of the weights, not only their ratio: task vectors
+    added with their weights and not divided by the weights' sum (task_arithmetic, dare_*,
+    breadcrumbs*, della_linear; ties or della with `normalize: false`). Such methods get a
+    searched scale; the others a mix only. `parameters` are the ones fixed with --set."""
+    if not takes_weights(method) or method in ALWAYS_NORMALIZED:
+        return False
+    defaults = dict(facts(method).defaults) | dict(parameters or {})
+    return not any(defaults.get(name) for name in NORMALIZING_PARAMETERS)
 
 
 def _check_input_count(method: str, sources: int, has_base: bool) -> None:

@@ -187,14 +187,41 @@ def _warm_start_trials(
         return ()
     folder = Path(settings.warm_start)
     stored = RunRecord.read(folder)
-    earlier = space.build_space(stored.blocks, stored.names, stored.settings)
-    search.check_same_space(earlier, space.build_space(blocks, names, settings), str(folder))
+    ours = space.build_space(blocks, names, settings)
+    weighting = {"weighting": settings.weighting, "weight_range": settings.weight_range}
+    reweighted = stored.settings.model_copy(update=weighting)
+    translate = stored.settings.weighting != settings.weighting and ours == space.build_space(
+        stored.blocks, stored.names, reweighted
+    )
+    if not translate:
+        earlier = space.build_space(stored.blocks, stored.names, stored.settings)
+        search.check_same_space(earlier, ours, str(folder))
     if stored.fingerprints:
         check_unchanged(stored.fingerprints, prints, folder, "warm-start from")
     else:
         _note(f"{folder} is from before input fingerprints: its models and data are taken to "
               "be the ones given here")  # fmt: skip
-    return tuple(RunDir(folder).trials())
+    trials = tuple(RunDir(folder).trials())
+    return _reweighted_trials(stored, trials, ours, settings, folder) if translate else trials
+
+
+def _reweighted_trials(stored: RunRecord, trials, ours, settings: SearchSettings, folder: Path):
+    """An earlier run's trials from another --weighting (e.g. automerge-mk 0.1's convex space),
+    as the configurations of our space that give the same merges; those it cannot express
+    (weights out of our --weight-range) are left out, with a note."""
+    from . import space
+
+    kept = []
+    for trial in trials:
+        plan = space.plan_from_record(stored, trial.config)
+        config = space.config_from_plan(plan, ours, stored.names, settings)
+        if config is not None:
+            values = {k: v.item() if hasattr(v, "item") else v for k, v in dict(config).items()}
+            kept.append(trial.model_copy(update={"config": values}))
+    _note(f"{folder} searched --weighting {stored.settings.weighting}: {len(kept)} of its "
+          f"{len(trials)} trials are told as the same merges in this --weighting "
+          f"{settings.weighting} space")  # fmt: skip
+    return tuple(kept)
 
 
 def _note(message: str) -> None:
@@ -411,25 +438,63 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
     return Session(run, inputs, settings, engine, references, sources_scored)
 
 
-def _score_baselines(session: Session, objective, settings: SearchSettings) -> dict:
-    """The five methods at fixed settings, scored like trials; saved as baselines.json."""
-    from . import report, space
+def _baseline_plans(inputs: Inputs, settings: SearchSettings, grid: bool = False) -> dict:
+    from . import space
 
-    inputs = session.inputs
-    plans = space.baseline_plans(
+    return space.baseline_plans(
         inputs.blocks,
         tuple(str(s.path) for s in inputs.sources),
         str(inputs.base.path) if inputs.base else None,
         inputs.dtype,
         settings.seed,
+        grid,
     )
+
+
+def _known_configs(inputs: Inputs, settings: SearchSettings, space_) -> dict:
+    """The baselines that start the search (--baselines-first), as configurations of its space."""
+    from . import space
+
+    if not settings.baselines_first:
+        return {}
+    names = tuple(s.name for s in inputs.sources)
+    known = space.known_configs(_baseline_plans(inputs, settings), space_, names, settings)
+    left_out = [label for label in _baseline_plans(inputs, settings) if label not in known]
+    if left_out:
+        _note(f"not in the searched space (--methods, --weight-range, --density-range), so "
+              f"scored after the search only: {', '.join(left_out)}")  # fmt: skip
+    return known
+
+
+def _score_baselines(
+    session: Session, objective, settings: SearchSettings, trials=(), known=None, grid=False
+) -> dict:
+    """The baselines (with `grid` the hand grid too), scored like trials; saved as
+    baselines.json. One that was a trial of the search (`known`: label -> configuration, all
+    of the data scored) is taken from that trial, with its number, not scored again."""
+    from . import report
+
+    by_config = {}
+    for trial in trials:
+        if trial.budget is None:
+            by_config.setdefault(json.dumps(trial.config, sort_keys=True), trial)
+    done = {}
+    for label, config in (known or {}).items():
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in dict(config).items()}
+        trial = by_config.get(json.dumps(values, sort_keys=True))
+        if trial is not None:
+            done[label] = trial
     results = {
-        label: objective.evaluate_plan(plan, -1, {"baseline": label})
-        for label, plan in plans.items()
+        label: done.get(label) or objective.evaluate_plan(plan, -1, {"baseline": label})
+        for label, plan in _baseline_plans(session.inputs, settings, grid).items()
     }
     session.run.write_json(
         rundir.BASELINES,
-        {label: report.scored_json(r.tasks, r.harmonic_mean) for label, r in results.items()},
+        {
+            label: report.scored_json(r.tasks, r.harmonic_mean)
+            | ({"trial": r.trial} if label in done else {})
+            for label, r in results.items()
+        },
     )
     if session.inputs.evals:
         evals = {f"baseline: {label}": r.evals for label, r in results.items()}
@@ -442,13 +507,15 @@ def run_baselines(
     settings: SearchSettings,
     out: Path,
     overwrite: bool = False,
+    grid: bool = False,
 ) -> tuple[Path, str]:
-    """Score the five default methods at fixed settings; return the run directory and table."""
+    """Score the baselines (with `grid`, the hand grid too) at their fixed settings; return the
+    run directory and the table."""
     from . import report
 
     session = open_session(request, settings, out.resolve(), overwrite, command="baselines")
     try:
-        rows = _score_baselines(session, session.objective(), settings)
+        rows = _score_baselines(session, session.objective(), settings, grid=grid)
         rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
         table = report.score_table(rows)
         session.run.write_text(rundir.BASELINES_TABLE, table + "\n")
@@ -496,16 +563,18 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     names = tuple(s.name for s in inputs.sources)
     to_plan = _to_plan(inputs, settings)
     objective = session.objective(to_plan)
+    space_ = space.build_space(inputs.blocks, names, settings)
+    known = _known_configs(inputs, settings, space_)
     optimizer = search.make_optimizer(
-        space.build_space(inputs.blocks, names, settings),
+        space_,
         settings.trials,
         settings.initial,
         settings.seed,
         run.path / ".smac",
         settings.optimizer,
         inputs.fidelity,
+        tuple(known.values()),
     )
-    space_ = optimizer.scenario.configspace
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
     if settings.workers > 1 or settings.scheduler:
@@ -553,7 +622,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         built_evals = plugins.run_evals(inputs.evals, built, inputs.tokenizer)
         evals = {"search (best trial)": best.evals, "model/ (stock mergekit)": built_evals}
         run.add_evals(evals)
-    baselines = _score_baselines(session, objective, settings)
+    baselines = _score_baselines(session, objective, settings, results, known)
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
         "model/ (stock mergekit)": final,
@@ -574,6 +643,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         command,
         time.perf_counter() - started,
         run.read_json(rundir.EVALS) if inputs.evals else None,
+        report.baseline_margin(best, {k: v[1] for k, v in baselines.items()}, list(known)),
     )
     run.write_text(rundir.SUMMARY, summary)
     return run.path

@@ -157,6 +157,7 @@ def summary_markdown(
     reproduce: str,
     wall_seconds: float,
     evals: dict[str, dict[str, float]] | None = None,
+    versus_baselines: str = "",
 ) -> str:
     """The run's summary.md: what won, how it scores next to the sources, how to rebuild it."""
     failed = sum(t.status == "failed" for t in trials)
@@ -166,7 +167,8 @@ def summary_markdown(
             [
                 f"# {title}",
                 f"{len(trials)} trials ({failed} failed) in {wall_seconds:.0f} s; best trial "
-                f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time.",
+                f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time."
+                + (f" {versus_baselines}" if versus_baselines else ""),
                 "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
                 "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
                 *plugins,
@@ -177,6 +179,27 @@ def summary_markdown(
             ]
         )
         + "\n"
+    )
+
+
+def baseline_margin(best: TrialResult, baselines: dict[str, float], first: list[str]) -> str:
+    """One sentence: by how much the best trial beats the best baseline (validation H), and
+    whether the baselines were the search's first trials (`first`: their labels)."""
+    if not baselines:
+        return ""
+    label, value = max(baselines.items(), key=lambda item: item[1])
+    gain = best.harmonic_mean - value
+    relative = f" ({gain / value:+.1%})" if value > 0 else ""
+    how = (
+        f"{len(first)} of the {len(baselines)} baselines were its first trials, told to the "
+        "optimiser"
+        if first
+        else "the baselines were scored after the search"
+    )
+    return (
+        f"It beats the best baseline ({label}, {value:.4f}) by {gain:+.4f}{relative}; {how}."
+        if gain > 0
+        else f"The best baseline ({label}, {value:.4f}) is as good: {how}."
     )
 
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from .errors import (
     NO_SPACE,
@@ -236,6 +236,16 @@ class RunRecord(Frozen):
     dtype: str
     blocks: tuple[Block, ...]
     fingerprints: Fingerprints | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_space(cls, data):
+        """A run recorded before --weighting and --baselines-first searched the convex space
+        and started from the Sobol design: it resumes so."""
+        if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+            older = {"weighting": "convex", "baselines_first": False}
+            data = {**data, "settings": older | data["settings"]}
+        return data
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -35,6 +35,19 @@ FIDELITY_HELP = (
 )
 
 
+WEIGHTING_HELP = (
+    "How the sources' weights are searched per block. scaled: for the methods that add task "
+    "vectors without dividing by the weights' sum (task_arithmetic, dare_linear, dare_ties, "
+    "breadcrumbs, della_linear) a scale s in --weight-range and, for two sources, a mix m in "
+    "0..1 give the weights s*min(1, 2m) and s*min(1, 2(1-m)) (m = 0.5: both s, so both task "
+    "vectors whole at s = 1); the methods that normalise (linear, ties, della, slerp, nuslerp) "
+    "get m and 1-m. convex: w and 1-w for every method (the space of automerge-mk 0.1; a "
+    "block then holds at most half of each task vector in all). Three or more sources: a "
+    "weight per source either way."
+)
+WEIGHT_RANGES = {"scaled": (0.0, 1.5), "convex": (0.0, 1.0)}
+
+
 def _cli(**spelling: Any) -> dict[str, Any]:
     return {"cli": spelling}
 
@@ -46,18 +59,33 @@ class SearchSettings(Frozen):
         DEFAULT_METHODS, description=METHODS_HELP, json_schema_extra=_cli(shown="comma list")
     )
     strategy: str = Field("layers:4", description=STRATEGY_HELP)
+    weighting: Literal["scaled", "convex"] = Field(
+        "scaled",
+        description=WEIGHTING_HELP,
+    )
+    # Default (None): 0:1.5 for --weighting scaled, 0:1 for convex.
     weight_range: tuple[float, float] = Field(
-        (0.0, 1.0),
-        description="MIN:MAX of each source's weight (two sources: w and 1-w).",
-        json_schema_extra=_cli(shown="0:1", metavar="MIN:MAX"),
+        None,
+        description="MIN:MAX of the searched weights: with --weighting scaled each source's "
+        "weight for the methods that add task vectors (two sources: the scale, the larger "
+        "of the two); with convex, w (the sources get w and 1-w) or each source's weight.",
+        json_schema_extra=_cli(shown="0:1.5; convex: 0:1", metavar="MIN:MAX", unset=True),
+        validate_default=True,
     )
     density_range: tuple[float, float] = Field(
         (0.1, 1.0),
         description="MIN:MAX of each source's density for sparsifying methods.",
         json_schema_extra=_cli(shown="0.1:1", metavar="MIN:MAX"),
     )
-    trials: int = Field(200, description="Trials in total.")
+    trials: int = Field(200, description="Trials in total (the baselines' included).")
     initial: int = Field(20, description="Configurations in SMAC's Sobol initial design.")
+    baselines_first: bool = Field(
+        True,
+        description="Evaluate the baselines (see `automerge-mk baselines`, among them every "
+        "block task_arithmetic at weight 1 per source) as the search's first trials and "
+        "tell them to the optimiser, before the Sobol design; the result is then never worse "
+        "than the best of them. Off: they are scored after the search, for comparison only.",
+    )
     optimizer: Literal["smac", "random"] = Field(
         "smac",
         description="smac: random-forest Bayesian optimisation; random: uniform random search "
@@ -162,6 +190,14 @@ class SearchSettings(Frozen):
         if isinstance(value, str):
             return tuple(m.strip() for m in value.split(",") if m.strip())
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_range_default(cls, data):
+        if isinstance(data, dict) and data.get("weight_range") is None:
+            weighting = data.get("weighting", "scaled")
+            return {**data, "weight_range": WEIGHT_RANGES.get(weighting, (0.0, 1.0))}
+        return data
 
     @field_validator("weight_range", "density_range", mode="before")
     @classmethod

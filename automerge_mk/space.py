@@ -1,20 +1,30 @@
-"""Stage 2: blocks -> a conditional ConfigSpace, and a sampled configuration -> a MergePlan.
+"""Stage 2: blocks -> a conditional ConfigSpace, and a sampled configuration <-> a MergePlan.
 
-Per block: a categorical `method`, a weight per source (for two sources one weight w, the
-second source gets 1 - w; slerp's t is the second source's weight), active for the methods
-that take one, and a density per source that is active only for sparsifying methods
-(ConfigSpace InConditions). Method facts come from methods.py, which reads them from mergekit's
-own registry, so they are never restated here.
+Per block: a categorical `method`; its weights, active for the methods that take them; and a
+density per source, active only for sparsifying methods (ConfigSpace InConditions). With two
+sources and the default `--weighting scaled`, the weights are a mix m (0..1) and, for the
+methods that add task vectors without normalising, a scale s: weights s*min(1, 2m) and
+s*min(1, 2(1-m)), so s is the larger weight and m = 0.5 gives both sources s (both task vectors
+whole at s = 1). Methods that normalise get (m, 1-m). `--weighting convex` (automerge-mk 0.1's
+space, kept for its runs) gives one weight w and 1-w for every method. Three or more sources:
+a weight per source. slerp's t is the second source's weight. Method facts come from
+methods.py, which reads them from mergekit's own registry, so they are never restated here.
+
+The parametrisation is scale x mix, not independent weights: it puts the two things that
+decide a task-vector merge (how much of the task vectors in all, and in what balance) on the
+forest's axes. Searching mergekit's `lambda` instead is the same family (lambda * sum w_i t_i)
+with one more parameter for the recipe to carry, so weights are searched and lambda stays a
+--set option.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ConfigSpace import Categorical, ConfigurationSpace, Float, InCondition
+from ConfigSpace import Categorical, Configuration, ConfigurationSpace, Float, InCondition
 
-from .methods import DEFAULT_METHODS, is_sparsifying, needs_base, takes_weights
+from .methods import adds_weights, is_sparsifying, needs_base, takes_weights
 from .settings import SearchSettings
 from .types import Block, BlockChoice, MergePlan
 
@@ -26,36 +36,75 @@ def _name(block: Block, what: str, source: str | None = None) -> str:
     return f"{block.name}:{what}" + (f":{source}" if source else "")
 
 
+def _clamped(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])
+
+
+def _scaled(settings: SearchSettings) -> list[str]:
+    """The searched methods that get a scale (two sources, --weighting scaled)."""
+    if settings.weighting != "scaled":
+        return []
+    return [m for m in settings.methods if adds_weights(m, settings.method_parameters)]
+
+
 def build_space(
     blocks: tuple[Block, ...], source_names: tuple[str, ...], settings: SearchSettings
 ) -> ConfigurationSpace:
     """The search space: per block a method, weights and (conditionally) densities."""
     space = ConfigurationSpace(seed=settings.seed)
-    sparsifying = [m for m in settings.methods if is_sparsifying(m)]
-    weighted = [m for m in settings.methods if takes_weights(m)]
+    methods = list(settings.methods)
+    sparsifying = [m for m in methods if is_sparsifying(m)]
+    weighted = [m for m in methods if takes_weights(m)]
+    scaled = _scaled(settings)
+
+    def add(parameter, active: list[str]) -> None:
+        space.add(parameter)
+        if len(active) < len(methods):  # karcher, model_stock: no weights
+            space.add(InCondition(parameter, method, active))
+
     for block in blocks:
-        method = Categorical(_name(block, "method"), list(settings.methods))
+        method = Categorical(_name(block, "method"), methods)
         space.add(method)
-        weight_sources = [None] if len(source_names) == 2 else list(source_names)
-        for source in weight_sources if weighted else ():
-            low, high = settings.weight_range
-            default = min(max(0.5, low), high)
-            weight = Float(_name(block, "weight", source), (low, high), default=default)
-            space.add(weight)
-            if len(weighted) < len(settings.methods):  # karcher, model_stock: no weights
-                space.add(InCondition(weight, method, weighted))
-        if not sparsifying:
-            continue
-        for source in source_names:
-            density = Float(
-                _name(block, "density", source),
-                settings.density_range,
-                default=max(settings.density_range[0], min(0.5, settings.density_range[1])),
-            )
-            space.add(density)
-            if len(sparsifying) < len(settings.methods):
-                space.add(InCondition(density, method, sparsifying))
+        low, high = settings.weight_range
+        if not weighted:
+            pass
+        elif len(source_names) != 2:
+            for source in source_names:
+                add(Float(_name(block, "weight", source), (low, high),
+                          default=_clamped(0.5, (low, high))), weighted)  # fmt: skip
+        elif settings.weighting == "convex":
+            add(Float(_name(block, "weight"), (low, high), default=_clamped(0.5, (low, high))),
+                weighted)  # fmt: skip
+        else:
+            add(Float(_name(block, "mix"), (0.0, 1.0), default=0.5), weighted)
+            if scaled:
+                add(Float(_name(block, "scale"), (low, high), default=_clamped(1.0, (low, high))),
+                    scaled)  # fmt: skip
+        for source in source_names if sparsifying else ():
+            add(Float(_name(block, "density", source), settings.density_range,
+                      default=_clamped(0.5, settings.density_range)), sparsifying)  # fmt: skip
     return space
+
+
+def _weights(
+    config: Mapping[str, Any],
+    block: Block,
+    method: str,
+    source_names: tuple[str, ...],
+    settings: SearchSettings,
+) -> tuple[float, ...]:
+    if not takes_weights(method):  # not used by the merge; equal, for reports
+        return (1.0 / len(source_names),) * len(source_names)
+    if len(source_names) != 2:
+        return tuple(float(config[_name(block, "weight", s)]) for s in source_names)
+    if settings.weighting == "convex":
+        w = float(config[_name(block, "weight")])
+        return (w, 1.0 - w)
+    mix = float(config[_name(block, "mix")])
+    if method not in _scaled(settings):
+        return (mix, 1.0 - mix)
+    scale = float(config[_name(block, "scale")])
+    return (scale * min(1.0, 2 * mix), scale * min(1.0, 2 * (1.0 - mix)))
 
 
 def plan_from_config(
@@ -70,14 +119,8 @@ def plan_from_config(
     """Turn one sampled configuration into a per-block MergePlan."""
     choices = []
     for block in blocks:
-        method = config[_name(block, "method")]
-        if not takes_weights(method):  # not used by the merge; equal, for reports
-            weights = (1.0 / len(source_names),) * len(source_names)
-        elif len(source_names) == 2:
-            w = float(config[_name(block, "weight")])
-            weights: tuple[float, ...] = (w, 1.0 - w)
-        else:
-            weights = tuple(float(config[_name(block, "weight", s)]) for s in source_names)
+        method = str(config[_name(block, "method")])
+        weights = _weights(config, block, method, source_names, settings)
         densities = None
         if is_sparsifying(method):
             densities = tuple(float(config[_name(block, "density", s)]) for s in source_names)
@@ -91,6 +134,48 @@ def plan_from_config(
         method_parameters=dict(settings.method_parameters),
         seed=settings.seed,
     )
+
+
+def _weight_values(
+    block: Block, choice: BlockChoice, source_names: tuple[str, ...], settings: SearchSettings
+) -> dict[str, float] | None:
+    """The weight parameters that give `choice`'s weights, or None when none do."""
+    weights = choice.weights
+    if not takes_weights(choice.method):
+        return {}
+    if len(source_names) != 2:
+        return {_name(block, "weight", s): w for s, w in zip(source_names, weights)}
+    a, b = weights
+    if settings.weighting == "convex":
+        return {_name(block, "weight"): a} if abs(a + b - 1.0) < 1e-12 else None
+    if choice.method not in _scaled(settings):
+        return {_name(block, "mix"): a / (a + b) if a + b else 0.5}
+    scale = max(a, b)
+    mix = 0.5 if scale == 0 else (1.0 - b / (2 * a) if a >= b else a / (2 * b))
+    return {_name(block, "mix"): mix, _name(block, "scale"): scale}
+
+
+def config_from_plan(
+    plan: MergePlan,
+    space: ConfigurationSpace,
+    source_names: tuple[str, ...],
+    settings: SearchSettings,
+) -> Configuration | None:
+    """The configuration of `space` that gives `plan`'s merge, or None when the space cannot
+    express it (another method, a weight or density out of its range, other blocks)."""
+    values: dict[str, Any] = {}
+    for block, choice in zip(plan.blocks, plan.choices):
+        weights = _weight_values(block, choice, source_names, settings)
+        if weights is None or choice.method not in settings.methods:
+            return None
+        values |= {_name(block, "method"): choice.method, **weights}
+        if choice.densities is not None:
+            densities = zip(source_names, choice.densities)
+            values |= {_name(block, "density", s): d for s, d in densities}
+    try:
+        return Configuration(space, values=values)
+    except ValueError:  # ConfigSpace: a value out of range, a missing or inactive parameter
+        return None
 
 
 def uniform_plan(
@@ -115,9 +200,45 @@ def uniform_plan(
     )
 
 
-# The fixed settings users reach for first, as in mergekit's README examples: equal weights
-# (0.5/0.5 for two sources) and density 0.5 for the sparsifying methods.
-BASELINE_DENSITY = 0.5
+class Baseline(NamedTuple):
+    """A fixed merge of every block: a method, each source's weight (None: equal weights
+    that sum to 1, i.e. 0.5 each for two sources) and each source's density."""
+
+    method: str
+    weight: float | None = None
+    density: float | None = None
+
+    def label(self, sources: int) -> str:
+        weight = 1.0 / sources if self.weight is None else self.weight
+        text = f"{self.method} {'t' if self.method == 'slerp' else 'w'}={weight:.2g}"
+        return text + (f" d={self.density:.2g}" if self.density is not None else "")
+
+
+# The fixed merges users reach for first, scored by `baselines` and (they are the search's
+# first trials) by every search: mergekit's README settings (equal weights, density 0.5) for
+# the five default methods, and the task vectors added whole (weight 1 per source), with and
+# without DARE, which is what a hand grid finds when the tasks barely interfere.
+BASELINES = (
+    Baseline("linear"),
+    Baseline("task_arithmetic"),
+    Baseline("ties", density=0.5),
+    Baseline("dare_linear", density=0.5),
+    Baseline("dare_ties", density=0.5),
+    Baseline("task_arithmetic", 1.0),
+    Baseline("dare_ties", 1.0, 0.5),
+)
+# `baselines --grid` adds a small hand grid: slerp at t = 0.5 (mergekit's README example),
+# task arithmetic at the lambda values of the task-arithmetic papers (0.3, 0.7 beside 0.5
+# and 1), ties at densities 0.3 and 0.7 beside 0.5 (its weights are normalised), and
+# dare_linear with whole task vectors.
+HAND_GRID = (
+    Baseline("slerp"),
+    Baseline("task_arithmetic", 0.3),
+    Baseline("task_arithmetic", 0.7),
+    Baseline("ties", density=0.3),
+    Baseline("ties", density=0.7),
+    Baseline("dare_linear", 1.0, 0.5),
+)
 
 
 def baseline_plans(
@@ -126,18 +247,37 @@ def baseline_plans(
     base: str | None,
     dtype: str,
     seed: int | None,
+    grid: bool = False,
 ) -> dict[str, MergePlan]:
-    """The five default methods at fixed, documented settings, one plan each (linear alone
-    when there is no base model)."""
-    weights = (1.0 / len(sources),) * len(sources) if len(sources) > 2 else (0.5, 0.5)
+    """One plan per baseline (and with `grid` per hand-grid row) that these sources and base
+    can run: the task-vector methods need a base, slerp exactly two sources."""
     plans = {}
-    for method in DEFAULT_METHODS:
-        if needs_base(method) and base is None:
+    for row in BASELINES + (HAND_GRID if grid else ()):
+        if needs_base(row.method) and base is None:
             continue
-        densities = (BASELINE_DENSITY,) * len(sources) if is_sparsifying(method) else None
-        label = f"{method} w={weights[0]:.2g}" + (f" d={BASELINE_DENSITY}" if densities else "")
-        plans[label] = uniform_plan(method, weights, densities, blocks, sources, base, dtype, seed)
+        if row.method == "slerp" and len(sources) != 2:
+            continue
+        weight = 1.0 / len(sources) if row.weight is None else row.weight
+        densities = (row.density,) * len(sources) if is_sparsifying(row.method) else None
+        plans[row.label(len(sources))] = uniform_plan(
+            row.method, (weight,) * len(sources), densities, blocks, sources, base, dtype, seed
+        )
     return plans
+
+
+def known_configs(
+    plans: Mapping[str, MergePlan],
+    space: ConfigurationSpace,
+    source_names: tuple[str, ...],
+    settings: SearchSettings,
+) -> dict[str, Configuration]:
+    """The baselines this search's space can express, as its configurations, in order."""
+    known = {}
+    for label, plan in plans.items():
+        config = config_from_plan(plan, space, source_names, settings)
+        if config is not None and config not in known.values():
+            known[label] = config
+    return known
 
 
 def plan_from_record(record: RunRecord, config: Mapping[str, Any]) -> MergePlan:

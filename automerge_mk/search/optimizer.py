@@ -13,7 +13,7 @@ from ConfigSpace import Configuration, ConfigurationSpace
 from smac import HyperparameterOptimizationFacade, MultiFidelityFacade, RandomFacade, Scenario
 from smac.acquisition.maximizer.local_search import LocalSearch
 from smac.facade.abstract_facade import AbstractFacade
-from smac.initial_design import RandomInitialDesign
+from smac.initial_design import RandomInitialDesign, SobolInitialDesign
 from smac.model.random_forest import RandomForest
 from smac.runhistory.dataclasses import TrialInfo, TrialValue
 
@@ -32,6 +32,23 @@ class _RepeatableLocalSearch(LocalSearch):
         return sorted(points, key=lambda c: tuple(np.nan_to_num(c.get_array(), nan=-1.0)))
 
 
+class _KnownFirst:
+    """An initial design that starts with its additional configurations (SMAC appends them
+    after its own points; here they are what is known, the baselines, so they go first)."""
+
+    def select_configurations(self) -> list[Configuration]:
+        known = list(self._additional_configs)
+        return known + [c for c in super().select_configurations() if c not in known]
+
+
+class _SobolKnownFirst(_KnownFirst, SobolInitialDesign):
+    pass
+
+
+class _RandomKnownFirst(_KnownFirst, RandomInitialDesign):
+    pass
+
+
 def make_optimizer(
     space: ConfigurationSpace,
     trials: int,
@@ -40,6 +57,7 @@ def make_optimizer(
     output: Path,
     kind: str = "smac",
     fidelity: Fidelity | None = None,
+    known: Sequence[Configuration] = (),
 ) -> AbstractFacade:
     """SMAC's HPO facade with an explicit Sobol initial design and a single-threaded forest.
 
@@ -48,8 +66,12 @@ def make_optimizer(
     `kind="random"` gives SMAC's random-search facade instead (uniform samples of the same
     space, the usual baseline for an optimiser). With `fidelity`, SMAC's multi-fidelity facade
     (the same forest and design, Hyperband with eta 3 over validation tokens per task, the
-    incumbent chosen on the highest budget only).
+    incumbent chosen on the highest budget only). `known` configurations (the baselines) are
+    the first trials, before the initial design; they count in `trials`, and the design
+    shrinks to fit.
     """
+    known = list(known)[:trials]
+    initial = max(0, min(initial, trials - len(known))) if known else initial
     budgets = {"min_budget": fidelity.low, "max_budget": fidelity.high} if fidelity else {}
     scenario = Scenario(
         space,
@@ -63,7 +85,9 @@ def make_optimizer(
         return RandomFacade(
             scenario,
             target_function=None,
-            initial_design=RandomInitialDesign(scenario, n_configs=1),
+            initial_design=_RandomKnownFirst(
+                scenario, n_configs=0 if known else 1, additional_configs=known
+            ),
             intensifier=RandomFacade.get_intensifier(scenario, max_config_calls=1),
             overwrite=True,
             logging_level=40,
@@ -83,8 +107,8 @@ def make_optimizer(
         target_function=None,  # trials are run by ask/tell, so every result is recorded first
         model=RandomForest(space, n_jobs=1, log_y=True, seed=seed),
         acquisition_maximizer=maximizer,
-        initial_design=HyperparameterOptimizationFacade.get_initial_design(
-            scenario, n_configs=initial, max_ratio=1.0
+        initial_design=_SobolKnownFirst(
+            scenario, n_configs=initial, max_ratio=1.0, additional_configs=known
         ),
         intensifier=intensifier,
         overwrite=True,
