@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from automerge_mk.cli import main
+from automerge_mk.space import BASELINES
 
 TASK = """task: demo_{name}
 dataset_path: json
@@ -66,7 +67,7 @@ def test_every_trial_sources_baselines_and_final_model_get_the_harness_scores(ev
     assert {"search (best trial)", "model/ (stock mergekit)", "arith alone", "reverse alone"} <= (
         set(evals)
     )
-    assert sum(label.startswith("baseline: ") for label in evals) == 5
+    assert sum(label.startswith("baseline: ") for label in evals) == len(BASELINES)
     assert all(set(scores) == keys for scores in evals.values())
     # Each specialist models its own task's texts better than the other specialist does.
     for task, other in (("arith", "reverse"), ("reverse", "arith")):

@@ -91,3 +91,8 @@ def test_a_run_written_before_the_redesign_still_resumes(demo_models, tmp_path, 
     recorded = json.loads((out / "settings.json").read_text())["fingerprints"]
     assert set(recorded["models"]) == set(recorded["data"]) == {"arith", "reverse"}
     assert (out / "automerge-mk-run.json").is_file()
+    # It went on in its own space (automerge-mk 0.1's convex one, no baselines first), which
+    # settings.json now names, so a later resume stays there too.
+    assert ":weight" in "".join(after[2]["config"]) and ":mix" not in "".join(after[2]["config"])
+    written = json.loads((out / "settings.json").read_text())["settings"]
+    assert written["weighting"] == "convex" and written["baselines_first"] is False

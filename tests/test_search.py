@@ -18,7 +18,7 @@ from automerge_mk.engine import MergeEngine
 from automerge_mk.evaluate import load_texts, score_model, tokenize_task, with_preservation
 from automerge_mk.recipe import load_recipe
 from automerge_mk.segment import segment_model
-from automerge_mk.space import uniform_plan
+from automerge_mk.space import BASELINES, HAND_GRID, uniform_plan
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_search_over_slerp_and_the_other_interpolations_is_rebuilt_by_stock_merg
         for key, method in trial["config"].items():
             block = key.removesuffix(":method")
             if key.endswith(":method"):
-                has_weight = f"{block}:weight" in trial["config"]
+                has_weight = f"{block}:mix" in trial["config"]  # two sources: a mix
                 assert has_weight == (method in {"slerp", "nuslerp", "multislerp"}), trial
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     final = json.loads((tmp_path / "run" / "final.json").read_text())
@@ -163,25 +163,32 @@ def test_progress_plot_is_a_png_linked_from_the_summary(run):
     assert "](progress.png)" in (run / "summary.md").read_text()
 
 
-def test_baselines_command_scores_the_five_methods_like_trials(demo_models, measured, tmp_path):
+def test_baselines_command_scores_the_usual_merges_and_the_hand_grid_like_trials(
+    demo_models, measured, tmp_path
+):
     names = list(demo_models.specialists)
     arguments = ["baselines", *(str(demo_models.specialists[n]) for n in names)]
-    arguments += ["--base", str(demo_models.base), "--out", str(tmp_path / "b")]
+    arguments += ["--base", str(demo_models.base), "--out", str(tmp_path / "b"), "--grid"]
     for name in names:
         arguments += ["--data", f"{name}={demo_models.validation[name]}"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output + repr(result.exception)
     saved = json.loads((tmp_path / "b" / "baselines.json").read_text())
-    methods = [label.split()[0] for label in saved]
-    assert methods == ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+    assert list(saved) == [b.label(2) for b in BASELINES + HAND_GRID]
+    assert list(saved)[:7] == ["linear w=0.5", "task_arithmetic w=0.5", "ties w=0.5 d=0.5",
+                               "dare_linear w=0.5 d=0.5", "dare_ties w=0.5 d=0.5",
+                               "task_arithmetic w=1", "dare_ties w=1 d=0.5"]  # fmt: skip
+    assert "slerp t=0.5" in saved and "task_arithmetic w=0.3" in saved
     # Scored exactly as the independent linear 0.5/0.5 measurement of this module.
     assert saved["linear w=0.5"]["harmonic_mean"] == pytest.approx(measured["linear"], rel=1e-6)
-    assert "dare_ties w=0.5 d=0.5" in result.output
+    assert "dare_ties w=0.5 d=0.5" in result.output and "ties w=0.5 d=0.7" in result.output
+    values = [r["harmonic_mean"] for r in saved.values()]
+    assert len(set(values)) > 10  # real, different merges
 
 
 def test_summary_compares_the_best_with_the_baselines(run):
     summary = (run / "summary.md").read_text()
-    assert summary.count("| baseline: ") == 5
+    assert summary.count("| baseline: ") == len(BASELINES)
     best = json.loads((run / "best.json").read_text())["harmonic_mean"]
     baselines = json.loads((run / "baselines.json").read_text())
     assert best >= max(b["harmonic_mean"] for b in baselines.values())

@@ -57,4 +57,5 @@ def test_recipe_merges_three_models_and_stock_mergekit_reproduces_the_trial(thre
     final = json.loads((three_run / "final.json").read_text())
     assert final["harmonic_mean"] == pytest.approx(best["harmonic_mean"], rel=1e-5)
     baselines = json.loads((three_run / "baselines.json").read_text())
-    assert "linear w=0.33" in baselines and len(baselines) == 5
+    assert "linear w=0.33" in baselines and "task_arithmetic w=1" in baselines
+    assert len(baselines) == 7
