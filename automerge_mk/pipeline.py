@@ -216,8 +216,7 @@ def _reweighted_trials(stored: RunRecord, trials, ours, settings: SearchSettings
         plan = space.plan_from_record(stored, trial.config)
         config = space.config_from_plan(plan, ours, stored.names, settings)
         if config is not None:
-            values = {k: v.item() if hasattr(v, "item") else v for k, v in dict(config).items()}
-            kept.append(trial.model_copy(update={"config": values}))
+            kept.append(trial.model_copy(update={"config": space.plain_values(config)}))
     _note(f"{folder} searched --weighting {stored.settings.weighting}: {len(kept)} of its "
           f"{len(trials)} trials are told as the same merges in this --weighting "
           f"{settings.weighting} space")  # fmt: skip
@@ -458,8 +457,9 @@ def _known_configs(inputs: Inputs, settings: SearchSettings, space_) -> dict:
     if not settings.baselines_first:
         return {}
     names = tuple(s.name for s in inputs.sources)
-    known = space.known_configs(_baseline_plans(inputs, settings), space_, names, settings)
-    left_out = [label for label in _baseline_plans(inputs, settings) if label not in known]
+    plans = _baseline_plans(inputs, settings)
+    known = space.known_configs(plans, space_, names, settings)
+    left_out = [label for label in plans if label not in known]
     if left_out:
         _note(f"not in the searched space (--methods, --weight-range, --density-range), so "
               f"scored after the search only: {', '.join(left_out)}")  # fmt: skip
@@ -472,7 +472,7 @@ def _score_baselines(
     """The baselines (with `grid` the hand grid too), scored like trials; saved as
     baselines.json. One that was a trial of the search (`known`: label -> configuration, all
     of the data scored) is taken from that trial, with its number, not scored again."""
-    from . import report
+    from . import report, space
 
     by_config = {}
     for trial in trials:
@@ -480,8 +480,7 @@ def _score_baselines(
             by_config.setdefault(json.dumps(trial.config, sort_keys=True), trial)
     done = {}
     for label, config in (known or {}).items():
-        values = {k: v.item() if hasattr(v, "item") else v for k, v in dict(config).items()}
-        trial = by_config.get(json.dumps(values, sort_keys=True))
+        trial = by_config.get(json.dumps(space.plain_values(config), sort_keys=True))
         if trial is not None:
             done[label] = trial
     results = {

@@ -265,6 +265,12 @@ def baseline_plans(
     return plans
 
 
+def plain_values(config: Configuration) -> dict[str, Any]:
+    """A configuration's values as plain Python (ConfigSpace gives numpy scalars), as a
+    trial records them."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in dict(config).items()}
+
+
 def known_configs(
     plans: Mapping[str, MergePlan],
     space: ConfigurationSpace,

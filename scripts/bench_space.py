@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import append_step, done_steps, home_path  # noqa: E402
 
 from automerge_mk import pipeline, report, rundir, space  # noqa: E402
+from automerge_mk.methods import DEFAULT_METHODS  # noqa: E402
 from automerge_mk.settings import SearchSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ class TestScorer:
 
     def open(self):
         if self.session is None:
-            settings = SearchSettings(trials=1, initial=1, methods=(*space.DEFAULT_METHODS,
+            settings = SearchSettings(trials=1, initial=1, methods=(*DEFAULT_METHODS,
                                                                     "slerp"))  # fmt: skip
             self.session = pipeline.open_session(pair_inputs(self.pair, "test"), settings,
                                                  self.work / f"test-{self.pair}", True)  # fmt: skip
