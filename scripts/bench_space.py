@@ -163,7 +163,14 @@ def mean_pr(scored: dict) -> float:
 
 
 def render(done: dict[str, dict], pairs, budgets, seeds) -> str:
-    parts = [__doc__.split("\n\n")[0].replace('"""', ""), _how(done)]
+    paragraphs = __doc__.split("\n\n")
+    start = next(i for i, part in enumerate(paragraphs) if part.startswith("On two"))
+    described = "\n\n".join(paragraphs[start : start + 2])
+    pending = [step for step, _, kind, _ in plan_steps(pairs, budgets, seeds)
+               if kind == "search" and f"test:{step}" not in done]  # fmt: skip
+    status = (f"Not finished yet (a rerun goes on from here): {', '.join(pending)}."
+              if pending else "All steps finished.")  # fmt: skip
+    parts = ["# Search space vs a hand grid (issue 16)", described, _how(done), status]
     targets = []
     for pair in pairs:
         _, tasks = PAIRS[pair]
@@ -199,7 +206,7 @@ def render(done: dict[str, dict], pairs, budgets, seeds) -> str:
         lines = ["| target | measured (test H) | met |", "|---|---|---|"]
         lines += [f"| {t} | {a:.4f} vs {b:.4f} | {'yes' if a >= b else '**no**'} |"
                   for t, a, b in targets]  # fmt: skip
-        parts.insert(2, "## Targets\n\n" + "\n".join(lines))
+        parts.insert(4, "## Targets\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
