@@ -215,14 +215,34 @@ def _how(done: dict[str, dict]) -> str:
     walls = ", ".join(f"{r['step'].split(':', 1)[1]} {r['wall_s'] / 60:.1f} min"
                       + (" (resumed)" if r.get("resumed") else "") for r in searches)  # fmt: skip
     return (
-        "Reproduce: `python scripts/bench_space.py` (models from "
-        f"`{home_path(CACHE)}/benchmark*`, see above). H = harmonic mean of AP (the "
+        "Reproduce: `python scripts/bench_space.py`, with the models built by "
+        f"`python scripts/build_benchmark_models.py --out {home_path(CACHE)}/benchmark` and "
+        "`... --pair langid-digits --out "
+        f"{home_path(CACHE)}/benchmark-langid-digits` (their validation label accuracy: "
+        f"{_build_facts()}). H = harmonic mean of AP (the "
         "specialist's test loss on the label token / this model's), PR = label accuracy / the "
         "specialist's, PD = max PR - min PR; search rows merge their best validation "
         "configuration in memory (bit-identical to stock mergekit on the recipe). Searches: "
         "validation split, 100-104 examples per task; test: 400 per task. Wall times (2 CPU "
         f"cores; other work may have shared them): {walls or '-'}."
     )
+
+
+def _build_facts() -> str:
+    """Each specialist's validation label accuracy on its own and the other task, from the
+    build's check (build.json)."""
+    facts = []
+    for folder, tasks in PAIRS.values():
+        if not (folder / "build.json").is_file():
+            continue
+        check = json.loads((folder / "build.json").read_text())["check"]
+        for task in tasks:
+            other = next(t for t in tasks if t != task)
+            own, off, base = (check[f"{who} on {on}"]["label_accuracy"]
+                              for who, on in ((task, task), (task, other), ("base", other)))  # fmt: skip
+            facts.append(f"{task} specialist {own:.2f} on {task}, {off:.2f} on {other} "
+                         f"(base {base:.2f})")  # fmt: skip
+    return "; ".join(facts) or "-"
 
 
 def _table(rows: dict[str, dict], tasks, searches) -> str:
