@@ -238,8 +238,8 @@ def _build_facts() -> str:
         check = json.loads((folder / "build.json").read_text())["check"]
         for task in tasks:
             other = next(t for t in tasks if t != task)
-            own, off, base = (check[f"{who} on {on}"]["label_accuracy"]
-                              for who, on in ((task, task), (task, other), ("base", other)))  # fmt: skip
+            pairs = ((task, task), (task, other), ("base", other))
+            own, off, base = (check[f"{who} on {on}"]["label_accuracy"] for who, on in pairs)
             facts.append(f"{task} specialist {own:.2f} on {task}, {off:.2f} on {other} "
                          f"(base {base:.2f})")  # fmt: skip
     return "; ".join(facts) or "-"
