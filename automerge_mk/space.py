@@ -65,25 +65,30 @@ def build_space(
     for block in blocks:
         method = Categorical(_name(block, "method"), methods)
         space.add(method)
-        low, high = settings.weight_range
-        if not weighted:
-            pass
-        elif len(source_names) != 2:
-            for source in source_names:
-                add(Float(_name(block, "weight", source), (low, high),
-                          default=_clamped(0.5, (low, high))), weighted)  # fmt: skip
-        elif settings.weighting == "convex":
-            add(Float(_name(block, "weight"), (low, high), default=_clamped(0.5, (low, high))),
-                weighted)  # fmt: skip
-        else:
-            add(Float(_name(block, "mix"), (0.0, 1.0), default=0.5), weighted)
-            if scaled:
-                add(Float(_name(block, "scale"), (low, high), default=_clamped(1.0, (low, high))),
-                    scaled)  # fmt: skip
+        if weighted:
+            _add_weights(add, block, source_names, settings, weighted, scaled)
         for source in source_names if sparsifying else ():
             add(Float(_name(block, "density", source), settings.density_range,
                       default=_clamped(0.5, settings.density_range)), sparsifying)  # fmt: skip
     return space
+
+
+def _add_weights(add, block: Block, source_names, settings: SearchSettings, weighted, scaled):
+    """One block's weight parameters (see the module docstring), each active for the methods
+    that use it."""
+    low, high = settings.weight_range
+    if len(source_names) != 2:
+        for source in source_names:
+            add(Float(_name(block, "weight", source), (low, high),
+                      default=_clamped(0.5, (low, high))), weighted)  # fmt: skip
+    elif settings.weighting == "convex":
+        add(Float(_name(block, "weight"), (low, high), default=_clamped(0.5, (low, high))),
+            weighted)  # fmt: skip
+    else:
+        add(Float(_name(block, "mix"), (0.0, 1.0), default=0.5), weighted)
+        if scaled:
+            add(Float(_name(block, "scale"), (low, high), default=_clamped(1.0, (low, high))),
+                scaled)  # fmt: skip
 
 
 def _weights(
