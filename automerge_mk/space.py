@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ConfigSpace import Categorical, Configuration, ConfigurationSpace, Float, InCondition
 
-from .methods import adds_weights, is_sparsifying, needs_base, takes_weights
+from .errors import AutomergeError
+from .methods import adds_weights, check_methods, is_sparsifying, takes_weights
 from .settings import SearchSettings
 from .types import Block, BlockChoice, MergePlan
 
@@ -213,8 +214,11 @@ class Baseline(NamedTuple):
     weight: float | None = None
     density: float | None = None
 
+    def each_weight(self, sources: int) -> float:
+        return 1.0 / sources if self.weight is None else self.weight
+
     def label(self, sources: int) -> str:
-        weight = 1.0 / sources if self.weight is None else self.weight
+        weight = self.each_weight(sources)
         text = f"{self.method} {'t' if self.method == 'slerp' else 'w'}={weight:.2g}"
         return text + (f" d={self.density:.2g}" if self.density is not None else "")
 
@@ -258,11 +262,11 @@ def baseline_plans(
     can run: the task-vector methods need a base, slerp exactly two sources."""
     plans = {}
     for row in BASELINES + (HAND_GRID if grid else ()):
-        if needs_base(row.method) and base is None:
+        try:  # the registry's facts: the base it needs, how many models it merges
+            check_methods((row.method,), base is not None, len(sources))
+        except AutomergeError:
             continue
-        if row.method == "slerp" and len(sources) != 2:
-            continue
-        weight = 1.0 / len(sources) if row.weight is None else row.weight
+        weight = row.each_weight(len(sources))
         densities = (row.density,) * len(sources) if is_sparsifying(row.method) else None
         plans[row.label(len(sources))] = uniform_plan(
             row.method, (weight,) * len(sources), densities, blocks, sources, base, dtype, seed

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import append_step, done_steps, home_path  # noqa: E402
+from benchmark import append_step, benchmark_models, done_steps, home_path  # noqa: E402
 
 from automerge_mk import pipeline, report, rundir, space  # noqa: E402
 from automerge_mk.methods import DEFAULT_METHODS  # noqa: E402
@@ -53,12 +53,8 @@ INITIAL = {40: 10}  # the issue's 40-trial runs; other budgets take the default 
 
 
 def pair_inputs(pair: str, split: str) -> pipeline.MergeRequest:
-    folder, tasks = PAIRS[pair]
-    for needed in [folder / "base", *(folder / t for t in tasks)]:
-        if not (needed / "model.safetensors").is_file():
-            raise SystemExit(f"{needed} is missing: run scripts/build_benchmark_models.py first")
-    data = {t: str(folder / "data" / f"{t}-{split}.jsonl") for t in tasks}
-    return pipeline.MergeRequest([str(folder / t) for t in tasks], str(folder / "base"), data)
+    sources, base, data = benchmark_models(*PAIRS[pair])
+    return pipeline.MergeRequest(sources, base, data[split])
 
 
 def search_settings(space_label: str, trials: int, seed: int) -> SearchSettings:

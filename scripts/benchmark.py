@@ -58,15 +58,19 @@ def append_step(steps_file: Path, record: dict) -> None:
         handle.flush()
 
 
-def benchmark_models(folder: Path) -> tuple[list[str], str, dict[str, dict[str, str]]]:
-    for needed in [folder / "base", *(folder / t for t in TASKS)]:
+def benchmark_models(
+    folder: Path, tasks: tuple[str, ...] = TASKS
+) -> tuple[list[str], str, dict[str, dict[str, str]]]:
+    """The specialists, base and per-split data files of a pair built by
+    build_benchmark_models.py (exits naming the build command when one is missing)."""
+    for needed in [folder / "base", *(folder / t for t in tasks)]:
         if not (needed / "model.safetensors").is_file():
             raise SystemExit(f"{needed} is missing: run scripts/build_benchmark_models.py first")
     data = {
-        split: {t: str(folder / "data" / f"{t}-{split}.jsonl") for t in TASKS}
+        split: {t: str(folder / "data" / f"{t}-{split}.jsonl") for t in tasks}
         for split in ("validation", "test")
     }
-    return [str(folder / t) for t in TASKS], str(folder / "base"), data
+    return [str(folder / t) for t in tasks], str(folder / "base"), data
 
 
 def run_search_step(step: str, models: Path, work: Path, args) -> dict:
