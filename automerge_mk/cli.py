@@ -108,7 +108,7 @@ def source_options(function, required: bool = True):
 
 # Which settings each group of commands offers (all declared once, in settings.py).
 SOURCE_SETTINGS = ("text_column", "dtype")
-EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "trust_remote_code",
+EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "tokenizer_source", "trust_remote_code",
                        "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
                        "device")  # fmt: skip
 SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",

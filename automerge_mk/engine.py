@@ -19,7 +19,7 @@ same plan (tests compare them tensor by tensor).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from mergekit.architecture import get_architecture_info
 from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge import _model_out_config
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import MergeMethod, TensorEntry, TensorGroup, TensorMetadata
@@ -43,11 +44,12 @@ from mergekit.plan import MergePlanner
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .errors import ModelReferenceError, SettingsError
+from .errors import AdapterError, ModelReferenceError, SettingsError
 from .methods import SOURCE_AS_BASE, is_random, method_accepts, uses_base
 from .recipe import plan_documents
-from .segment import load_config, merge_tensor_keys
+from .segment import load_config, merge_tensor_keys, vocabulary_axes
 from .types import BlockChoice, MergePlan
+from .vocab import permuted_inputs
 from .weights import open_weights, weight_files
 
 Tensors = dict[str, torch.Tensor]
@@ -139,6 +141,47 @@ def load_merge_tensors(
     return tensors
 
 
+def load_adapter_tensors(
+    model: Path,
+    adapter: Path,
+    keys: dict[str, str],
+    dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool = False,
+) -> Tensors:
+    """A PEFT adapter applied to its model, read like a source's tensors.
+
+    The adapter is applied exactly as stock mergekit applies `model+adapter`
+    (mergekit.common.ModelReference.merged: the model class of its config loaded with no dtype
+    override, peft's PeftModel.from_pretrained, merge_and_unload), but once, in memory,
+    instead of into a full copy on disk; then cast to the merge dtype like LoadTensor.
+
+    Raises:
+        AdapterError: when peft cannot apply the adapter to the model.
+    """
+    from mergekit.common import get_auto_cls
+    from peft import PeftModel
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # mergekit's call passes the deprecated torch_dtype
+    try:
+        config = load_config(model, trust_remote_code)
+        merged = get_auto_cls(config.architectures[0]).from_pretrained(
+            str(model), torch_dtype=None, low_cpu_mem_usage=True,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        merged = PeftModel.from_pretrained(merged, str(adapter), is_trainable=False)
+        state = merged.merge_and_unload().state_dict()
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise AdapterError(f"peft cannot apply the adapter {adapter} to {model}: {error}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = [key for key in keys.values() if key not in state]
+    if missing:
+        raise AdapterError(f"{model} with the adapter {adapter} lacks tensors {missing[:3]}")
+    return {n: state[key].to(dtype=dtype, device=device, copy=True) for n, key in keys.items()}
+
+
 def _magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
     """Each element's position in mergekit's magnitude order, as int32."""
     magnitudes = delta.abs().reshape(-1)
@@ -224,6 +267,8 @@ class MergeEngine:
         cache_order: keep TIES's magnitude order between trials (4 bytes per parameter per
             source) instead of sorting every task vector again on every trial.
         eval_dtype: dtype of the live model that is scored.
+        adapters: PEFT adapter folder -> the model folder it applies to, for the sources that
+            are adapters (recipes name them `model+adapter`).
     """
 
     def __init__(
@@ -236,15 +281,21 @@ class MergeEngine:
         cache_order: bool = True,
         eval_dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        adapters: Mapping[Path, Path] | None = None,
     ):
         self.device = resolve_device(device)
         self.trust_remote_code = trust_remote_code
         self.source_folders = [Path(s) for s in sources]
         self.base_folder = Path(base) if base else None
-        self.keys = merge_tensor_keys(live_model, load_config(live_model, trust_remote_code))
+        self.adapters = {Path(a): Path(m) for a, m in (adapters or {}).items()}
+        # How the documents the engine plans name the adapters: mergekit's model+adapter.
+        self.references = {str(a): f"{m}+{a}" for a, m in self.adapters.items()}
+        config = load_config(live_model, trust_remote_code)
+        self.keys = merge_tensor_keys(live_model, config)
+        self.vocabulary = {n: a for n, a in vocabulary_axes(config).items() if n in self.keys}
         merge_dtype = dtype_from_name(dtype)
         self.resident: dict[Path, Tensors] = {
-            folder: load_merge_tensors(folder, self.keys, merge_dtype, self.device)
+            folder: self._read(folder, merge_dtype)
             for folder in dict.fromkeys(self.source_folders + [self.base_folder] * bool(base))
         }
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
@@ -261,7 +312,14 @@ class MergeEngine:
         self._ranks: dict[tuple[str, Hashable], torch.Tensor] = {}
         self._schedules: dict[str, list[str]] = {}
         self._methods: dict[str, MergeMethod] = {}
+        self._permuted: dict[tuple[str, str], dict[str, dict[Path, torch.Tensor]]] = {}
         self.cache_order = cache_order
+
+    def _read(self, folder: Path, dtype: torch.dtype) -> Tensors:
+        if folder in self.adapters:
+            return load_adapter_tensors(self.adapters[folder], folder, self.keys, dtype,
+                                        self.device, self.trust_remote_code)  # fmt: skip
+        return load_merge_tensors(folder, self.keys, dtype, self.device)
 
     def non_finite_tensors(self) -> list[tuple[Path, str, int]]:
         """(folder, tensor, count) of every resident tensor holding NaN/inf values, as cast
@@ -291,12 +349,32 @@ class MergeEngine:
             self._methods[name] = method
         return self._methods[name]
 
+    def _document(self, plan: MergePlan, method: str) -> dict[str, Any]:
+        """The recipe document of `method` for a plan whose every block uses it."""
+        choice = next(c for c in plan.choices if c.method == method)
+        uniform = plan.model_copy(update={"choices": (choice,) * len(plan.blocks)})
+        return plan_documents(uniform, self.references)[0]
+
+    def _vocabulary_inputs(self, plan: MergePlan, method: str) -> dict[str, dict[Path, Any]]:
+        """Every model's embedding and head, permuted into the plan's merged vocabulary as
+        stock mergekit permutes them for `method`'s document (computed once per method)."""
+        key = (method, plan.tokenizer)
+        if key not in self._permuted:
+            self._permuted[key] = permuted_inputs(
+                self._document(plan, method), self.resident, self.vocabulary,
+                self.trust_remote_code,
+            )  # fmt: skip
+        return self._permuted[key]
+
     def _stock_schedule(self, plan: MergePlan, method: str) -> list[str]:
         """Tensor names in the order stock mergekit executes a document of `method`."""
         if method not in self._schedules:
-            choice = next(c for c in plan.choices if c.method == method)
-            uniform = plan.model_copy(update={"choices": (choice,) * len(plan.blocks)})
-            config = MergeConfiguration.model_validate(plan_documents(uniform)[0])
+            config = MergeConfiguration.model_validate(self._document(plan, method))
+            for model in config.referenced_models():
+                if model.lora:  # planning reads tensor names only, which an adapter keeps
+                    LoaderCache().loaders.setdefault(
+                        model, LoaderCache().get(model.model_copy(update={"lora": None}))
+                    )
             options = MergeOptions(device=self.device, quiet=True)
             arch_info = get_architecture_info(config, options)
             verbosity = transformers.logging.get_verbosity()
@@ -321,17 +399,15 @@ class MergeEngine:
         method = self._method(choice.method)
         # The same inputs as stock mergekit's recipe: slerp's first source is its base.
         source_base = choice.method in SOURCE_AS_BASE
+        inputs = {folder: tensors[name] for folder, tensors in self.resident.items()}
+        if plan.tokenizer and name in self.vocabulary:
+            inputs = self._vocabulary_inputs(plan, choice.method)[name]
         entries = [
-            TensorEntry(
-                id=index,
-                tensor=self.resident[Path(source)][name],
-                is_base=source_base and not index,
-            )
+            TensorEntry(id=index, tensor=inputs[Path(source)], is_base=source_base and not index)
             for index, source in enumerate(plan.sources)
         ]
         if uses_base(choice.method, plan.base is not None):
-            base = self.resident[Path(plan.base)][name]
-            entries.append(TensorEntry(id="base", tensor=base, is_base=True))
+            entries.append(TensorEntry(id="base", tensor=inputs[Path(plan.base)], is_base=True))
         parameters: dict[str, Any] = {
             k: v for k, v in plan.method_parameters.items() if method_accepts(choice.method, k)
         }
@@ -382,15 +458,36 @@ class MergeEngine:
         """Copy tensors (by mergekit name) into the live model in place and return it."""
         with torch.no_grad():
             for name, tensor in tensors.items():
-                self._parameters[name].copy_(tensor)
+                self._copy(name, tensor)
         return self.model
+
+    def _copy(self, name: str, tensor: torch.Tensor) -> None:
+        """One tensor into the live model; a merged vocabulary of another size (a
+        --tokenizer-source) resizes the live model's embedding and head first."""
+        if self._parameters[name].shape != tensor.shape and name in self.vocabulary:
+            rows = tensor.shape[self.vocabulary[name]]
+            self.model.resize_token_embeddings(rows, mean_resizing=False)
+            self._parameters = dict(self.model.named_parameters())
+        self._parameters[name].copy_(tensor)
 
     def merge_into_model(self, plan: MergePlan) -> PreTrainedModel:
         """Merge a plan straight into the live model, one tensor at a time."""
         with torch.no_grad():
-            self.merge(plan, sink=lambda name, tensor: self._parameters[name].copy_(tensor))
+            self.merge(plan, sink=self._copy)
         return self.model
 
     def load_source(self, folder: Path) -> PreTrainedModel:
-        """Put a resident source (as cast to the merge dtype) into the live model."""
-        return self.load(self.resident[Path(folder)])
+        """A resident source (as cast to the merge dtype) as a model: the live model, or,
+        when its vocabulary has another size than the live model's, a model of its own."""
+        tensors = self.resident[Path(folder)]
+        if all(self._parameters[n].shape == t.shape for n, t in tensors.items()):
+            return self.load(tensors)
+        own = AutoModelForCausalLM.from_pretrained(
+            str(self.adapters.get(Path(folder), Path(folder))), dtype=self.model.dtype,
+            trust_remote_code=self.trust_remote_code,
+        ).to(self.device)  # fmt: skip
+        parameters = dict(own.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                parameters[name].copy_(tensor)
+        return own.eval()

@@ -18,6 +18,15 @@ class ArchitectureMismatchError(AutomergeError):
     """Source models do not share an architecture or tensor shapes, so they cannot be merged."""
 
 
+class TokenizerMismatchError(AutomergeError):
+    """The models' tokenizers or embedding rows differ and no --tokenizer-source says how the
+    merged vocabulary is built."""
+
+
+class AdapterError(ModelReferenceError):
+    """A PEFT adapter cannot be used as a source: unreadable, or made for another base."""
+
+
 class MissingBaseModelError(AutomergeError):
     """A task-vector method (task_arithmetic, ties, dare_*) was asked for without `--base`."""
 

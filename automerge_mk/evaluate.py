@@ -288,6 +288,25 @@ def tokenize_task(
     return subset_task(TaskData(**task), eval_tokens, seed) if eval_tokens else TaskData(**task)
 
 
+def retokenize(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TaskData:
+    """The same examples of a task (its subset, if cut), tokenised with another tokenizer: a
+    specialist's own, when the merged model's differs."""
+    own = tokenize_task(task.name, list(task.rows), tokenizer, max_length)
+    return own.model_copy(update={"indices": tuple(task.indices[i] for i in own.indices)})
+
+
+def same_examples(task: TaskData, indices: Sequence[int]) -> TaskData:
+    """A task cut to the examples (row indices) another tokenisation of it kept."""
+    wanted = set(indices)
+    chosen = [i for i, index in enumerate(task.indices) if index in wanted]
+
+    def pick(values: tuple) -> tuple:
+        return tuple(values[i] for i in chosen) if values else values
+
+    fields = ("sequences", "starts", "indices", "rows", "answers", "candidates")
+    return task.model_copy(update={name: pick(getattr(task, name)) for name in fields})
+
+
 def subset_task(task: TaskData, tokens: int, seed: int = 0) -> TaskData:
     """A seeded random subset of a task's examples of about `tokens` forward-pass positions.
 
@@ -306,13 +325,7 @@ def subset_task(task: TaskData, tokens: int, seed: int = 0) -> TaskData:
         chosen.append(index)
         options = task.candidates[index] if task.candidates else ((task.sequences[index], 0),)
         total += sum(len(ids) for ids, _ in options)
-    chosen.sort()
-
-    def pick(values: tuple) -> tuple:
-        return tuple(values[i] for i in chosen) if values else values
-
-    fields = ("sequences", "starts", "indices", "rows", "answers", "candidates")
-    return task.model_copy(update={name: pick(getattr(task, name)) for name in fields})
+    return same_examples(task, [task.indices[i] for i in chosen])
 
 
 def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

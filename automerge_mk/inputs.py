@@ -26,7 +26,8 @@ _TEXT_FORMATS = {".jsonl", ".json", ".csv", ".txt"}  # read as UTF-8 text by `da
 
 
 def source_name(reference: str) -> str:
-    """The name a model reference goes by in --data: its folder's or its repo's name.
+    """The name a model reference goes by in --data: its folder's or its repo's name (an
+    adapter's in MODEL+ADAPTER).
 
     Raises:
         ModelReferenceError: when it is neither an existing folder nor a Hub id.
@@ -35,6 +36,8 @@ def source_name(reference: str) -> str:
     if folder.is_dir():
         return folder.resolve().name
     check_reference(reference)
+    if "+" in reference:  # mergekit's MODEL+ADAPTER goes by the adapter's name
+        return source_name(reference.partition("+")[2])
     return reference.partition("@")[0].split("/")[1]
 
 

@@ -83,10 +83,22 @@ class Inputs:
     warm_start: tuple[TrialResult, ...] = ()
     fidelity: Fidelity | None = None
     evals: tuple = ()  # evaluation plug-ins (plugins.LmEval)
+    # Where the merged model's tokenizer differs (--tokenizer-source): per source name, its
+    # own tokenizer and every task tokenised with it, for its reference scores.
+    own: dict[str, tuple[PreTrainedTokenizerBase, list[TaskData]]] | None = None
 
     @property
     def reference_model(self) -> Path:
-        return (self.base or self.sources[0]).path
+        return (self.base or self.sources[0]).model_folder
+
+    @property
+    def adapters(self) -> dict[Path, Path]:
+        """Adapter folder -> the model folder it applies to, for the sources that are adapters."""
+        return {s.path: s.adapter_of.path for s in self.sources if s.adapter_of}
+
+    def scoring(self, name: str) -> tuple[PreTrainedTokenizerBase, list[TaskData]]:
+        """How source `name` is scored on every task: its own tokenizer and tokenisation."""
+        return (self.own or {}).get(name, (self.tokenizer, self.tasks))
 
 
 def _check_paths(
@@ -112,9 +124,7 @@ def _check_inputs(
 
     `files` and `data_sha` are what `_check_paths` found, by source name.
     """
-    from transformers import AutoTokenizer
-
-    from . import evaluate, methods, plugins, segment, sources
+    from . import evaluate, methods, plugins, segment, sources, vocab
     from .engine import check_device, check_dtype
     from .search import Fidelity
 
@@ -130,19 +140,24 @@ def _check_inputs(
     resolve = partial(
         sources.resolve_model, trust_remote_code=trust, allow_pickle=settings.allow_pickle_weights
     )
-    sources = [resolve(ref) for ref in model_refs]
     base = resolve(base_ref) if base_ref else None
+    sources = [resolve(ref, base=base) for ref in model_refs]
     rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
-    reference_model = (base or sources[0]).path
-    segment.check_compatible([s.path for s in sources] + ([base.path] if base else []))
+    reference_model = (base or sources[0]).model_folder
+    tokenizer_source = _check_vocabularies(sources, base, settings)
+    folders = [s.model_folder for s in sources] + ([base.path] if base else [])
+    segment.check_compatible(folders, vocabularies_differ=tokenizer_source is not None)
     dtype = settings.dtype or _model_dtype(reference_model)
     check_dtype(dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(reference_model), trust_remote_code=trust)
-    except Exception as error:
-        raise ModelReferenceError(
-            f"cannot load a tokenizer from {reference_model}: {error}"
-        ) from None
+    tokenizer = _tokenizer(reference_model, trust)
+    if tokenizer_source:
+        local = {str(m.path): _local_reference(m) for m in sources + ([base] if base else [])}
+        tokenizer = vocab.run_tokenizer(
+            [local[str(s.path)] for s in sources],
+            local[str(base.path)] if base else None,
+            local.get(tokenizer_source, tokenizer_source),
+            trust,
+        )
     tasks = [
         evaluate.tokenize_task(
             s.name,
@@ -154,6 +169,13 @@ def _check_inputs(
         )
         for s in sources
     ]
+    own = None
+    if tokenizer_source:  # each specialist's references in its own tokenisation
+        own = {}
+        for s in sources:
+            theirs = _tokenizer(s.model_folder, trust)
+            own[s.name] = theirs, [evaluate.retokenize(t, theirs, settings.max_length)
+                                   for t in tasks]  # fmt: skip
     unlabelled = [t.name for t in tasks if not t.labels]
     if unlabelled and any(m.name == "label_accuracy" for m in metrics):
         raise DataError(
@@ -170,7 +192,52 @@ def _check_inputs(
     )
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
     return Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, prints, warm,
-                   fidelity, evals)  # fmt: skip
+                   fidelity, evals, own)  # fmt: skip
+
+
+def _tokenizer(folder: Path, trust: bool) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
+    except Exception as error:
+        raise ModelReferenceError(f"cannot load a tokenizer from {folder}: {error}") from None
+
+
+def _check_vocabularies(
+    sources: list[SourceModel], base: SourceModel | None, settings: SearchSettings
+) -> str | None:
+    """Compare the models' vocabularies (an adapter's is its model's, as in mergekit); return
+    the plan's tokenizer source (None: one vocabulary, nothing to choose), with a note on what
+    differs.
+
+    Raises:
+        TokenizerMismatchError: when they differ and --tokenizer-source is not given, or names
+            no source.
+    """
+    from . import vocab
+
+    names = [s.name for s in sources]
+    models = ([("the base", base)] if base else []) + [(f"source {s.name}", s) for s in sources]
+    vocabularies = [vocab.read_vocabulary(label, m.model_folder, settings.trust_remote_code)
+                    for label, m in models]  # fmt: skip
+    found = vocab.check_vocabularies(vocabularies, settings.tokenizer_source, names)
+    choice = vocab.plan_tokenizer(settings.tokenizer_source, tuple(str(s.path) for s in sources),
+                                  tuple(names), str(base.path) if base else None)  # fmt: skip
+    if choice:
+        what = "the union of the models' tokens" if choice == vocab.UNION else choice
+        differ = f": {'. '.join(found)}" if found else " (the models' vocabularies are the same)"
+        _note(f"tokenizer: --tokenizer-source {settings.tokenizer_source} ({what}){differ}")
+    for source in sources:
+        if source.adapter_of:
+            _note(f"source {source.name} is a PEFT adapter applied to {source.adapter_of.name} "
+                  f"({source.pinned}), once, in memory")  # fmt: skip
+    return choice
+
+
+def _local_reference(model: SourceModel) -> str:
+    """How a document names a model's local folder: mergekit's model+adapter for adapters."""
+    return f"{model.adapter_of.path}+{model.path}" if model.adapter_of else str(model.path)
 
 
 def _warm_start_trials(
@@ -256,8 +323,16 @@ class Session:
         specialists = {source.name: source.path for source in inputs.sources}
         return MergeObjective(
             self.engine, inputs.tasks, self.references, to_plan, inputs.metrics,
-            inputs.tokenizer, specialists, self.settings.seed, inputs.evals,
+            inputs.tokenizer, specialists, self.settings.seed, inputs.evals, _own_tasks(inputs),
         )  # fmt: skip
+
+
+def _own_tasks(inputs: Inputs) -> dict:
+    """Per task, its specialist's own tokenizer and tokenisation of it (where they differ)."""
+    return {
+        name: (tokenizer, next(t for t in tasks if t.name == name))
+        for name, (tokenizer, tasks) in (inputs.own or {}).items()
+    }
 
 
 def _check_space(inputs: Inputs, out: Path, replacing: bool) -> None:
@@ -286,14 +361,15 @@ def _load_sources(inputs: Inputs, settings: SearchSettings):
         cache_order=settings.cache_order,
         eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
         trust_remote_code=settings.trust_remote_code,
+        adapters=inputs.adapters,
     )
     _check_finite_weights(engine, inputs)
-    raw = {
-        s.name: evaluate.score_model(
-            engine.load_source(s.path), inputs.tasks, inputs.metrics, inputs.tokenizer
+    raw = {}
+    for s in inputs.sources:
+        tokenizer, tasks = inputs.scoring(s.name)
+        raw[s.name] = evaluate.score_model(
+            engine.load_source(s.path), tasks, inputs.metrics, tokenizer
         )
-        for s in inputs.sources
-    }
     for source in inputs.sources:
         loss = raw[source.name][source.name].loss
         if not math.isfinite(loss):
@@ -350,6 +426,7 @@ def worker_objective(model_refs, base_ref, data, settings: dict):
     return MergeObjective(
         engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
         inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
+        _own_tasks(inputs),
     )  # fmt: skip
 
 
@@ -429,7 +506,7 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
     if inputs.evals:  # the plug-ins' scores of each source, beside their AP and PR
         evals = {
             f"{s.name} alone": plugins.run_evals(
-                inputs.evals, engine.load_source(s.path), inputs.tokenizer
+                inputs.evals, engine.load_source(s.path), inputs.scoring(s.name)[0]
             )
             for s in inputs.sources
         }
@@ -438,16 +515,14 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
 
 
 def _baseline_plans(inputs: Inputs, settings: SearchSettings, grid: bool = False) -> dict:
-    from . import space
+    from . import space, vocab
 
-    return space.baseline_plans(
-        inputs.blocks,
-        tuple(str(s.path) for s in inputs.sources),
-        str(inputs.base.path) if inputs.base else None,
-        inputs.dtype,
-        settings.seed,
-        grid,
-    )
+    sources = tuple(str(s.path) for s in inputs.sources)
+    base = str(inputs.base.path) if inputs.base else None
+    names = tuple(s.name for s in inputs.sources)
+    tokenizer = vocab.plan_tokenizer(settings.tokenizer_source, sources, names, base)
+    plans = space.baseline_plans(inputs.blocks, sources, base, inputs.dtype, settings.seed, grid)
+    return {label: p.model_copy(update={"tokenizer": tokenizer}) for label, p in plans.items()}
 
 
 def _known_configs(inputs: Inputs, settings: SearchSettings, space_) -> dict:
@@ -599,8 +674,9 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     plan = to_plan(best.config)
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
     command = recipe.reproduce_command(
-        run.path / rundir.RECIPE, run.path / rundir.MODEL, len(plan.methods) > 1, plan.seed
-    )
+        run.path / rundir.RECIPE, run.path / rundir.MODEL, len(plan.methods) > 1, plan.seed,
+        bool(inputs.adapters),
+    )  # fmt: skip
     recipe_file = run.write_text(rundir.RECIPE, recipe.recipe_text(plan, pinned, command))
     run.write_json(rundir.BEST, best.model_dump(mode="json") | {"recipe": rundir.RECIPE})
 

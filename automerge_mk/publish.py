@@ -67,7 +67,8 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     )
     multi = "\n---\n" in recipe
     merged = Path("$PWD/merged")  # mergekit-multi's --intermediate-dir must be absolute
-    rebuild = reproduce_command(Path(rundir.RECIPE), merged, multi, record.settings.seed)
+    adapters = any(m.adapter_of for m in record.models)
+    rebuild = reproduce_command(Path(rundir.RECIPE), merged, multi, record.settings.seed, adapters)
     body = f"""# {repo_id.split("/")[-1]}
 
 A merge of {", ".join(f"`{p}`" for p in pinned[: len(models)])}

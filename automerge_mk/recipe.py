@@ -55,6 +55,8 @@ def method_document(
     elif method in SOURCE_AS_BASE:
         document["base_model"] = references.get(plan.sources[0], plan.sources[0])
     document["dtype"] = plan.dtype
+    if plan.tokenizer:
+        document["tokenizer_source"] = references.get(plan.tokenizer, plan.tokenizer)
     shared = {k: v for k, v in plan.method_parameters.items() if method_accepts(method, k)}
     if method_accepts(method, "t"):
         shared["t"] = _values(plan, method, lambda c: c.weights[1], partial)
@@ -114,9 +116,30 @@ def documents_yaml(documents: list[dict[str, Any]]) -> str:
     return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
 
 
-def reproduce_command(recipe: Path, out: Path, multi: bool, seed: int | None) -> str:
+def uses_adapters(documents: list[dict[str, Any]]) -> bool:
+    """Whether a recipe names a PEFT adapter (mergekit's model+adapter), which mergekit applies
+    into a --lora-merge-cache folder first."""
+    from mergekit.config import MergeConfiguration
+
+    return any(
+        model.lora
+        for document in documents
+        for model in MergeConfiguration.model_validate(document).referenced_models()
+    )
+
+
+def adapter_cache(out: Path) -> Path:
+    """Where mergekit writes the sources with their adapters applied, beside `out`."""
+    return out.parent / (out.name + "-adapters")
+
+
+def reproduce_command(
+    recipe: Path, out: Path, multi: bool, seed: int | None, adapters: bool = False
+) -> str:
     """The plain-mergekit command line that rebuilds a recipe."""
     seed_option = f" --random-seed {seed}" if seed is not None else ""
+    if adapters:
+        seed_option += f" --lora-merge-cache {adapter_cache(out)}"
     if multi:
         return (
             f"mergekit-multi {recipe} --out-path {out} "
@@ -228,9 +251,12 @@ def build_with_mergekit(
     documents = load_recipe(recipe.read_text())
     partial = out.parent / (out.name + ".partial")
     intermediate = out.parent / (out.name + "-intermediate")
-    for stale in (partial, intermediate):
+    adapters = adapter_cache(out)
+    for stale in (partial, intermediate, adapters):
         shutil.rmtree(stale, ignore_errors=True)
     common = ["--no-write-model-card", "--quiet", "--device", device]
+    if uses_adapters(documents):
+        common += ["--lora-merge-cache", str(adapters.resolve())]
     if seed is not None:
         common += ["--random-seed", str(seed)]
     if code_from:
@@ -248,6 +274,7 @@ def build_with_mergekit(
         raise
     finally:
         shutil.rmtree(intermediate, ignore_errors=True)
+        shutil.rmtree(adapters, ignore_errors=True)
     if result.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)  # never leave half a model behind
         output = result.stdout + result.stderr

@@ -109,20 +109,40 @@ def merge_tensor_keys(folder: Path, config: PretrainedConfig) -> dict[str, str]:
     return keys
 
 
+def vocabulary_axes(config: PretrainedConfig) -> dict[str, int]:
+    """mergekit's name -> vocabulary axis of every tensor indexed by token id (embeddings,
+    head), from mergekit's architecture definition."""
+    arch = arch_info_for_config(config)
+    weights = ConfiguredModelArchitecture(info=arch, config=config).all_weights() if arch else []
+    return {w.name: w.vocabulary_axis for w in weights if w.vocabulary_axis is not None}
+
+
 def merge_tensor_names(folder: Path, config: PretrainedConfig) -> list[str]:
     """Tensor names mergekit merges for this model, in its order."""
     return list(merge_tensor_keys(folder, config))
 
 
-def check_compatible(folders: list[Path]) -> None:
-    """Check that all models share architecture, tensor names and shapes.
+def check_compatible(folders: list[Path], vocabularies_differ: bool = False) -> None:
+    """Check that all models share architecture, tensor names and shapes; with
+    `vocabularies_differ` (a --tokenizer-source aligns them), the embedding and head tensors
+    may differ in their number of tokens.
 
     Raises:
         ArchitectureMismatchError: naming the first model and tensor that differ.
     """
     first = folders[0]
-    first_arch = load_config(first).architectures
+    first_config = load_config(first)
+    first_arch = first_config.architectures
     first_shapes = tensor_shapes(first)
+    keys = merge_tensor_keys(first, first_config) if vocabularies_differ else {}
+    axes = {keys[n]: axis for n, axis in vocabulary_axes(first_config).items() if n in keys}
+
+    def shape(shapes: dict, name: str):
+        found = shapes.get(name)
+        if found is None or name not in axes:
+            return found
+        return found[: axes[name]] + found[axes[name] + 1 :]  # without the token axis
+
     for other in folders[1:]:
         arch = load_config(other).architectures
         if arch != first_arch:
@@ -131,7 +151,7 @@ def check_compatible(folders: list[Path]) -> None:
             )
         shapes = tensor_shapes(other)
         for name in sorted(set(first_shapes) | set(shapes)):
-            if first_shapes.get(name) != shapes.get(name):
+            if shape(first_shapes, name) != shape(shapes, name):
                 raise ArchitectureMismatchError(
                     f"tensor {name} is {first_shapes.get(name, 'missing')} in {first} but "
                     f"{shapes.get(name, 'missing')} in {other}: the models do not share a base"

@@ -147,6 +147,15 @@ class SearchSettings(Frozen):
     dtype: str | None = Field(
         None, description="Merge dtype written in the recipe. Default: the base model's."
     )
+    tokenizer_source: str | None = Field(
+        None,
+        description="The merged model's tokenizer when the models' vocabularies differ (added "
+        "tokens, other tokenizers, padded embeddings): union (every model's tokens), base "
+        "(the base's tokens only) or a source's name; mergekit's tokenizer_source, written "
+        "in the recipe. Default: none, and models whose vocabularies differ are refused, "
+        "naming the tokens.",
+        json_schema_extra=_cli(metavar="union|base|NAME"),
+    )
     device: str = Field(
         "cpu", description="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N."
     )

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ModelReferenceError
+from .errors import AdapterError, ModelReferenceError
 from .types import SourceModel
 from .weights import PICKLED_WEIGHTS, check_index, check_weights, index_shards, weight_files
 
@@ -28,35 +28,113 @@ _REVISION = re.compile(rf"^{_NAME}(/{_NAME})*$")
 
 
 def resolve_model(
-    reference: str, trust_remote_code: bool = False, allow_pickle: bool = False
+    reference: str,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    base: SourceModel | None = None,
 ) -> SourceModel:
-    """Resolve a folder or `org/name[@revision]` to a local folder with config and weights.
+    """Resolve a folder, `org/name[@revision]` or mergekit's `model+adapter` to a local folder
+    with config and weights, or with a PEFT adapter (adapter_config.json and its weights).
 
     Args:
-        reference: a local folder, or a Hub id with an optional `@revision`.
+        reference: a local folder, or a Hub id with an optional `@revision`; either may be a
+            PEFT adapter, or `MODEL+ADAPTER` (mergekit's syntax: ADAPTER applied to MODEL).
         trust_remote_code: allow configs that need code from the repository.
         allow_pickle: accept pickled `pytorch_model*.bin` weights when a model has no
             safetensors (read with torch's weights-only unpickler).
+        base: the --base model, which an adapter given alone applies to.
 
     Returns:
-        The resolved model; Hub models carry their repo id and commit sha.
+        The resolved model; Hub models carry their repo id and commit sha, adapters the model
+        they apply to (`adapter_of`).
 
     Raises:
         ModelReferenceError: when the reference is neither, names a path outside its folder,
             cannot be downloaded, has no readable weights (naming the damaged file), has only
             pickled weights without `allow_pickle`, or needs remote code without
             `trust_remote_code`.
+        AdapterError: when an adapter is unreadable, has no model to apply to, or was made
+            for a model of another name than the one it is applied to.
     """
+    model_ref, plus, adapter_ref = reference.partition("+")
+    if plus and not Path(reference).expanduser().is_dir():
+        applied_to = resolve_model(model_ref, trust_remote_code, allow_pickle)
+        adapter = _resolve(adapter_ref, trust_remote_code, allow_pickle)
+        if not is_adapter(adapter.path):
+            raise AdapterError(
+                f"{reference}: {adapter_ref} is no PEFT adapter (no {ADAPTER_CONFIG}); "
+                "MODEL+ADAPTER applies an adapter to a model"
+            )
+        if base is not None and applied_to.name.lower() != base.name.lower():
+            raise AdapterError(
+                f"{reference} applies {adapter.name} to {applied_to.name}, but --base is "
+                f"{base.name}: task vectors would be taken against another model; give "
+                f"{base.reference}+{adapter_ref} or the adapter alone"
+            )
+        return _adapter(adapter.model_copy(update={"reference": reference}), applied_to,
+                        allow_pickle)  # fmt: skip
+    model = _resolve(reference, trust_remote_code, allow_pickle)
+    if not is_adapter(model.path):
+        _check_folder(model, trust_remote_code, allow_pickle)
+        return model
+    if base is None:
+        raise AdapterError(
+            f"{reference} is a PEFT adapter: give the model it applies to as --base, or as "
+            f"MODEL+{reference} (mergekit's syntax)"
+        )
+    return _adapter(model, base, allow_pickle)
+
+
+def _resolve(reference: str, trust_remote_code: bool, allow_pickle: bool) -> SourceModel:
+    """A folder or Hub id, unchecked: a model or an adapter."""
     folder = Path(reference).expanduser()
     if folder.is_dir():
-        model = SourceModel(reference=reference, name=folder.resolve().name, path=folder.resolve())
-    else:
-        check_reference(reference)
-        repo_id, _, revision = reference.partition("@")
-        files = MERGE_FILES + [PICKLED_WEIGHTS] * allow_pickle + ["*.py"] * trust_remote_code
-        model = _download(reference, repo_id, revision or None, files)
-    _check_folder(model, trust_remote_code, allow_pickle)
-    return model
+        if "+" in str(folder.resolve()):
+            raise ModelReferenceError(
+                f"{folder.resolve()}: mergekit reads '+' in a model path as MODEL+ADAPTER, so "
+                "no recipe could name this folder; move or rename it"
+            )
+        return SourceModel(reference=reference, name=folder.resolve().name, path=folder.resolve())
+    check_reference(reference)
+    repo_id, _, revision = reference.partition("@")
+    files = MERGE_FILES + [PICKLED_WEIGHTS, "adapter_model.bin"] * allow_pickle
+    return _download(reference, repo_id, revision or None, files + ["*.py"] * trust_remote_code)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(folder: Path) -> bool:
+    """A PEFT adapter's folder: adapter_config.json and no model config.json."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def _adapter(adapter: SourceModel, model: SourceModel, allow_pickle: bool) -> SourceModel:
+    """An adapter checked (peft reads its config; its weights open; it was made for a model of
+    `model`'s name) and tied to the model it applies to."""
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter.path))
+    except Exception as error:  # noqa: BLE001 - peft raises many types for a bad config
+        raise AdapterError(
+            f"{adapter.reference}: peft cannot read {ADAPTER_CONFIG}: {error}"
+        ) from None
+    made_for = (config.base_model_name_or_path or "").rstrip("/")
+    made_for_name = made_for.partition("@")[0].rsplit("/", 1)[-1]
+    if made_for_name and made_for_name.lower() != model.name.lower():
+        raise AdapterError(
+            f"{adapter.reference} is a {config.peft_type} adapter of {made_for}, not of "
+            f"{model.name} ({model.reference}): give the model it was trained on as --base"
+        )
+    files = sorted(adapter.path.glob("adapter_model*.safetensors"))
+    if not files and allow_pickle:
+        files = sorted(adapter.path.glob("adapter_model*.bin"))
+    if not files:
+        raise AdapterError(f"{adapter.reference}: no adapter_model.safetensors in {adapter.path}")
+    for file in files:
+        check_weights(file)
+    return adapter.model_copy(update={"adapter_of": model})
 
 
 def check_reference(reference: str) -> None:
@@ -66,6 +144,11 @@ def check_reference(reference: str) -> None:
     Raises:
         ModelReferenceError: saying what is wrong with it.
     """
+    if "+" in reference:  # mergekit's MODEL+ADAPTER: each part on its own
+        for part in reference.split("+", 1):
+            if not Path(part).expanduser().is_dir():
+                check_reference(part)
+        return
     repo_id, _, revision = reference.partition("@")
     if not _HUB_ID.match(repo_id):
         raise ModelReferenceError(

@@ -28,6 +28,7 @@ from .errors import AutomergeError
 from .methods import adds_weights, check_methods, is_sparsifying, takes_weights
 from .settings import SearchSettings
 from .types import Block, BlockChoice, MergePlan
+from .vocab import plan_tokenizer
 
 if TYPE_CHECKING:
     from .rundir import RunRecord
@@ -139,6 +140,7 @@ def plan_from_config(
         dtype=dtype,
         method_parameters=dict(settings.method_parameters),
         seed=settings.seed,
+        tokenizer=plan_tokenizer(settings.tokenizer_source, sources, source_names, base),
     )
 
 

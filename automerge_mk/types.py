@@ -35,12 +35,20 @@ class SourceModel(Frozen):
     path: Path
     revision: str | None = None
     repo_id: str | None = None
+    # A PEFT adapter (its folder is `path`) applies to this model; a recipe names the pair as
+    # mergekit's `base+adapter`.
+    adapter_of: SourceModel | None = None
 
     @property
     def pinned(self) -> str:
-        if self.repo_id and self.revision:
-            return f"{self.repo_id}@{self.revision}"
-        return str(self.path)
+        hub = self.repo_id and self.revision
+        own = f"{self.repo_id}@{self.revision}" if hub else str(self.path)
+        return f"{self.adapter_of.pinned}+{own}" if self.adapter_of else own
+
+    @property
+    def model_folder(self) -> Path:
+        """The folder with the model's config and tokenizer: an adapter's base's."""
+        return self.adapter_of.path if self.adapter_of else self.path
 
 
 class Block(Frozen):
@@ -76,6 +84,9 @@ class MergePlan(Frozen):
     dtype: str = "float32"
     method_parameters: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = None
+    # mergekit's tokenizer_source: "union" or a model (one of `sources` or `base`); None: the
+    # models share one vocabulary.
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _one_choice_per_block(self) -> MergePlan:

@@ -14,7 +14,15 @@ from typing import Any, NamedTuple
 
 from ..engine import MergeEngine, release_memory
 from ..errors import MetricError, SettingsError
-from ..evaluate import Metric, TaskData, score_model, score_task, subset_task, with_preservation
+from ..evaluate import (
+    Metric,
+    TaskData,
+    same_examples,
+    score_model,
+    score_task,
+    subset_task,
+    with_preservation,
+)
 from ..plugins import run_evals
 from ..types import MergePlan, TaskScore, TrialResult
 
@@ -68,6 +76,8 @@ class MergeObjective:
         specialists: each task's own source folder, to score references on fewer tokens.
         seed: which subsets of the tasks lower budgets score.
         evals: evaluation plug-ins (`--eval`), run on trials scored on all tokens.
+        own: task name -> its specialist's own tokenizer and the task tokenised with it, where
+            the merged model's tokenizer differs (--tokenizer-source): references use them.
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class MergeObjective:
         specialists: dict[str, Path] | None = None,
         seed: int = 0,
         evals: tuple = (),
+        own: dict[str, tuple[Any, TaskData]] | None = None,
     ):
         self.engine = engine
         self.tasks = tasks
@@ -91,6 +102,7 @@ class MergeObjective:
         self.specialists = specialists or {}
         self.seed = seed
         self.evals = evals
+        self.own = own or {}
         self.levels: dict[int, tuple[list[TaskData], dict[str, TaskScore]]] = {}
 
     def at_budget(self, budget: int | None) -> tuple[list[TaskData], dict[str, TaskScore]]:
@@ -100,17 +112,19 @@ class MergeObjective:
             return self.tasks, self.references
         if budget not in self.levels:
             tasks = [subset_task(task, budget, self.seed) for task in self.tasks]
-            references = {
-                task.name: score_task(
-                    self.engine.load_source(self.specialists[task.name]),
-                    task,
-                    metrics=self.metrics,
-                    tokenizer=self.tokenizer,
-                )
-                for task in tasks
-            }
+            references = {task.name: self._reference(task) for task in tasks}
             self.levels[budget] = tasks, references
         return self.levels[budget]
+
+    def _reference(self, task: TaskData) -> TaskScore:
+        """The task's specialist on these examples, in its own tokenisation."""
+        tokenizer, own = self.own.get(task.name, (self.tokenizer, None))
+        return score_task(
+            self.engine.load_source(self.specialists[task.name]),
+            same_examples(own, task.indices) if own else task,
+            metrics=self.metrics,
+            tokenizer=tokenizer,
+        )
 
     def score(self, model, budget: int | None = None) -> tuple[dict[str, TaskScore], float]:
         """Scores of a model with AP and PR, and the harmonic mean of AP."""
