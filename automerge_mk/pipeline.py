@@ -868,8 +868,10 @@ def segment_text(
     """The blocks a model (folder or Hub id) is split into: a table with totals, or JSON."""
     from .segment import blocks_to_json, describe_blocks, segment_model
     from .sources import resolve_model
+    from .vocab import read_vocabulary
 
-    folder = resolve_model(model, trust_remote_code, allow_pickle_weights).path
+    resolved = resolve_model(model, trust_remote_code, allow_pickle_weights)
+    folder = resolved.model_folder
     blocks = segment_model(folder, strategy, trust_remote_code)
     if as_json:
         return blocks_to_json(blocks)
@@ -879,4 +881,8 @@ def segment_text(
     lines += ["  ".join(row[k].ljust(w) for k, w in widths.items()) for row in rows]
     tensors, total = sum(len(b.tensors) for b in blocks), sum(b.parameters for b in blocks)
     lines.append(f"{len(blocks)} blocks, {tensors} tensors, {total:,} parameters")
+    lines.append(read_vocabulary(resolved.name, folder, trust_remote_code).summary())
+    if resolved.adapter_of:
+        lines.append(f"adapter: {resolved.name} (PEFT) applied to {resolved.adapter_of.name}; "
+                     f"merges read it as {resolved.pinned}")  # fmt: skip
     return "\n".join(lines)

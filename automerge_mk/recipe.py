@@ -116,16 +116,35 @@ def documents_yaml(documents: list[dict[str, Any]]) -> str:
     return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
 
 
-def uses_adapters(documents: list[dict[str, Any]]) -> bool:
-    """Whether a recipe names a PEFT adapter (mergekit's model+adapter), which mergekit applies
-    into a --lora-merge-cache folder first."""
+def adapters_named(documents: list[dict[str, Any]]) -> list:
+    """The PEFT adapters a recipe names (mergekit's model+adapter references), which mergekit
+    applies into a --lora-merge-cache folder first."""
     from mergekit.config import MergeConfiguration
 
-    return any(
-        model.lora
-        for document in documents
-        for model in MergeConfiguration.model_validate(document).referenced_models()
-    )
+    models = {
+        m for d in documents for m in MergeConfiguration.model_validate(d).referenced_models()
+    }
+    return sorted((m for m in models if m.lora), key=str)
+
+
+def apply_adapters(documents: list[dict[str, Any]], cache: Path, trust: bool = False) -> None:
+    """Apply every adapter a recipe names into mergekit's --lora-merge-cache folder, with
+    mergekit's own `ModelReference.merged`, before mergekit runs.
+
+    mergekit applies an adapter missing from the cache while it merges, after --random-seed
+    has seeded torch, and peft's initialisation of the adapter layers draws from torch's RNG,
+    which shifts every DARE/DELLA draw: a fresh cache and a filled one give different models.
+    The in-memory merge applies adapters once at load, so it matches a filled cache.
+    """
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # mergekit passes the deprecated torch_dtype
+    try:
+        for model in adapters_named(documents):
+            model.merged(cache_dir=str(cache), trust_remote_code=trust)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def adapter_cache(out: Path) -> Path:
@@ -159,6 +178,10 @@ def recipe_text(
     if plan.seed is not None:
         note = "DARE/DELLA draws depend on it" if uses_random else "only random methods use it"
         lines.append(f"# random seed: {plan.seed} (pass --random-seed {plan.seed}; {note})")
+    if uses_random and adapters_named(documents):
+        lines.append("# adapters + DARE/DELLA: build with a --lora-merge-cache that already holds "
+                     "the applied adapters (run once to fill it): mergekit applies a missing one "
+                     "after seeding torch, which shifts the draws")  # fmt: skip
     lines += [f"# {line}" for line in header.splitlines() if line]
     return "\n".join(lines) + "\n" + documents_yaml(documents)
 
@@ -255,7 +278,8 @@ def build_with_mergekit(
     for stale in (partial, intermediate, adapters):
         shutil.rmtree(stale, ignore_errors=True)
     common = ["--no-write-model-card", "--quiet", "--device", device]
-    if uses_adapters(documents):
+    if adapters_named(documents):
+        apply_adapters(documents, adapters, trust=code_from is not None)
         common += ["--lora-merge-cache", str(adapters.resolve())]
     if seed is not None:
         common += ["--random-seed", str(seed)]

@@ -33,6 +33,17 @@ class Vocabulary(NamedTuple):
     tokens: dict[str, int] | None  # token -> id; None: the model has no tokenizer
     special: dict[str, str]  # bos_token, eos_token, pad_token ... -> token
     rows: int | None  # the config's vocab_size: embedding rows
+    added: tuple[str, ...] = ()  # the tokenizer's added tokens (special or not)
+
+    def summary(self) -> str:
+        """One line for `segment` and notes: tokens, added tokens, embedding rows."""
+        if self.tokens is None:
+            return f"tokenizer: none ({self.rows:,} embedding rows)"
+        last = list(self.added)[-_SHOWN:]  # the latest added: a fine-tune's own
+        earlier = "..., " if len(self.added) > _SHOWN else ""
+        added = f", {len(self.added)} added ({earlier}{_quote(last, self.tokens)})"
+        return (f"tokenizer: {len(self.tokens):,} tokens{added if self.added else ''}; "
+                f"{self.rows:,} embedding rows")  # fmt: skip
 
 
 def read_vocabulary(label: str, folder: Path, trust_remote_code: bool = False) -> Vocabulary:
@@ -56,7 +67,8 @@ def read_vocabulary(label: str, folder: Path, trust_remote_code: bool = False) -
             f"cannot load the tokenizer of {label} ({folder}): {error}"
         ) from None
     special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
-    return Vocabulary(label, tokenizer.get_vocab(), special, rows)
+    added = tuple(t.content for t in tokenizer.added_tokens_decoder.values())
+    return Vocabulary(label, tokenizer.get_vocab(), special, rows, added)
 
 
 def differences(reference: Vocabulary, other: Vocabulary) -> list[str]:

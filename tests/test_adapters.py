@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.evaluate import load_texts
+from automerge_mk.pipeline import resume_arguments
 from automerge_mk.rundir import RunRecord
 from automerge_mk.space import plan_from_record
 
@@ -41,8 +42,9 @@ def train_lora(base: Path, texts: list[str], out: Path, steps: int = 8, seed: in
 def adapters(demo_models, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
-        name: train_lora(demo_models.base, load_texts(demo_models.validation[name]),
-                         root / name, seed=index)  # fmt: skip
+        name: train_lora(
+            demo_models.base, load_texts(demo_models.validation[name]), root / name, seed=index
+        )  # fmt: skip
         for index, name in enumerate(demo_models.specialists)
     }
 
@@ -84,6 +86,9 @@ def test_search_over_two_lora_adapters_is_rebuilt_by_stock_mergekit(
     final = json.loads((run / "final.json").read_text())
     best = json.loads((run / "best.json").read_text())
     assert final["harmonic_mean"] == pytest.approx(best["harmonic_mean"], rel=1e-6)
+    # A resume names the adapters as the recipe does.
+    request, _ = resume_arguments(run)
+    assert request.models == [f"{demo_models.base}+{adapters[n]}" for n in demo_models.specialists]
     # Each adapter alone, applied to the base, is the reference of its own task.
     sources = json.loads((run / "sources.json").read_text())
     for name in demo_models.specialists:

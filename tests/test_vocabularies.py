@@ -18,6 +18,7 @@ from automerge_mk.rundir import RunRecord
 from automerge_mk.space import plan_from_record
 
 ADDED = ("<|im_start|>", "<|im_end|>")
+CHAT = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 
 
 def with_added_tokens(source: Path, out: Path, tokens=ADDED, seed: int = 0) -> Path:
@@ -25,6 +26,7 @@ def with_added_tokens(source: Path, out: Path, tokens=ADDED, seed: int = 0) -> P
     `resize_token_embeddings`, and the new rows given values of their own."""
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     tokenizer.add_tokens(list(tokens), special_tokens=True)
+    tokenizer.chat_template = CHAT
     model = AutoModelForCausalLM.from_pretrained(str(source))
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     generator = torch.Generator().manual_seed(seed)
@@ -40,7 +42,8 @@ def with_added_tokens(source: Path, out: Path, tokens=ADDED, seed: int = 0) -> P
 @pytest.fixture(scope="module")
 def chat_arith(demo_models, tmp_path_factory) -> Path:
     """The arith specialist with two chat tokens added (embeddings 2 rows longer)."""
-    return with_added_tokens(demo_models.specialists["arith"], tmp_path_factory.mktemp("m") / "arith")
+    folder = tmp_path_factory.mktemp("chat") / "arith"
+    return with_added_tokens(demo_models.specialists["arith"], folder)
 
 
 def _search(demo_models, arith: Path, out: Path, *options: str):
@@ -83,6 +86,9 @@ def test_search_over_a_specialist_with_added_tokens_is_rebuilt_bit_for_bit(
     assert rows == (base_rows if choice == "base" else base_rows + len(ADDED))
     tokenizer = AutoTokenizer.from_pretrained(str(run / "model"))
     assert all((t in tokenizer.get_vocab()) == (choice != "base") for t in ADDED)
+    # The chosen tokenizer's chat template: the chat tune's, or the base's (none) for union
+    # (mergekit builds the union from the base's tokenizer).
+    assert tokenizer.chat_template == (CHAT if choice == "arith" else None)
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["vocab_size"] == rows
     final = json.loads((run / "final.json").read_text())
