@@ -144,9 +144,11 @@ def _check_inputs(
     sources = [resolve(ref, base=base) for ref in model_refs]
     rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).model_folder
-    tokenizer_source = _check_vocabularies(sources, base, settings)
     folders = [s.model_folder for s in sources] + ([base.path] if base else [])
-    segment.check_compatible(folders, vocabularies_differ=tokenizer_source is not None)
+    segment.check_compatible(folders, vocabularies_differ=True)  # all but the token axis
+    tokenizer_source = _check_vocabularies(sources, base, settings)
+    if tokenizer_source is None:
+        segment.check_compatible(folders)  # the token axis too
     dtype = settings.dtype or _model_dtype(reference_model)
     check_dtype(dtype)
     tokenizer = _tokenizer(reference_model, trust)

@@ -25,6 +25,7 @@ from .errors import NO_SPACE, RecipeError, StorageError
 from .methods import SOURCE_AS_BASE, is_random, is_sparsifying, method_accepts, uses_base
 from .rundir import writing
 from .types import MergePlan
+from .vocab import UNION, union_chat_template
 
 PART_SUFFIX = "_part"
 
@@ -57,6 +58,8 @@ def method_document(
     document["dtype"] = plan.dtype
     if plan.tokenizer:
         document["tokenizer_source"] = references.get(plan.tokenizer, plan.tokenizer)
+    if plan.tokenizer == UNION and (template := union_chat_template([plan.base, *plan.sources])):
+        document["chat_template"] = template  # else mergekit's set order picks one
     shared = {k: v for k, v in plan.method_parameters.items() if method_accepts(method, k)}
     if method_accepts(method, "t"):
         shared["t"] = _values(plan, method, lambda c: c.weights[1], partial)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -148,6 +149,34 @@ def plan_tokenizer(choice: str | None, sources: Sequence[str], names: Sequence[s
         f"--tokenizer-source {choice!r} is neither base, union nor a source's name "
         f"({', '.join(names)})"
     )
+
+
+def union_chat_template(models: Sequence[str | None]) -> str | None:
+    """The chat template a `union` recipe writes explicitly: the first of `models` (the base,
+    then the sources) whose tokenizer has one.
+
+    mergekit builds a union on the document's base_model's tokenizer, and its template comes
+    along; a document without a base_model (linear) takes the first of its models in a Python
+    set's order, which changes between processes, so without an explicit `chat_template` the
+    merged model's template would be the base's in one build and a chat tune's in another.
+    """
+    for model in models:
+        if model is not None and (template := _chat_template(model)):
+            return template
+    return None
+
+
+@lru_cache(maxsize=64)
+def _chat_template(model: str) -> str | None:
+    from transformers import AutoTokenizer
+
+    try:
+        template = AutoTokenizer.from_pretrained(model).chat_template
+    except (OSError, ValueError):  # no tokenizer here (an adapter folder): nothing to take
+        return None
+    if isinstance(template, dict):  # named templates: mergekit's "auto" takes the default
+        template = template.get("default")
+    return template or None
 
 
 @contextmanager

@@ -83,7 +83,32 @@ def test_segment_command_prints_a_table_with_parameter_counts(tiny_llama):
     lines = result.output.splitlines()
     assert lines[0].split() == ["block", "layers", "component", "filters", "tensors", "parameters"]
     assert lines[1].startswith("L0-1")
-    assert lines[-1].startswith("3 blocks, 39 tensors")
+    assert lines[-2].startswith("3 blocks, 39 tensors")
+    assert lines[-1] == "tokenizer: none (128 embedding rows)"
+
+
+def test_segment_names_the_tokenizer_and_the_adapter(demo_models, tmp_path):
+    from test_adapters import train_lora
+    from test_vocabularies import with_added_tokens
+    from transformers import AutoTokenizer
+
+    from automerge_mk.evaluate import load_texts
+
+    chat = with_added_tokens(demo_models.specialists["arith"], tmp_path / "chat")
+    result = CliRunner().invoke(main, ["segment", str(chat)])
+    assert result.exit_code == 0, result.output
+    ids = AutoTokenizer.from_pretrained(chat).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    rows = ids[1] + 1
+    assert f"'<|im_start|>' (id {ids[0]}), '<|im_end|>' (id {ids[1]})); {rows} embedding rows" in (
+        result.output
+    )
+    texts = load_texts(demo_models.validation["arith"])
+    adapter = train_lora(demo_models.base, texts, tmp_path / "lora", steps=1)
+    result = CliRunner().invoke(main, ["segment", f"{demo_models.base}+{adapter}"])
+    assert result.exit_code == 0, result.output
+    assert f"adapter: lora (PEFT) applied to base; merges read it as {demo_models.base}+" in (
+        result.output
+    )
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

@@ -86,9 +86,10 @@ def test_search_over_a_specialist_with_added_tokens_is_rebuilt_bit_for_bit(
     assert rows == (base_rows if choice == "base" else base_rows + len(ADDED))
     tokenizer = AutoTokenizer.from_pretrained(str(run / "model"))
     assert all((t in tokenizer.get_vocab()) == (choice != "base") for t in ADDED)
-    # The chosen tokenizer's chat template: the chat tune's, or the base's (none) for union
-    # (mergekit builds the union from the base's tokenizer).
-    assert tokenizer.chat_template == (CHAT if choice == "arith" else None)
+    # The chosen tokenizer's chat template; under union the base's, else the first source's
+    # that has one, written in the recipe (mergekit's own pick would follow a set's order).
+    assert tokenizer.chat_template == (None if choice == "base" else CHAT)
+    assert ("chat_template:" in recipe) == (choice == "union")
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["vocab_size"] == rows
     final = json.loads((run / "final.json").read_text())
