@@ -112,8 +112,9 @@ EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "tokenizer_source", 
                        "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
                        "device")  # fmt: skip
 SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",
-                   "initial", "baselines_first", "warm_start", "fidelity", "optimizer",
-                   "method_parameters", "cache_order", "workers", "scheduler")  # fmt: skip
+                   "initial", "baselines_first", "warm_start", "fidelity", "racing",
+                   "race_chunk", "race_confidence", "optimizer", "method_parameters",
+                   "cache_order", "workers", "scheduler")  # fmt: skip
 
 
 def setting_options(names: tuple[str, ...], **defaults):

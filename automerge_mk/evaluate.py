@@ -54,8 +54,13 @@ class TaskData(BaseModel):
     @property
     def tokens(self) -> int:
         """Scored positions: each sequence predicts its tokens from its start on."""
+        return sum(self.example_tokens)
+
+    @property
+    def example_tokens(self) -> tuple[int, ...]:
+        """Scored positions of each example."""
         starts = self.starts or (1,) * len(self.sequences)
-        return sum(len(s) - b for s, b in zip(self.sequences, starts))
+        return tuple(len(s) - b for s, b in zip(self.sequences, starts))
 
     @property
     def computed_tokens(self) -> int:
@@ -456,11 +461,13 @@ def score_task(
     chunk_rows: int = 1024,
     metrics: Sequence[Metric] = (),
     tokenizer: PreTrainedTokenizerBase | None = None,
+    keep_examples: bool = False,
 ) -> TaskScore:
     """Mean loss and next-token accuracy of `model` over a task's scored tokens, and its metrics.
 
     Label accuracy is computed for prompt/label tasks; each user metric is called as
-    `function(model, tokenizer, rows)` on the task's rows.
+    `function(model, tokenizer, rows)` on the task's rows. `keep_examples`: the score carries
+    each example's summed loss too (what racing compares).
     """
     starts = task.starts or (1,) * len(task.sequences)
     found = _score_sequences(
@@ -470,15 +477,24 @@ def score_task(
     values = {}
     if task.answers and (task.label_tokens or task.candidates):
         values["label_accuracy"] = _label_accuracy(model, task, found, batch_tokens, chunk_rows)
-    for metric in metrics:
-        if metric.function is not None:
-            values[metric.name] = _user_metric(metric, model, tokenizer, task)
+    values |= user_metrics(model, task, metrics, tokenizer)
     return TaskScore(
         loss=found.loss.sum().item() / total,
         accuracy=int(found.correct.sum()) / total,
         tokens=total,
         metrics=values,
+        example_losses=tuple(found.loss.tolist()) if keep_examples else (),
     )
+
+
+def user_metrics(
+    model: PreTrainedModel,
+    task: TaskData,
+    metrics: Sequence[Metric],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, float]:
+    """The user metrics (`--metric` functions) of a model on a task's rows."""
+    return {m.name: _user_metric(m, model, tokenizer, task) for m in metrics if m.function}
 
 
 def _user_metric(metric: Metric, model, tokenizer, task: TaskData) -> float:
@@ -499,10 +515,14 @@ def score_model(
     tasks: list[TaskData],
     metrics: Sequence[Metric] = (),
     tokenizer: PreTrainedTokenizerBase | None = None,
+    keep_examples: bool = False,
 ) -> dict[str, TaskScore]:
-    """Scores of one model on every task."""
+    """Scores of one model on every task (`keep_examples`: with per-example losses)."""
     return {
-        task.name: score_task(model, task, metrics=metrics, tokenizer=tokenizer) for task in tasks
+        task.name: score_task(
+            model, task, metrics=metrics, tokenizer=tokenizer, keep_examples=keep_examples
+        )  # fmt: skip
+        for task in tasks
     }
 
 

@@ -271,7 +271,12 @@ def _warm_start_trials(
         _note(f"{folder} is from before input fingerprints: its models and data are taken to "
               "be the ones given here")  # fmt: skip
     trials = tuple(RunDir(folder).trials())
-    return _reweighted_trials(stored, trials, ours, settings, folder) if translate else trials
+    if translate:
+        trials = _reweighted_trials(stored, trials, ours, settings, folder)
+    partial = sum(t.partial for t in trials)
+    estimates = f" ({partial} of them stopped early by racing: their estimates)" if partial else ""
+    _note(f"warm start: told the optimiser {len(trials)} trials of {folder}{estimates}")
+    return trials
 
 
 def _reweighted_trials(stored: RunRecord, trials, ours, settings: SearchSettings, folder: Path):
@@ -317,8 +322,9 @@ class Session:
     references: dict[str, TaskScore]  # each task under its own specialist
     sources_scored: dict[str, tuple]
 
-    def objective(self, to_plan=None):
-        """The target function on this session's engine, data, references and metrics."""
+    def objective(self, to_plan=None, unraced=()):
+        """The target function on this session's engine, data, references and metrics;
+        `unraced`: configurations scored on every example even when racing (the baselines)."""
         from .search import MergeObjective
 
         inputs = self.inputs
@@ -326,7 +332,17 @@ class Session:
         return MergeObjective(
             self.engine, inputs.tasks, self.references, to_plan, inputs.metrics,
             inputs.tokenizer, specialists, self.settings.seed, inputs.evals, _own_tasks(inputs),
+            _race(inputs, self.settings), unraced,
         )  # fmt: skip
+
+
+def _race(inputs: Inputs, settings: SearchSettings):
+    """How trials race (--racing), or None: not with --fidelity, whose budgets decide instead."""
+    from .search import Race
+
+    if not settings.racing or inputs.fidelity:
+        return None
+    return Race(settings.race_chunk, settings.race_confidence, settings.seed)
 
 
 def _own_tasks(inputs: Inputs) -> dict:
@@ -425,10 +441,15 @@ def worker_objective(model_refs, base_ref, data, settings: dict):
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
+    from . import space
+
+    space_ = space.build_space(inputs.blocks, tuple(s.name for s in inputs.sources), settings)
+    known = _known_configs(inputs, settings, space_, quiet=True)
+    unraced = tuple(space.plain_values(config) for config in known.values())
     return MergeObjective(
         engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
         inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
-        _own_tasks(inputs),
+        _own_tasks(inputs), _race(inputs, settings), unraced,
     )  # fmt: skip
 
 
@@ -527,7 +548,7 @@ def _baseline_plans(inputs: Inputs, settings: SearchSettings, grid: bool = False
     return {label: p.model_copy(update={"tokenizer": tokenizer}) for label, p in plans.items()}
 
 
-def _known_configs(inputs: Inputs, settings: SearchSettings, space_) -> dict:
+def _known_configs(inputs: Inputs, settings: SearchSettings, space_, quiet=False) -> dict:
     """The baselines that start the search (--baselines-first), as configurations of its space."""
     from . import space
 
@@ -537,7 +558,7 @@ def _known_configs(inputs: Inputs, settings: SearchSettings, space_) -> dict:
     plans = _baseline_plans(inputs, settings)
     known = space.known_configs(plans, space_, names, settings)
     left_out = [label for label in plans if label not in known]
-    if left_out:
+    if left_out and not quiet:
         _note(f"not in the searched space (--methods, --weight-range, --density-range), so "
               f"scored after the search only: {', '.join(left_out)}")  # fmt: skip
     return known
@@ -561,7 +582,7 @@ def _score_baselines(
         if trial is not None:
             done[label] = trial
     results = {
-        label: done.get(label) or objective.evaluate_plan(plan, -1, {"baseline": label})
+        label: done.get(label) or objective.evaluate_plan(plan, -1, {"baseline": label}, race=False)
         for label, plan in _baseline_plans(session.inputs, settings, grid).items()
     }
     session.run.write_json(
@@ -638,9 +659,9 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
 
     names = tuple(s.name for s in inputs.sources)
     to_plan = _to_plan(inputs, settings)
-    objective = session.objective(to_plan)
     space_ = space.build_space(inputs.blocks, names, settings)
     known = _known_configs(inputs, settings, space_)
+    objective = session.objective(to_plan, tuple(space.plain_values(c) for c in known.values()))
     optimizer = search.make_optimizer(
         space_,
         settings.trials,
@@ -658,7 +679,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     else:
         runner = search.SerialRunner(objective)
         results = search.run_search(optimizer, runner, settings.trials, run.append_trial,
-                                    progress, finished)  # fmt: skip
+                                    progress, finished, _full_tokens(session))  # fmt: skip
     results = search.reevaluate_best(
         results, objective, inputs.fidelity, run.append_trial, finished
     )
@@ -742,7 +763,14 @@ def _parallel_search(optimizer, session: Session, progress: bool, finished):
     with parallel.dask_client(settings.workers, settings.scheduler, settings.device) as client:
         runner = parallel.DaskRunner(optimizer, target, client)
         return run_search(optimizer, runner, settings.trials, session.run.append_trial,
-                          progress, finished)  # fmt: skip
+                          progress, finished, _full_tokens(session))  # fmt: skip
+
+
+def _full_tokens(session: Session) -> int | None:
+    """Forward positions of one trial on all of the data, when trials may compute fewer."""
+    if session.settings.racing or session.inputs.fidelity:
+        return sum(task.computed_tokens for task in session.inputs.tasks)
+    return None
 
 
 def _write_budgets(run: RunDir, objective, fidelity: Fidelity) -> None:
@@ -808,7 +836,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         f"# automerge-mk report: {' + '.join(names)}",
         f"{len(trials)} of {settings.trials} trials finished ({failed} failed); best trial "
         f"{best.trial}, harmonic-mean AP {best.harmonic_mean:.4f}. {tokens:,} validation "
-        f"tokens evaluated (forward-pass positions).{fidelity}",
+        f"tokens evaluated (forward-pass positions).{fidelity} {report.tokens_sentence(trials)}",
         "## Search progress\n\n![best so far vs trial and vs tokens](report-progress.png)",
         "## Per task: AP and PR\n\nPR is from each task's metric ("
         + ", ".join(f"{n}: {s.rate_metric}" for n, s in best.tasks.items())
@@ -830,6 +858,22 @@ def resume_arguments(run_dir: Path) -> tuple[MergeRequest, SearchSettings]:
     stored = RunRecord.read(run_dir)
     base = stored.base.pinned if stored.base else None
     return MergeRequest([m.pinned for m in stored.models], base, stored.data), stored.settings
+
+
+def run_tasks(run_dir: Path) -> tuple[list[TaskData], dict[str, TaskScore]]:
+    """A run's validation tasks, tokenised as its trials saw them, and each task's reference
+    (its specialist's scores, from sources.json); no weights are loaded.
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory or has no sources.json yet.
+    """
+    (model_refs, base_ref, data), settings = resume_arguments(run_dir)
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
+    if not (run_dir / rundir.SOURCES).is_file():
+        raise RunDirectoryError(f"{run_dir} has no sources.json yet: the search has not started")
+    sources = RunDir(run_dir).read_json(rundir.SOURCES)
+    references = {t.name: TaskScore(**sources[t.name]["tasks"][t.name]) for t in inputs.tasks}
+    return inputs.tasks, references
 
 
 def finished(run_dir: Path, settings: SearchSettings) -> bool:

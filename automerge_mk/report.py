@@ -78,7 +78,9 @@ def scored_json(scores: dict[str, TaskScore], harmonic_mean: float) -> dict:
     return {
         "harmonic_mean": harmonic_mean,
         "pd": None if math.isnan(pd) else pd,
-        "tasks": {task: score.model_dump() for task, score in scores.items()},
+        "tasks": {
+            task: score.model_dump(exclude={"example_losses"}) for task, score in scores.items()
+        },
     }
 
 
@@ -115,6 +117,20 @@ def computed_tokens(trial: TrialResult) -> int:
     return sum(score.tokens for score in trial.tasks.values())
 
 
+def tokens_sentence(trials: list[TrialResult]) -> str:
+    """Validation tokens spent, against scoring every trial on all of them, and how many
+    trials racing stopped early ("" when every trial saw every example)."""
+    spent = [computed_tokens(t) for t in trials if t.status == "ok"]
+    partial = sum(t.partial for t in trials)
+    if not spent or (not partial and all(t.budget is None for t in trials)):
+        return ""
+    share = sum(spent) / (max(spent) * len(spent))
+    racing = f"; {len(spent) - partial} trials scored on every example, {partial} stopped early " \
+        "by racing (their H is an estimate)" if partial else ""  # fmt: skip
+    return (f"{sum(spent):,} validation tokens computed, {share:.0%} of scoring every trial on "
+            f"all of them{racing}.")  # fmt: skip
+
+
 def progress_plot(trials: list[TrialResult], path: Path, references: dict[str, float]) -> Path:
     """Best-so-far harmonic-mean AP vs trial as a PNG, with horizontal reference lines."""
     import matplotlib
@@ -123,9 +139,12 @@ def progress_plot(trials: list[TrialResult], path: Path, references: dict[str, f
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(6, 3.5), dpi=120)
+    for partial, label, marker in ((False, "trial", "o"), (True, "stopped early (estimate)", "x")):
+        shown = [t for t in trials if t.partial == partial]
+        if shown:
+            numbers, values = [t.trial + 1 for t in shown], [t.harmonic_mean for t in shown]
+            axes.scatter(numbers, values, s=8, alpha=0.4, marker=marker, label=label)
     numbers = [t.trial + 1 for t in trials]
-    values = [t.harmonic_mean for t in trials]
-    axes.scatter(numbers, values, s=8, alpha=0.4, label="trial")
     axes.step(numbers, result_curve(trials), where="post", color="C1", label="best so far")
     for index, (name, value) in enumerate(references.items()):
         axes.axhline(value, linestyle="--", linewidth=1, color=f"C{index + 2}", label=name)
@@ -168,7 +187,8 @@ def summary_markdown(
                 f"# {title}",
                 f"{len(trials)} trials ({failed} failed) in {wall_seconds:.0f} s; best trial "
                 f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time."
-                + (f" {versus_baselines}" if versus_baselines else ""),
+                + (f" {versus_baselines}" if versus_baselines else "")
+                + (f" {tokens}" if (tokens := tokens_sentence(trials)) else ""),
                 "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
                 "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
                 *plugins,

@@ -240,10 +240,11 @@ class RunRecord(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _older_space(cls, data):
-        """A run recorded before --weighting and --baselines-first searched the convex space
-        and started from the Sobol design: it resumes so."""
+        """A run recorded before --weighting, --baselines-first and --racing searched the
+        convex space, started from the Sobol design and scored every trial on all of the data:
+        it resumes so."""
         if isinstance(data, dict) and isinstance(data.get("settings"), dict):
-            older = {"weighting": "convex", "baselines_first": False}
+            older = {"weighting": "convex", "baselines_first": False, "racing": False}
             data = {**data, "settings": older | data["settings"]}
         return data
 

@@ -122,6 +122,23 @@ class SearchSettings(Frozen):
     fidelity: tuple[int | None, int | None] | None = Field(
         None, description=FIDELITY_HELP, json_schema_extra=_cli(metavar="tokens[:MIN:MAX]")
     )
+    racing: bool = Field(
+        True,
+        description="Score each trial chunk by chunk (--race-chunk examples per task, in one "
+        "seeded order) and stop it once a confidence bound on its loss, paired per example "
+        "with the best trial so far, says it cannot beat it; a stopped trial is recorded as "
+        "partial with its estimate, and the result is always a trial scored on every example. "
+        "The baselines are never stopped. Off: every trial sees every example. Not used with "
+        "--fidelity.",
+    )
+    race_chunk: int = Field(
+        16, description="Racing: validation examples per task between two comparisons."
+    )
+    race_confidence: float = Field(
+        0.99,
+        description="Racing: one-sided confidence, per task and comparison, that a stopped "
+        "trial would not have beaten the best one.",
+    )
     max_length: int = Field(512, description="Truncate validation texts to this many tokens.")
     text_column: str = Field("text", description="Column holding the text.")
     metrics: tuple[str, ...] = Field(
@@ -273,6 +290,10 @@ class SearchSettings(Frozen):
         if self.scheduler and self.workers > 1:
             raise ValueError("--workers starts a local cluster; with --scheduler the cluster's "
                              "workers are used: give one of them")  # fmt: skip
+        if self.race_chunk < 2:
+            raise ValueError("--race-chunk must be at least 2 (a bound needs two examples)")
+        if not 0.5 < self.race_confidence < 1:
+            raise ValueError("--race-confidence must lie between 0.5 and 1 (e.g. 0.99)")
         if self.fidelity and self.optimizer == "random":
             raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
         return self

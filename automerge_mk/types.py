@@ -119,6 +119,9 @@ class TaskScore(Frozen):
     preservation: float | None = None
     rate: float | None = None
     rate_metric: str | None = None
+    # Per example (in the task's order): its summed loss over its scored tokens. Kept for the
+    # trials of a racing search, whose best is the incumbent later trials are compared with.
+    example_losses: tuple[float, ...] = ()
 
     def value(self, metric: str) -> float:
         """A metric by name; `token_accuracy` is the next-token accuracy."""
@@ -137,6 +140,9 @@ class TrialResult(Frozen):
     seconds: dict[str, float]
     error: str | None = None
     budget: int | None = None  # validation tokens per task (multi-fidelity); None: all of them
+    # Racing: stopped early because it could not beat the incumbent; its scores are those of
+    # the examples seen and its harmonic_mean an estimate for all of them (search/racing.py).
+    partial: bool = False
     computed_tokens: int | None = None  # forward-pass positions over all tasks
     evals: dict[str, float] = Field(default_factory=dict)  # evaluation plug-ins (--eval)
     worker: dict[str, Any] | None = None  # the Dask worker that ran it: host, pid, loads
@@ -153,9 +159,10 @@ def top_budget(results: list[TrialResult]) -> list[TrialResult]:
 
     Scores on fewer validation tokens are neither comparable with nor as reliable as scores on
     more, so a multi-fidelity search's result comes from its highest budget only; in a
-    full-fidelity search every successful trial qualifies.
+    full-fidelity search every successful trial qualifies. A racing search's partial trials
+    (stopped on some of the examples) never do.
     """
-    ok = [r for r in results if r.status == "ok"]
+    ok = [r for r in results if r.status == "ok" and not r.partial]
     top = max((budget_rank(r) for r in ok), default=None)
     return [r for r in ok if budget_rank(r) == top]
 

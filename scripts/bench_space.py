@@ -32,7 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import append_step, benchmark_models, done_steps, home_path  # noqa: E402
+from benchmark import (  # noqa: E402
+    append_step,
+    benchmark_models,
+    done_steps,
+    home_path,
+    models_digest,
+)
 
 from automerge_mk import pipeline, report, rundir, space  # noqa: E402
 from automerge_mk.methods import DEFAULT_METHODS  # noqa: E402
@@ -45,9 +51,9 @@ PAIRS = {  # name -> (models folder, tasks)
     "sentiment-wordnet": (CACHE / "benchmark", ("sentiment", "wordnet")),
     "langid-digits": (CACHE / "benchmark-langid-digits", ("langid", "digits")),
 }
-SPACES = {  # label -> settings of the search
-    "new": {},
-    "old": {"weighting": "convex", "baselines_first": False},
+SPACES = {  # label -> settings of the search (racing off: this compares the spaces only)
+    "new": {"racing": False},
+    "old": {"weighting": "convex", "baselines_first": False, "racing": False},
 }
 INITIAL = {40: 10}  # the issue's 40-trial runs; other budgets take the default design
 
@@ -94,8 +100,8 @@ class TestScorer:
 
     def open(self):
         if self.session is None:
-            settings = SearchSettings(trials=1, initial=1, methods=(*DEFAULT_METHODS,
-                                                                    "slerp"))  # fmt: skip
+            settings = SearchSettings(trials=1, initial=1, racing=False,
+                                      methods=(*DEFAULT_METHODS, "slerp"))  # fmt: skip
             self.session = pipeline.open_session(pair_inputs(self.pair, "test"), settings,
                                                  self.work / f"test-{self.pair}", True)  # fmt: skip
             self.session.run.release()
@@ -158,7 +164,12 @@ def mean_pr(scored: dict) -> float:
     return statistics.mean(t["rate"] for t in scored["tasks"].values())
 
 
-def render(done: dict[str, dict], pairs, budgets, seeds) -> str:
+def _pair(step: str) -> str:
+    """The pair a step belongs to (every step's name holds it)."""
+    return next(pair for pair in PAIRS if f":{pair}" in f":{step}")
+
+
+def render(done: dict[str, dict], pairs, budgets, seeds, digests, stale: int) -> str:
     paragraphs = __doc__.split("\n\n")
     start = next(i for i, part in enumerate(paragraphs) if part.startswith("On two"))
     described = "\n\n".join(paragraphs[start : start + 2])
@@ -166,6 +177,10 @@ def render(done: dict[str, dict], pairs, budgets, seeds) -> str:
                if kind == "search" and f"test:{step}" not in done]  # fmt: skip
     status = (f"Not finished yet (a rerun goes on from here): {', '.join(pending)}."
               if pending else "All steps finished.")  # fmt: skip
+    builds = ", ".join(f"{pair} {digest}" for pair, digest in digests.items())
+    status += (f" Models (sha256 of weights and data, 16 hex digits): {builds}; "
+               f"{stale} steps recorded on other builds are kept in space-steps.jsonl but not "
+               "shown.")  # fmt: skip
     parts = ["# Search space vs a hand grid (issue 16)", described, _how(done), status]
     targets = []
     for pair in pairs:
@@ -275,13 +290,23 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     steps_file = args.results / "space-steps.jsonl"
-    done = done_steps(steps_file)
+    # Steps count only for the models they ran on: a rebuild that differs starts over (the
+    # earlier lines stay in the file, tagged with their build's digest).
+    digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
+    recorded = done_steps(steps_file)
+    done = {k: v for k, v in recorded.items() if v.get("models") == digests[_pair(k)]}
+    stale = len(recorded) - len(done)
+
+    def keep(record: dict) -> None:
+        record["models"] = digests[_pair(record["step"])]
+        append_step(steps_file, record)
+
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
     for step, pair, kind, detail in [] if args.render else plan_steps(pairs, budgets, seeds):
         if kind == "reference" and step not in done:
             print(f"{step}: scoring base and specialists on the test split", flush=True)
             done[step] = {"step": step, "rows": scorers[pair].references()}
-            append_step(steps_file, done[step])
+            keep(done[step])
         elif kind == "fixed":
             for label, plan in scorers[pair].fixed_rows().items():
                 row_step = f"{step}:{label}"
@@ -289,19 +314,19 @@ def main() -> None:
                     print(f"{row_step}: scoring on the test split", flush=True)
                     row = scorers[pair].score_plan(plan, label)
                     done[row_step] = {"step": row_step, "row": row}
-                    append_step(steps_file, done[row_step])
+                    keep(done[row_step])
         elif kind == "search":
             if step not in done:
                 print(f"{step}: searching", flush=True)
                 done[step] = run_search_step(step, pair, search_settings(*detail), args.work)
-                append_step(steps_file, done[step])
+                keep(done[step])
             if f"test:{step}" not in done:
                 print(f"test:{step}: scoring its best on the test split", flush=True)
                 done[f"test:{step}"] = {"step": f"test:{step}",
                                         "row": scorers[pair].score_search(done[step])}  # fmt: skip
-                append_step(steps_file, done[f"test:{step}"])
-        (args.results / "space.md").write_text(render(done, pairs, budgets, seeds))
-    (args.results / "space.md").write_text(render(done, pairs, budgets, seeds))
+                keep(done[f"test:{step}"])
+        (args.results / "space.md").write_text(render(done, pairs, budgets, seeds, digests, stale))
+    (args.results / "space.md").write_text(render(done, pairs, budgets, seeds, digests, stale))
     print((args.results / "space.md").read_text())
 
 

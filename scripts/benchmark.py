@@ -52,6 +52,22 @@ def done_steps(steps_file: Path) -> dict[str, dict]:
     return {line["step"]: line for line in lines}
 
 
+def models_digest(folder: Path, tasks: tuple[str, ...] = TASKS) -> str:
+    """sha256 over a built pair's weights and data files (base, specialists, every split): two
+    builds give the same digest only when they are the same models on the same examples."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [folder / name / "model.safetensors" for name in ("base", *tasks)]
+    files += sorted((folder / "data").glob("*.jsonl"))
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def append_step(steps_file: Path, record: dict) -> None:
     with steps_file.open("a") as handle:
         handle.write(json.dumps(record, default=str) + "\n")

@@ -43,6 +43,10 @@ class Runner(Protocol):
         """Wait for at least one trial and yield the finished ones, numbered from `first` in
         the order they finish."""
 
+    def observe(self, results: list[TrialResult]) -> None:
+        """The search's trials so far (a racing search races the next ones against their
+        best)."""
+
 
 def _config(info: TrialInfo) -> dict:
     return dict(info.config) if isinstance(info.config, Configuration) else info.config
@@ -72,6 +76,11 @@ class SerialRunner:
         info, self._pending = self._pending, None
         yield info, self.objective(_config(info), first, _budget(info))
 
+    def observe(self, results: list[TrialResult]) -> None:
+        observe = getattr(self.objective, "observe", None)
+        if observe:
+            observe(results)
+
 
 def run_search(
     optimizer: AbstractFacade,
@@ -80,8 +89,10 @@ def run_search(
     record: Callable[[TrialResult], None],
     progress: bool = True,
     finished: Sequence[TrialResult] = (),
+    full_tokens: int | None = None,
 ) -> list[TrialResult]:
-    """Ask, run, tell and record until `trials` trials are finished.
+    """Ask, run, tell and record until `trials` trials are finished (`full_tokens`: forward
+    positions of one trial on all of the data, for the progress bar).
 
     `finished` trials of an interrupted run are never run again: a replaying runner's
     optimiser proposes them again and is told their recorded results; otherwise they are told
@@ -97,6 +108,7 @@ def run_search(
     results: list[TrialResult] = [] if runner.replays else list(finished)
     for result in results:
         tell_recorded(optimizer, result, result.budget)
+    runner.observe(results)
     asked: dict[int, float] = {}  # id(TrialInfo) -> seconds its ask took
     bar = tqdm(total=trials, initial=len(results), desc="search", unit="trial",
                disable=not progress)  # fmt: skip
@@ -104,10 +116,13 @@ def run_search(
 
     def show(result: TrialResult) -> None:
         results.append(result)
+        runner.observe(results)
         best = best_trial(results)
         rate = 3600 * len(results) / (time.perf_counter() - started)
         bar.set_postfix(
-            best_H=f"{best.harmonic_mean:.4f}" if best else "-", trials_per_h=f"{rate:.0f}"
+            best_H=f"{best.harmonic_mean:.4f}" if best else "-",
+            trials_per_h=f"{rate:.0f}",
+            **_tokens(results, full_tokens),
         )
         bar.update()
 
@@ -136,6 +151,16 @@ def run_search(
             show(result)
     bar.close()
     return results
+
+
+def _tokens(results: Sequence[TrialResult], full: int | None) -> dict[str, str]:
+    """Progress: validation tokens computed so far and the share a full evaluation of every
+    trial would have computed more (racing, multi-fidelity)."""
+    if not full:
+        return {}
+    spent = sum(r.computed_tokens or 0 for r in results)
+    saved = 1 - spent / (full * len(results))
+    return {"tokens": f"{spent:,}", "saved": f"{saved:.0%}"}
 
 
 def _replayed(info: TrialInfo, result: TrialResult, trial: int) -> TrialResult:

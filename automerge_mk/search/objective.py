@@ -21,10 +21,12 @@ from ..evaluate import (
     score_model,
     score_task,
     subset_task,
+    user_metrics,
     with_preservation,
 )
 from ..plugins import run_evals
 from ..types import MergePlan, TaskScore, TrialResult
+from .racing import Incumbent, Race, Raced, run_race
 
 WORST_COST = 1.0  # cost = 1 - harmonic mean of AP, and the harmonic mean is never below 0
 
@@ -78,6 +80,9 @@ class MergeObjective:
         evals: evaluation plug-ins (`--eval`), run on trials scored on all tokens.
         own: task name -> its specialist's own tokenizer and the task tokenised with it, where
             the merged model's tokenizer differs (--tokenizer-source): references use them.
+        race: score trials on all of the data chunk by chunk and stop those that cannot beat
+            the incumbent (racing.py); None: one pass over all of the data.
+        unraced: configurations always scored on every example (the baselines of the search).
     """
 
     def __init__(
@@ -92,6 +97,8 @@ class MergeObjective:
         seed: int = 0,
         evals: tuple = (),
         own: dict[str, tuple[Any, TaskData]] | None = None,
+        race: Race | None = None,
+        unraced: tuple[dict[str, Any], ...] = (),
     ):
         self.engine = engine
         self.tasks = tasks
@@ -103,6 +110,9 @@ class MergeObjective:
         self.seed = seed
         self.evals = evals
         self.own = own or {}
+        self.race = race
+        self.unraced = list(unraced)
+        self.incumbent: Incumbent | None = None
         self.levels: dict[int, tuple[list[TaskData], dict[str, TaskScore]]] = {}
 
     def at_budget(self, budget: int | None) -> tuple[list[TaskData], dict[str, TaskScore]]:
@@ -126,28 +136,79 @@ class MergeObjective:
             tokenizer=tokenizer,
         )
 
+    def observe(self, results: list[TrialResult]) -> None:
+        """Race later trials against the best of these (all of the search's trials so far)."""
+        if self.race:
+            self.incumbent = Incumbent.best(results, self.tasks)
+
     def score(self, model, budget: int | None = None) -> tuple[dict[str, TaskScore], float]:
-        """Scores of a model with AP and PR, and the harmonic mean of AP."""
+        """Scores of a model with AP and PR, and the harmonic mean of AP (a racing search's in
+        its chunks, so that a model scores exactly as a trial of it would)."""
+        if self.race and budget is None:
+            raced = self._race(model, None)
+            return self._complete(model, raced)
         tasks, references = self.at_budget(budget)
-        scores = score_model(model, tasks, self.metrics, self.tokenizer)
+        # On all of the data, per-example losses are kept: a later racing run (resumed or
+        # warm-started) can race against any such trial.
+        whole = tasks is self.tasks
+        scores = score_model(model, tasks, self.metrics, self.tokenizer, keep_examples=whole)
         return with_preservation(scores, references, self.metrics)
+
+    def _race(self, model, incumbent: Incumbent | None) -> Raced:
+        def score_part(part: TaskData) -> TaskScore:
+            return score_task(model, part, keep_examples=True)
+
+        return run_race(score_part, self.tasks, self.references, self.race, incumbent)
+
+    def _complete(self, model, raced: Raced) -> tuple[dict[str, TaskScore], float]:
+        """A race that saw every example: its scores with the user metrics, AP and PR."""
+        scores = raced.scores
+        if any(m.function for m in self.metrics):
+            scores = {
+                task.name: scores[task.name].model_copy(update={"metrics": scores[task.name].metrics
+                          | user_metrics(model, task, self.metrics, self.tokenizer)})
+                for task in self.tasks
+            }  # fmt: skip
+        return with_preservation(scores, self.references, self.metrics)
 
     def __call__(self, config: dict[str, Any], trial: int, budget: int | None = None):
         return self.evaluate_plan(self.to_plan(config), trial, config, budget)
 
+    def _racing(self, config: dict[str, Any], budget: int | None) -> Incumbent | None:
+        """The incumbent this trial races against; None: it is scored on every example."""
+        if not self.race or budget is not None or config in self.unraced:
+            return None
+        return self.incumbent
+
     def evaluate_plan(
-        self, plan: MergePlan, trial: int, config: dict[str, Any], budget: int | None = None
+        self,
+        plan: MergePlan,
+        trial: int,
+        config: dict[str, Any],
+        budget: int | None = None,
+        race: bool = True,
     ) -> TrialResult:
         """Merge a plan into the live model and score it on `budget` tokens per task (None:
-        all); failures become failed results."""
+        all); failures become failed results. `race` False: never stopped early (a baseline
+        scored for the summary)."""
         tasks, _ = self.at_budget(budget)  # references first: they use the live model too
         spent = {"budget": budget, "computed_tokens": sum(task.computed_tokens for task in tasks)}
         started = time.perf_counter()
         try:
             model = self.engine.merge_into_model(plan)
             merge_seconds = time.perf_counter() - started
-            scores, mean = self.score(model, budget)
-            full = tasks is self.tasks
+            partial = False
+            if self.race and budget is None:
+                raced = self._race(model, self._racing(config, budget) if race else None)
+                partial = not raced.complete
+                if partial:
+                    scores, mean = _estimated(raced), raced.estimate
+                else:
+                    scores, mean = self._complete(model, raced)
+                spent = {"budget": None, "computed_tokens": raced.computed_tokens}
+            else:
+                scores, mean = self.score(model, budget)
+            full = tasks is self.tasks and not partial
             evals = run_evals(self.evals, model, self.tokenizer) if full else {}
         # A kernel failure, out of memory (torch's OutOfMemoryError is a RuntimeError) or a
         # metric that fails on this merge fails this trial only.
@@ -171,8 +232,18 @@ class MergeObjective:
             tasks=scores,
             seconds=seconds,
             evals=evals,
+            partial=partial,
             **spent,
         )
+
+
+def _estimated(raced: Raced) -> dict[str, TaskScore]:
+    """A stopped race's scores on the examples seen, with AP estimated for all of them (PR is
+    left out: it would be a ratio over different examples)."""
+    return {
+        name: score.model_copy(update={"preservation": raced.preservation[name]})
+        for name, score in raced.scores.items()
+    }
 
 
 def failed_result(trial, config, seconds, error, scores=None) -> TrialResult:

@@ -11,6 +11,7 @@ if that one dies too, the trial is recorded as failed and the search goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ConfigSpace import Configuration
+from distributed import Variable
 from smac.facade.abstract_facade import AbstractFacade
 from smac.runhistory.dataclasses import TrialInfo, TrialValue
 from smac.runhistory.enumerations import StatusType
@@ -26,7 +28,7 @@ from smac.runner.dask_runner import DaskParallelRunner
 from smac.runner.target_function_runner import TargetFunctionRunner
 
 from ..errors import SettingsError
-from ..types import TrialResult
+from ..types import TrialResult, top_budget
 from .objective import WORST_COST, failed_result
 
 # Per worker process: the objective (engine with resident sources, tasks, references) of each
@@ -54,11 +56,27 @@ class WorkerTrial:
             _LOADS[self.key] = _LOADS.get(self.key, 0) + 1
         return _OBJECTIVES[self.key]
 
+    @property
+    def incumbent_name(self) -> str:
+        """The Dask Variable through which the client tells workers the best trial so far."""
+        return "automerge-mk-incumbent-" + hashlib.sha256(self.key.encode()).hexdigest()[:16]
+
     def __call__(self, config: Configuration, seed: int = 0, budget: float | None = None):
         objective = self.objective()
+        if getattr(objective, "race", None):
+            objective.observe(_incumbent(self.incumbent_name))
         result = objective(dict(config), -1, None if budget is None else round(budget))
         worker = {"host": socket.gethostname(), "pid": os.getpid(), "loads": _LOADS[self.key]}
         return result.cost, {"result": result.model_dump(mode="json"), "worker": worker}
+
+
+def _incumbent(name: str) -> list[TrialResult]:
+    """The best trial the client has published (none yet: an empty list)."""
+    try:
+        published = Variable(name).get(timeout=0)
+    except TimeoutError:
+        return []
+    return [TrialResult.model_validate_json(published)]
 
 
 class _Runner(DaskParallelRunner):
@@ -153,6 +171,8 @@ class DaskRunner:
             dask_client=client,
         )
         self._asked: dict[str, list[TrialInfo]] = {}  # the loop's own TrialInfo per trial
+        self._incumbent = Variable(target.incumbent_name, client=client)
+        self._published: int | None = None
 
     def free(self) -> bool:
         return self._runner.count_available_workers() > 0
@@ -160,6 +180,15 @@ class DaskRunner:
     def submit(self, info: TrialInfo) -> None:
         self._asked.setdefault(_key(info), []).append(info)
         self._runner.submit_trial(info)
+
+    def observe(self, results: list[TrialResult]) -> None:
+        """Publish the best full trial that kept its per-example losses, for racing workers."""
+        full = [r for r in top_budget(results) if r.budget is None and r.tasks
+                and all(s.example_losses for s in r.tasks.values())]  # fmt: skip
+        best = max(full, key=lambda r: r.harmonic_mean, default=None)
+        if best is not None and best.trial != self._published:
+            self._incumbent.set(best.model_dump_json())
+            self._published = best.trial
 
     def finished(self, first: int) -> Iterator[tuple[TrialInfo, TrialResult]]:
         self._runner.wait()

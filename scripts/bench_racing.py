@@ -1,0 +1,389 @@
+"""Issue 20: racing vs full-fidelity search, and bfloat16 vs float32 evaluation (resumable).
+
+    python scripts/build_benchmark_models.py                      # sentiment + WordNet
+    python scripts/build_benchmark_models.py --pair langid-digits \
+        --out ~/.cache/automerge-mk/benchmark-langid-digits        # words vs pictures
+    python scripts/bench_racing.py [--trials 40] [--seeds 0,1,2] [--pairs ...]
+
+On both SmolLM2-135M-Instruct specialist pairs of scripts/bench_space.py, for each seed, the
+same search twice on the validation split, with every default (scaled space, baselines first)
+but one: racing on (the default: --race-chunk 16 --race-confidence 0.99) and off
+(--no-racing: every trial on every example). Each best configuration is then scored on the
+disjoint test split. Measured: best validation H, test H, validation tokens (forward
+positions), and the tokens and wall time each search took to reach the full-fidelity search's
+final best. The full-fidelity searches are the very searches scripts/bench_space.py runs as
+its "new" ones (same settings); when that script has run one already, it is read, not rerun.
+
+Two analyses need no further searches:
+
+- the racing rule's settings, replayed on the full-fidelity searches' per-example losses
+  (trials.jsonl keeps them): for each --race-chunk and --race-confidence, the share of tokens
+  racing would have spent and how many trials it would have stopped that were in fact better
+  than the incumbent of their time (wrong stops);
+- evaluation dtype: the trials of the seed-0 and seed-1 full searches (up to 50) merged again
+  and scored with the live model in float32 and in bfloat16: Spearman's rank correlation of the
+  two H, how often the two pick a different best among 40 of them (1000 random draws), and the
+  seconds per evaluation in each dtype.
+
+Each finished step is appended to scripts/results/racing-steps.jsonl, tagged with the models'
+digest (a rebuild that differs starts over); a rerun skips finished steps and resumes an
+interrupted search. Writes scripts/results/racing.md from whatever is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_space import PAIRS, TestScorer, pair_inputs  # noqa: E402
+from benchmark import append_step, done_steps, models_digest  # noqa: E402
+
+from automerge_mk import pipeline, rundir, space  # noqa: E402
+from automerge_mk.search.racing import Incumbent, Race, run_race  # noqa: E402
+from automerge_mk.settings import SearchSettings  # noqa: E402
+from automerge_mk.types import TaskScore  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path.home() / ".cache" / "automerge-mk"
+SPACE_RUNS = CACHE / "space-runs"  # bench_space.py's searches
+MODES = {"full": {"racing": False}, "racing": {}}
+CHUNKS = (8, 16, 32)
+CONFIDENCES = (0.9, 0.95, 0.99, 0.999)
+DTYPE_TRIALS = 50
+TOLERANCE = 0.005  # the issue's: racing may lose at most this much H
+
+
+def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
+    return SearchSettings(trials=trials, initial=10, seed=seed, **MODES[mode])
+
+
+def _same_run(folder: Path, settings: SearchSettings) -> bool:
+    """Whether `folder` is a finished search with exactly these settings (on these models:
+    the run's fingerprints were checked against its inputs when it ran)."""
+    if not pipeline.finished(folder, settings):
+        return False
+    return rundir.RunRecord.read(folder).settings == settings
+
+
+def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) -> dict:
+    """One search on the validation split; an interrupted one resumes from its trials. A
+    full-fidelity search that scripts/bench_space.py ran already with the same settings (its
+    "new" search, racing off) is read instead of run again."""
+    out = work / step.replace(":", "-")
+    shared = SPACE_RUNS / f"search-{pair}-new-{settings.trials}-{settings.seed}"
+    resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
+    started = time.perf_counter()
+    if _same_run(shared, settings):
+        run, wall = shared, _space_wall(step, pair, settings)
+    else:
+        run = pipeline.run_search(pair_inputs(pair, "validation"), settings, out,
+                                  overwrite=not resume, resume=resume)  # fmt: skip
+        wall = time.perf_counter() - started
+    trials = rundir.RunDir(run).trials()
+    best = json.loads((run / rundir.BEST).read_text())
+    return {
+        "step": step,
+        "run": str(run),
+        "settings": settings.model_dump(mode="json"),
+        "wall_s": wall,
+        "resumed": resume,
+        "best_config": best["config"],
+        "best_trial": best["trial"],
+        "best_H": best["harmonic_mean"],
+        # Per trial: H (an estimate when partial), partial, tokens, seconds of merge + scoring.
+        "trials": [
+            [t.harmonic_mean, t.partial, t.computed_tokens, sum(t.seconds.values())] for t in trials
+        ],
+    }
+
+
+def _space_wall(step: str, pair: str, settings: SearchSettings) -> float:
+    """The wall time bench_space.py recorded for the search it shares with this step."""
+    steps = done_steps(RESULTS / "space-steps.jsonl")
+    record = steps.get(f"search:{pair}:new:{settings.trials}:{settings.seed}", {})
+    return record.get("wall_s", float("nan"))
+
+
+def reach(record: dict, target: float) -> tuple[int | None, int, float]:
+    """The trial at which a search's best full trial first reached `target`, and the tokens
+    and seconds spent until then (None, all of them: never)."""
+    tokens = seconds = 0
+    for index, (h, partial, spent, took) in enumerate(record["trials"]):
+        tokens, seconds = tokens + spent, seconds + took
+        if not partial and h >= target - 1e-12:
+            return index, tokens, seconds
+    return None, tokens, seconds
+
+
+# --- the racing rule replayed on recorded per-example losses ---------------------------------
+
+
+def replay(run: Path, chunk: int, confidence: float) -> dict:
+    """Racing's decisions on a full-fidelity run's recorded trials, in their order: tokens it
+    would have spent, trials it would have stopped, and wrong stops (a stopped trial whose full
+    H beat the incumbent of its time). The proposals stay the full search's own."""
+    record = rundir.RunRecord.read(run)
+    tasks, references = pipeline.run_tasks(run)
+    trials = rundir.RunDir(run).trials()
+    race = Race(chunk, confidence, record.settings.seed)
+    unraced = _baseline_trials(run)
+    seen, spent, stopped, wrong = [], 0, 0, 0
+    for trial in trials:
+        if trial.status != "ok":
+            continue
+        incumbent = Incumbent.best(seen, tasks) if trial.trial not in unraced else None
+
+        def score_part(part, trial=trial):
+            task = next(t for t in tasks if t.name == part.name)
+            position = {index: i for i, index in enumerate(task.indices)}
+            losses = trial.tasks[part.name].example_losses
+            kept = tuple(losses[position[i]] for i in part.indices)
+            return TaskScore(loss=sum(kept) / part.tokens, accuracy=0.0, tokens=part.tokens,
+                             example_losses=kept)  # fmt: skip
+
+        raced = run_race(score_part, tasks, references, race, incumbent)
+        spent += raced.computed_tokens
+        if not raced.complete:
+            stopped += 1
+            wrong += trial.harmonic_mean > incumbent.harmonic_mean
+        seen.append(trial)
+    full = sum(t.computed_tokens for t in trials if t.status == "ok")
+    return {"share": spent / full, "stopped": stopped, "wrong": wrong, "trials": len(seen)}
+
+
+def _baseline_trials(run: Path) -> set[int]:
+    baselines = json.loads((run / rundir.BASELINES).read_text())
+    return {b["trial"] for b in baselines.values() if "trial" in b}
+
+
+# --- evaluation dtype ----------------------------------------------------------------------
+
+
+def dtype_step(pair: str, runs: list[Path], work: Path) -> dict:
+    """H of up to DTYPE_TRIALS recorded configurations in float32 and in bfloat16."""
+    configs = []
+    for run in runs:
+        configs += [t.config for t in rundir.RunDir(run).trials() if t.status == "ok"]
+    configs = configs[:DTYPE_TRIALS]
+    found = {}
+    for dtype in ("float32", "bfloat16"):
+        settings = SearchSettings(trials=1, initial=1, racing=False, eval_dtype=dtype)
+        session = pipeline.open_session(pair_inputs(pair, "validation"), settings,
+                                        work / f"dtype-{pair}-{dtype}", True)  # fmt: skip
+        session.run.release()
+        record = rundir.RunRecord.read(runs[0])
+        objective = session.objective()
+        values, seconds = [], []
+        for config in configs:
+            plan = space.plan_from_record(record, config)
+            started = time.perf_counter()
+            result = objective.evaluate_plan(plan, -1, config)
+            seconds.append(result.seconds.get("evaluate", time.perf_counter() - started))
+            values.append(result.harmonic_mean)
+        found[dtype] = {"H": values, "evaluate_s": seconds}
+    return {"step": f"dtype:{pair}", "configs": len(configs), **found}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        for rank, index in enumerate(order):
+            out[index] = float(rank)
+        return out
+
+    return statistics.correlation(ranks(a), ranks(b))
+
+
+def different_best(a: list[float], b: list[float], size: int = 40, draws: int = 1000) -> float:
+    """Share of random draws of `size` trials in which the two scorings pick different bests."""
+    generator = random.Random(0)
+    size = min(size, len(a))
+    differ = 0
+    for _ in range(draws):
+        chosen = generator.sample(range(len(a)), size)
+        differ += max(chosen, key=a.__getitem__) != max(chosen, key=b.__getitem__)
+    return differ / draws
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int) -> str:
+    paragraphs = __doc__.split("\n\n")
+    parts = ["# Racing vs full-fidelity search, and the evaluation dtype (issue 20)",
+             *paragraphs[1:4]]  # fmt: skip
+    builds = ", ".join(f"{p} {d}" for p, d in digests.items())
+    walls = ", ".join(f"{k.split(':', 1)[1]} {r['wall_s'] / 60:.1f} min"
+                      for k, r in done.items() if k.startswith("search:"))  # fmt: skip
+    parts.append(
+        f"Reproduce: `python scripts/bench_racing.py --trials {trials}`. Models (sha256 of "
+        f"weights and data): {builds}; {stale} steps of other builds are kept in "
+        "racing-steps.jsonl, not shown. 2 CPU cores, torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}; other work may have shared the "
+        f"cores (wall times: {walls or '-'})."
+    )
+    targets = []
+    for pair in pairs:
+        rows = ["| seed | search | best val H | test H | val tokens | share of full | "
+                "partial trials | to reach full's best: trial, tokens, s | wall min |",
+                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        means: dict[str, list] = {m: [] for m in MODES}
+        for seed in seeds:
+            full = done.get(f"search:{pair}:full:{trials}:{seed}")
+            for mode in MODES:
+                record = done.get(f"search:{pair}:{mode}:{trials}:{seed}")
+                test = done.get(f"test:search:{pair}:{mode}:{trials}:{seed}")
+                if not record:
+                    continue
+                tokens = sum(t[2] for t in record["trials"])
+                share = tokens / sum(t[2] for t in full["trials"]) if full else float("nan")
+                partial = sum(t[1] for t in record["trials"])
+                reached = "-"
+                if full:
+                    index, spent, took = reach(record, full["best_H"])
+                    reached = (f"{index}, {spent:,}, {took:.0f}" if index is not None
+                               else f"never ({spent:,} tokens, {took:.0f} s in all)")  # fmt: skip
+                test_h = test["row"]["harmonic_mean"] if test else None
+                means[mode].append((record["best_H"], test_h, tokens))
+                rows.append(f"| {seed} | {mode} | {record['best_H']:.4f} | "
+                            f"{'-' if test_h is None else f'{test_h:.4f}'} | {tokens:,} | "
+                            f"{share:.0%} | {partial} | {reached} | "
+                            f"{record['wall_s'] / 60:.1f} |")  # fmt: skip
+        parts.append(f"## {pair}\n\n" + "\n".join(rows))
+        complete = [s for s in seeds if all(f"test:search:{pair}:{m}:{trials}:{s}" in done
+                                            for m in MODES)]  # fmt: skip
+        if complete and len(means["full"]) == len(means["racing"]) == len(complete):
+            mean = {m: [statistics.mean(v[i] for v in means[m]) for i in range(3)] for m in MODES}
+            targets += [
+                (f"{pair}: racing mean best val H >= full's - {TOLERANCE}",
+                 mean["racing"][0], mean["full"][0] - TOLERANCE),
+                (f"{pair}: racing mean test H >= full's - {TOLERANCE}",
+                 mean["racing"][1], mean["full"][1] - TOLERANCE),
+                (f"{pair}: racing's tokens <= 40 % of full's", 0.40,
+                 mean["racing"][2] / mean["full"][2]),
+            ]  # fmt: skip
+        parts.append(_replays(done, pair))
+        parts.append(_dtype(done.get(f"dtype:{pair}")))
+    if targets:
+        lines = ["| target (seeds " + ",".join(map(str, seeds)) + ") | measured | met |",
+                 "|---|---|---|"]  # fmt: skip
+        for label, a, b in targets:
+            measured = f"{b:.1%} of full's" if "tokens" in label else f"{a:.4f} vs {b:.4f}"
+            lines.append(f"| {label} | {measured} | {'yes' if a >= b else '**no**'} |")
+        parts.insert(4, "## Targets\n\n" + "\n".join(lines))
+    pending = [k for k in _plan(pairs, seeds, trials) if k not in done]
+    parts.insert(4, f"Not finished yet (a rerun goes on from here): {', '.join(pending)}."
+                 if pending else "All steps finished.")  # fmt: skip
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _replays(done: dict[str, dict], pair: str) -> str:
+    found = [r for k, r in done.items() if k.startswith(f"replay:{pair}:")]
+    if not found:
+        return ""
+    lines = ["| --race-chunk | --race-confidence | tokens (share of full) | stopped "
+             "| wrong stops |", "|---|---|---|---|---|"]  # fmt: skip
+    for chunk in CHUNKS:
+        for confidence in CONFIDENCES:
+            cells = [r["cells"][f"{chunk}:{confidence}"] for r in found]
+            share = statistics.mean(c["share"] for c in cells)
+            stopped = sum(c["stopped"] for c in cells)
+            wrong = sum(c["wrong"] for c in cells)
+            lines.append(f"| {chunk} | {confidence} | {share:.0%} | {stopped} | {wrong} |")
+    runs = ", ".join(r["step"].split(":", 2)[2] for r in found)
+    return f"### The racing rule replayed on the full searches' trials ({runs})\n\n" + "\n".join(
+        lines
+    )
+
+
+def _dtype(record: dict | None) -> str:
+    if not record:
+        return ""
+    a, b = record["float32"]["H"], record["bfloat16"]["H"]
+    fast = {d: statistics.median(record[d]["evaluate_s"]) for d in ("float32", "bfloat16")}
+    same = max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__)
+    return (
+        f"### Evaluation dtype ({record['configs']} configurations of the full searches)\n\n"
+        f"Spearman of bfloat16 H vs float32 H: {spearman(a, b):.4f}; the same best of all "
+        f"{record['configs']}: {'yes' if same else 'no'}; a different best in "
+        f"{different_best(a, b):.1%} of 1000 random draws of 40; largest |difference| "
+        f"{max(abs(x - y) for x, y in zip(a, b)):.4f}. Median seconds per evaluation: float32 "
+        f"{fast['float32']:.2f}, bfloat16 {fast['bfloat16']:.2f}."
+    )
+
+
+def _plan(pairs, seeds, trials):
+    for seed in seeds:
+        for pair in pairs:
+            for mode in MODES:
+                yield f"search:{pair}:{mode}:{trials}:{seed}"
+                yield f"test:search:{pair}:{mode}:{trials}:{seed}"
+            yield f"replay:{pair}:{seed}"
+            if seed == seeds[min(1, len(seeds) - 1)]:
+                yield f"dtype:{pair}"
+
+
+def _pair(step: str) -> str:
+    return next(pair for pair in PAIRS if f":{pair}:" in f":{step}:")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--work", type=Path, default=CACHE / "racing-runs")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="only write racing.md")
+    args = parser.parse_args()
+    pairs = [p for p in args.pairs.split(",") if p]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    steps_file = args.results / "racing-steps.jsonl"
+    digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
+    recorded = done_steps(steps_file)
+    done = {k: v for k, v in recorded.items() if v.get("models") == digests[_pair(k)]}
+    stale = len(recorded) - len(done)
+    scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
+
+    def write() -> None:
+        text = render(done, pairs, seeds, args.trials, digests, stale)
+        (args.results / "racing.md").write_text(text)
+
+    for step in [] if args.render else _plan(pairs, seeds, args.trials):
+        if step in done:
+            continue
+        print(f"{step}: running", flush=True)
+        kind, pair = step.split(":")[0], _pair(step)
+        if kind == "search":
+            _, _, mode, trials, seed = step.split(":")
+            settings = settings_for(mode, int(trials), int(seed))
+            record = run_search_step(step, pair, settings, args.work)
+        elif kind == "test":
+            search = done[step.removeprefix("test:")]
+            record = {"step": step, "row": scorers[pair].score_search(search)}
+        elif kind == "replay":
+            run = Path(done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"])
+            cells = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
+            record = {"step": step, "cells": cells}
+        else:
+            runs = [Path(done[f"search:{pair}:full:{args.trials}:{s}"]["run"]) for s in seeds[:2]]
+            record = dtype_step(pair, runs, args.work) | {"step": step}
+        record["models"] = digests[pair]
+        done[step] = record
+        append_step(steps_file, record)
+        write()
+    write()
+    print((args.results / "racing.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

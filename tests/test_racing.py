@@ -1,0 +1,172 @@
+"""Racing: trials scored chunk by chunk against the incumbent, stopped once they cannot win."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from automerge_mk.cli import main
+from automerge_mk.engine import MergeEngine
+from automerge_mk.evaluate import load_texts, score_task, tokenize_task
+from automerge_mk.search import MergeObjective, Race
+from automerge_mk.segment import segment_model
+from automerge_mk.space import uniform_plan
+
+TRIALS = 16
+
+
+@pytest.fixture(scope="module")
+def racing(demo_models):
+    """A racing objective on the demo sources (8 examples per task between comparisons)."""
+    names = list(demo_models.specialists)
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_models.base))
+    tasks = [tokenize_task(n, load_texts(demo_models.validation[n]), tokenizer, 512) for n in names]
+    sources = [demo_models.specialists[n] for n in names]
+    engine = MergeEngine(sources, demo_models.base, demo_models.base)
+    references = {
+        t.name: score_task(engine.load_source(demo_models.specialists[t.name]), t) for t in tasks
+    }
+    blocks = segment_model(demo_models.base, "trace")
+
+    folders = tuple(str(s) for s in sources)
+
+    def plan(method: str, weight: float):
+        weights = (weight, weight)
+        return uniform_plan(
+            method, weights, None, blocks, folders, str(demo_models.base), "float32"
+        )
+
+    objective = MergeObjective(engine, tasks, references, None, race=Race(8, 0.99))
+    return objective, plan, tasks
+
+
+def _full_tokens(tasks) -> int:
+    return sum(task.computed_tokens for task in tasks)
+
+
+def test_a_trial_that_cannot_win_stops_early_and_reports_an_estimate(racing):
+    objective, plan, tasks = racing
+    objective.incumbent = None
+    good = objective.evaluate_plan(plan("linear", 0.5), 0, {"label": "linear"})
+    assert not good.partial and good.computed_tokens == _full_tokens(tasks)
+    objective.observe([good])
+    # Weight 0 on both task vectors is the base itself: far below the linear merge.
+    bad = objective.evaluate_plan(plan("task_arithmetic", 0.0), 1, {"label": "base"})
+    assert bad.partial and bad.status == "ok"
+    assert bad.computed_tokens < 0.5 * _full_tokens(tasks)
+    seen = {name: len(score.example_losses) for name, score in bad.tasks.items()}
+    assert all(8 <= n < len(t.sequences) for n, t in zip(seen.values(), tasks))
+    assert bad.harmonic_mean < good.harmonic_mean
+    # The estimate is close to what all of the examples give.
+    objective.incumbent = None
+    whole = objective.evaluate_plan(plan("task_arithmetic", 0.0), 2, {"label": "base"})
+    assert not whole.partial
+    assert bad.harmonic_mean == pytest.approx(whole.harmonic_mean, rel=0.25)
+
+
+def test_a_trial_that_wins_is_scored_on_every_example_exactly_as_without_racing(racing):
+    objective, plan, tasks = racing
+    objective.incumbent = None
+    weak = objective.evaluate_plan(plan("task_arithmetic", 0.0), 0, {"label": "base"})
+    objective.observe([weak])
+    strong = objective.evaluate_plan(plan("linear", 0.5), 1, {"label": "linear"})
+    assert not strong.partial and strong.computed_tokens == _full_tokens(tasks)
+    assert strong.harmonic_mean > weak.harmonic_mean
+    race, objective.race = objective.race, None
+    try:
+        plain = objective.evaluate_plan(plan("linear", 0.5), 2, {"label": "linear"})
+    finally:
+        objective.race = race
+    assert strong.harmonic_mean == pytest.approx(plain.harmonic_mean, rel=1e-6)
+    for name, score in strong.tasks.items():
+        assert score.example_losses == pytest.approx(plain.tasks[name].example_losses, rel=1e-5)
+
+
+def test_unraced_configurations_are_scored_on_every_example(racing):
+    objective, plan, tasks = racing
+    objective.incumbent = None
+    good = objective.evaluate_plan(plan("linear", 0.5), 0, {"label": "linear"})
+    objective.observe([good])
+    objective.unraced = [{"label": "base"}]
+    try:
+        base = objective.evaluate_plan(plan("task_arithmetic", 0.0), 1, {"label": "base"})
+    finally:
+        objective.unraced = []
+    assert not base.partial and base.computed_tokens == _full_tokens(tasks)
+
+
+def _search(demo_models, out: Path, *extra: str):
+    names = list(demo_models.specialists)
+    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
+    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet", "--seed", "0"]
+    arguments += ["--trials", str(TRIALS), "--initial", "4", "--race-chunk", "8", *extra]
+    for name in names:
+        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
+    return CliRunner().invoke(main, arguments)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def racing_run(demo_models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("racing") / "run"
+    result = _search(demo_models, out)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+def test_the_result_of_a_racing_search_is_a_trial_scored_on_every_example(racing_run):
+    trials = _lines(racing_run / "trials.jsonl")
+    full = max(t["computed_tokens"] for t in trials)
+    partial = [t for t in trials if t["partial"]]
+    assert partial and all(t["computed_tokens"] < full for t in partial)
+    assert all(t["computed_tokens"] == full for t in trials if not t["partial"])
+    baselines = json.loads((racing_run / "baselines.json").read_text())
+    first = [b["trial"] for b in baselines.values() if "trial" in b]
+    assert first and all(not trials[i]["partial"] for i in first)  # never raced
+    best = json.loads((racing_run / "best.json").read_text())
+    assert not best["partial"]
+    assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in trials if not t["partial"])
+    # Every stopped trial was below the best full trial before it.
+    for trial in partial:
+        before = [t["harmonic_mean"] for t in trials[: trial["trial"]] if not t["partial"]]
+        assert trial["harmonic_mean"] < max(before)
+    final = json.loads((racing_run / "final.json").read_text())
+    assert final["harmonic_mean"] == pytest.approx(best["harmonic_mean"], rel=1e-6)
+    summary = (racing_run / "summary.md").read_text()
+    assert f"{len(partial)} stopped early by racing" in summary
+    assert f"{sum(t['computed_tokens'] for t in trials):,} validation tokens computed" in summary
+
+
+def test_a_killed_racing_search_resumes_without_losing_a_trial(racing_run, demo_models, tmp_path):
+    trials = _lines(racing_run / "trials.jsonl")
+    assert any(t["partial"] for t in trials[:10])
+    out = tmp_path / "run"
+    shutil.copytree(racing_run, out, ignore=shutil.ignore_patterns("model*", "best.json"))
+    (out / "trials.jsonl").write_text(
+        "".join(json.dumps(t) + "\n" for t in trials[:10])
+    )  # as a search killed after its 10th trial leaves it
+    result = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    resumed = _lines(out / "trials.jsonl")
+    assert resumed[:10] == trials[:10]
+    # Same incumbent, same races: the remaining trials are the uninterrupted run's.
+    for mine, theirs in zip(resumed[10:], trials[10:]):
+        assert (mine["config"], mine["partial"]) == (theirs["config"], theirs["partial"])
+        assert mine["harmonic_mean"] == pytest.approx(theirs["harmonic_mean"], rel=1e-6)
+
+
+def test_a_warm_start_from_a_racing_run_tells_its_partial_trials(racing_run, demo_models, tmp_path):
+    result = _search(demo_models, tmp_path / "warm", "--warm-start", str(racing_run),
+                     "--trials", "6")  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    earlier = _lines(racing_run / "trials.jsonl")
+    told = len(earlier)
+    assert f"warm start: told the optimiser {told} trials" in result.output.replace("\n", " ")
