@@ -44,8 +44,12 @@ def test_two_workers_share_the_trials_and_each_loads_the_sources_once(demo_model
     # The sources were loaded once per worker process, not per trial.
     assert {t["worker"]["loads"] for t in trials} == {1}
     assert all(t["status"] == "ok" for t in trials)
+    # The workers race against the incumbent the client publishes: after the 7 baselines
+    # (never raced), the Sobol points of the demo are far below it and stop early.
+    assert any(t["partial"] for t in trials)
     best = json.loads((out / "best.json").read_text())
     final = json.loads((out / "final.json").read_text())
+    assert not best["partial"]
     assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in trials)
     assert abs(final["harmonic_mean"] - best["harmonic_mean"]) < 1e-5 * best["harmonic_mean"]
 
