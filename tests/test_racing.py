@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import short_search_arguments
 from transformers import AutoTokenizer
 
 from automerge_mk.cli import main
@@ -101,13 +102,8 @@ def test_unraced_configurations_are_scored_on_every_example(racing):
 
 
 def _search(demo_models, out: Path, *extra: str):
-    names = list(demo_models.specialists)
-    arguments = ["search", *(str(demo_models.specialists[n]) for n in names)]
-    arguments += ["--base", str(demo_models.base), "--out", str(out), "--quiet", "--seed", "0"]
-    arguments += ["--trials", str(TRIALS), "--initial", "4", "--race-chunk", "8", *extra]
-    for name in names:
-        arguments += ["--data", f"{name}={demo_models.validation[name]}"]
-    return CliRunner().invoke(main, arguments)
+    arguments = short_search_arguments(demo_models, out, TRIALS)
+    return CliRunner().invoke(main, [*arguments, "--race-chunk", "8", *extra])
 
 
 def _lines(path: Path) -> list[dict]:
