@@ -7,14 +7,14 @@
 
 On both SmolLM2-135M-Instruct specialist pairs of scripts/bench_space.py, for each seed, the
 same search twice on the validation split, with every default (scaled space, baselines first)
-but one: racing on (the default: --race-chunk 16 --race-confidence 0.99) and off
+but one: racing on (the default: --race-chunk 8 --race-confidence 0.95) and off
 (--no-racing: every trial on every example). Each best configuration is then scored on the
 disjoint test split. Measured: best validation H, test H, validation tokens (forward
 positions), and the tokens and wall time each search took to reach the full-fidelity search's
 final best. The full-fidelity searches are the very searches scripts/bench_space.py runs as
 its "new" ones (same settings); when that script has run one already, it is read, not rerun.
 
-Two analyses need no further searches:
+Three analyses need no further searches:
 
 - the racing rule's settings, replayed on the full-fidelity searches' per-example losses
   (trials.jsonl keeps them): for each --race-chunk and --race-confidence, the share of tokens
@@ -23,7 +23,9 @@ Two analyses need no further searches:
 - evaluation dtype: the trials of the seed-0 and seed-1 full searches (up to 50) merged again
   and scored with the live model in float32 and in bfloat16: Spearman's rank correlation of the
   two H, how often the two pick a different best among 40 of them (1000 random draws), and the
-  seconds per evaluation in each dtype.
+  seconds per evaluation in each dtype;
+- chunking's cost: one merge scored on every example in one pass and chunk by chunk at each
+  --race-chunk (what a trial that is never stopped pays for racing).
 
 Each finished step is appended to scripts/results/racing-steps.jsonl, tagged with the models'
 digest (a rebuild that differs starts over); a rerun skips finished steps and resumes an
@@ -62,18 +64,28 @@ TOLERANCE = 0.005  # the issue's: racing may lose at most this much H
 
 
 def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
-    return SearchSettings(trials=trials, initial=10, seed=seed, **MODES[mode])
+    return SearchSettings(trials=trials, initial=min(10, trials), seed=seed, **MODES[mode])
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings as far as they change a search: without racing, its chunk and confidence
+    change nothing."""
+    if settings.get("racing"):
+        return settings
+    return {k: v for k, v in settings.items() if k not in ("race_chunk", "race_confidence")}
 
 
 def _same_run(folder: Path, settings: SearchSettings) -> bool:
-    """Whether `folder` is a finished search with exactly these settings (on these models:
-    the run's fingerprints were checked against its inputs when it ran)."""
+    """Whether `folder` is a finished search with these settings (on these models: the run's
+    fingerprints were checked against its inputs when it ran)."""
     if not pipeline.finished(folder, settings):
         return False
-    return rundir.RunRecord.read(folder).settings == settings
+    theirs = rundir.RunRecord.read(folder).settings.model_dump(mode="json")
+    return _comparable(theirs) == _comparable(settings.model_dump(mode="json"))
 
 
-def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) -> dict:
+def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path,
+                    results: Path = RESULTS) -> dict:  # fmt: skip
     """One search on the validation split; an interrupted one resumes from its trials. A
     full-fidelity search that scripts/bench_space.py ran already with the same settings (its
     "new" search, racing off) is read instead of run again."""
@@ -82,7 +94,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) 
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     started = time.perf_counter()
     if _same_run(shared, settings):
-        run, wall = shared, _space_wall(step, pair, settings)
+        run, wall = shared, _space_wall(step, pair, settings, results)
     else:
         run = pipeline.run_search(pair_inputs(pair, "validation"), settings, out,
                                   overwrite=not resume, resume=resume)  # fmt: skip
@@ -105,9 +117,9 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) 
     }
 
 
-def _space_wall(step: str, pair: str, settings: SearchSettings) -> float:
+def _space_wall(step: str, pair: str, settings: SearchSettings, results: Path) -> float:
     """The wall time bench_space.py recorded for the search it shares with this step."""
-    steps = done_steps(RESULTS / "space-steps.jsonl")
+    steps = done_steps(results / "space-steps.jsonl")
     record = steps.get(f"search:{pair}:new:{settings.trials}:{settings.seed}", {})
     return record.get("wall_s", float("nan"))
 
@@ -192,6 +204,31 @@ def dtype_step(pair: str, runs: list[Path], work: Path) -> dict:
     return {"step": f"dtype:{pair}", "configs": len(configs), **found}
 
 
+def overhead_step(pair: str, work: Path, repeats: int = 3) -> dict:
+    """Seconds to score one merge (linear w=0.5) on every validation example in one pass and
+    chunk by chunk at each CHUNKS size (racing with no incumbent to stop at): what chunking
+    costs when a trial is not stopped."""
+    settings = SearchSettings(trials=1, initial=1, racing=False)
+    session = pipeline.open_session(pair_inputs(pair, "validation"), settings,
+                                    work / f"overhead-{pair}", True)  # fmt: skip
+    session.run.release()
+    inputs = session.inputs
+    plan = space.baseline_plans(inputs.blocks, tuple(str(s.path) for s in inputs.sources),
+                                str(inputs.base.path), inputs.dtype, 0)["linear w=0.5"]  # fmt: skip
+    objective = session.objective()
+    model = session.engine.merge_into_model(plan)
+    found = {}
+    for chunk in (None, *CHUNKS):
+        objective.race = Race(chunk, 0.99) if chunk else None
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            objective.score(model)
+            seconds.append(time.perf_counter() - started)
+        found[str(chunk or "one pass")] = min(seconds)
+    return {"seconds": found, "repeats": repeats}
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     def ranks(values):
         order = sorted(range(len(values)), key=values.__getitem__)
@@ -220,14 +257,14 @@ def different_best(a: list[float], b: list[float], size: int = 40, draws: int = 
 def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int) -> str:
     paragraphs = __doc__.split("\n\n")
     parts = ["# Racing vs full-fidelity search, and the evaluation dtype (issue 20)",
-             *paragraphs[1:4]]  # fmt: skip
+             *paragraphs[2:5]]  # fmt: skip
     builds = ", ".join(f"{p} {d}" for p, d in digests.items())
     walls = ", ".join(f"{k.split(':', 1)[1]} {r['wall_s'] / 60:.1f} min"
                       for k, r in done.items() if k.startswith("search:"))  # fmt: skip
     parts.append(
         f"Reproduce: `python scripts/bench_racing.py --trials {trials}`. Models (sha256 of "
-        f"weights and data): {builds}; {stale} steps of other builds are kept in "
-        "racing-steps.jsonl, not shown. 2 CPU cores, torch threads "
+        f"weights and data): {builds}; {stale} steps of other builds or other racing "
+        "defaults are kept in racing-steps.jsonl, not shown. 2 CPU cores, torch threads "
         f"{os.environ.get('OMP_NUM_THREADS', 'default')}; other work may have shared the "
         f"cores (wall times: {walls or '-'})."
     )
@@ -273,6 +310,7 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
             ]  # fmt: skip
         parts.append(_replays(done, pair))
         parts.append(_dtype(done.get(f"dtype:{pair}")))
+        parts.append(_overhead(done.get(f"overhead:{pair}")))
     if targets:
         lines = ["| target (seeds " + ",".join(map(str, seeds)) + ") | measured | met |",
                  "|---|---|---|"]  # fmt: skip
@@ -321,6 +359,19 @@ def _dtype(record: dict | None) -> str:
     )
 
 
+def _overhead(record: dict | None) -> str:
+    if not record:
+        return ""
+    seconds = record["seconds"]
+    one = seconds["one pass"]
+    cells = ", ".join(f"chunks of {k}: {v:.2f} s ({v / one - 1:+.0%})"
+                      for k, v in seconds.items() if k != "one pass")  # fmt: skip
+    return (
+        f"### Chunking's cost when nothing stops\n\nOne merge scored on every validation "
+        f"example (best of {record['repeats']}): one pass {one:.2f} s; {cells}."
+    )
+
+
 def _plan(pairs, seeds, trials):
     for seed in seeds:
         for pair in pairs:
@@ -330,6 +381,7 @@ def _plan(pairs, seeds, trials):
             yield f"replay:{pair}:{seed}"
             if seed == seeds[min(1, len(seeds) - 1)]:
                 yield f"dtype:{pair}"
+                yield f"overhead:{pair}"
 
 
 def _pair(step: str) -> str:
@@ -351,6 +403,12 @@ def main() -> None:
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
     recorded = done_steps(steps_file)
     done = {k: v for k, v in recorded.items() if v.get("models") == digests[_pair(k)]}
+    for key in [k for k in done if k.startswith("search:")]:  # run with other defaults
+        _, _, mode, trials, seed = key.split(":")
+        wanted = settings_for(mode, int(trials), int(seed)).model_dump(mode="json")
+        if _comparable(done[key]["settings"]) != _comparable(wanted):
+            done.pop(key)
+            done.pop(f"test:{key}", None)
     stale = len(recorded) - len(done)
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
 
@@ -366,7 +424,7 @@ def main() -> None:
         if kind == "search":
             _, _, mode, trials, seed = step.split(":")
             settings = settings_for(mode, int(trials), int(seed))
-            record = run_search_step(step, pair, settings, args.work)
+            record = run_search_step(step, pair, settings, args.work, args.results)
         elif kind == "test":
             search = done[step.removeprefix("test:")]
             record = {"step": step, "row": scorers[pair].score_search(search)}
@@ -374,9 +432,11 @@ def main() -> None:
             run = Path(done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"])
             cells = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
             record = {"step": step, "cells": cells}
-        else:
+        elif kind == "dtype":
             runs = [Path(done[f"search:{pair}:full:{args.trials}:{s}"]["run"]) for s in seeds[:2]]
             record = dtype_step(pair, runs, args.work) | {"step": step}
+        else:
+            record = overhead_step(pair, args.work) | {"step": step}
         record["models"] = digests[pair]
         done[step] = record
         append_step(steps_file, record)
