@@ -141,6 +141,7 @@ class SearchSettings(Frozen):
         0.95,
         description="Racing: one-sided confidence, per task and comparison, that a stopped "
         "trial would not have beaten the best one.",
+        json_schema_extra=_cli(metavar="P"),
     )
     max_length: int = Field(512, description="Truncate validation texts to this many tokens.")
     text_column: str = Field("text", description="Column holding the text.")
@@ -296,7 +297,7 @@ class SearchSettings(Frozen):
         if self.race_chunk < 2:
             raise ValueError("--race-chunk must be at least 2 (a bound needs two examples)")
         if not 0.5 < self.race_confidence < 1:
-            raise ValueError("--race-confidence must lie between 0.5 and 1 (e.g. 0.99)")
+            raise ValueError("--race-confidence must lie between 0.5 and 1 (e.g. 0.95)")
         if self.fidelity and self.optimizer == "random":
             raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
         return self
