@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_space import PAIRS, TestScorer, pair_inputs  # noqa: E402
-from benchmark import append_step, done_steps, models_digest  # noqa: E402
+from benchmark import append_step, current_steps, done_steps, models_digest  # noqa: E402
 
 from automerge_mk import pipeline, rundir, space  # noqa: E402
 from automerge_mk.search.racing import Incumbent, Race, run_race  # noqa: E402
@@ -401,15 +401,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     steps_file = args.results / "racing-steps.jsonl"
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
-    recorded = done_steps(steps_file)
-    done = {k: v for k, v in recorded.items() if v.get("models") == digests[_pair(k)]}
+    done, stale = current_steps(steps_file, digests, _pair)
     for key in [k for k in done if k.startswith("search:")]:  # run with other defaults
         _, _, mode, trials, seed = key.split(":")
         wanted = settings_for(mode, int(trials), int(seed)).model_dump(mode="json")
         if _comparable(done[key]["settings"]) != _comparable(wanted):
             done.pop(key)
-            done.pop(f"test:{key}", None)
-    stale = len(recorded) - len(done)
+            stale += 1 + (done.pop(f"test:{key}", None) is not None)
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
 
     def write() -> None:

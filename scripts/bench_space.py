@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import (  # noqa: E402
     append_step,
     benchmark_models,
-    done_steps,
+    current_steps,
     home_path,
     models_digest,
 )
@@ -293,9 +293,7 @@ def main() -> None:
     # Steps count only for the models they ran on: a rebuild that differs starts over (the
     # earlier lines stay in the file, tagged with their build's digest).
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
-    recorded = done_steps(steps_file)
-    done = {k: v for k, v in recorded.items() if v.get("models") == digests[_pair(k)]}
-    stale = len(recorded) - len(done)
+    done, stale = current_steps(steps_file, digests, _pair)
 
     def keep(record: dict) -> None:
         record["models"] = digests[_pair(record["step"])]

@@ -68,6 +68,15 @@ def models_digest(folder: Path, tasks: tuple[str, ...] = TASKS) -> str:
     return digest.hexdigest()[:16]
 
 
+def current_steps(steps_file: Path, digests: dict[str, str], pair_of) -> tuple[dict, int]:
+    """The finished steps recorded on the models that are built now (`digests`: pair -> its
+    models_digest; `pair_of`: step name -> pair), and how many lines are of other builds."""
+    lines = steps_file.read_text().splitlines() if steps_file.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    ours = [r for r in records if r.get("models") == digests[pair_of(r["step"])]]
+    return {r["step"]: r for r in ours}, len(records) - len(ours)
+
+
 def append_step(steps_file: Path, record: dict) -> None:
     with steps_file.open("a") as handle:
         handle.write(json.dumps(record, default=str) + "\n")
