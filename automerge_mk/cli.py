@@ -110,11 +110,11 @@ def source_options(function, required: bool = True):
 SOURCE_SETTINGS = ("text_column", "dtype")
 EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "tokenizer_source", "trust_remote_code",
                        "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
-                       "device")  # fmt: skip
+                       "device", "tier", "rank_cache", "memory_limit")  # fmt: skip
 SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",
                    "initial", "baselines_first", "warm_start", "fidelity", "racing",
                    "race_chunk", "race_confidence", "optimizer", "method_parameters",
-                   "cache_order", "workers", "scheduler")  # fmt: skip
+                   "workers", "scheduler")  # fmt: skip
 
 
 def setting_options(names: tuple[str, ...], **defaults):
@@ -160,7 +160,7 @@ def _setting_option(name: str, default=None):
             return click.option(flag, name, default=None, show_default=shown, **common)
         return click.option(flag, name, default=text, show_default=shown != "comma list",
                             **common)  # fmt: skip
-    kind = int if int in choices or annotation is int else str
+    kind = int if (int in choices or annotation is int) and not cli.get("text") else str
     return click.option(flag, name, type=kind, default=value,
                         show_default=value is not None, **common)  # fmt: skip
 

@@ -1,14 +1,15 @@
 """Stage 4: resident sources, mergekit's kernels called per tensor, one live model.
 
 The base and sources are read once, cast to the merge dtype exactly as mergekit's LoadTensor
-does, and stay on the device for the whole search. A trial calls each block's mergekit merge
+does, and stay on the device for the whole search (or, where the memory plan says they do not
+fit, in host memory or memory-mapped: memory.py). A trial calls each block's mergekit merge
 method directly (its public `method([TensorGroup], parameters=...)` API) on those tensors and
 copies every result straight into one live transformers model: no planning graph, no disk, no
 reload. What never changes between trials is computed once:
 
 - the magnitude order TIES needs (an argsort of every task vector, the dominant cost of stock
   mergekit's ties) is kept as a rank per element, so a trial's mask is `rank < k`, which
-  selects exactly the elements `argsort(...)[:k]` selects (`--cache-order`, 4 bytes per
+  selects exactly the elements `argsort(...)[:k]` selects (`--rank-cache`, 4 bytes per
   parameter per source);
 - the order in which stock mergekit executes tensors, which randomised methods (DARE, DELLA)
   need to draw the same masks for the same `--random-seed`.
@@ -45,6 +46,7 @@ from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .errors import AdapterError, ModelReferenceError, SettingsError
+from .memory import HostTensors, MappedModel
 from .methods import SOURCE_AS_BASE, is_random, method_accepts, uses_base
 from .recipe import plan_documents
 from .segment import load_config, merge_tensor_keys, vocabulary_axes
@@ -264,8 +266,11 @@ class MergeEngine:
         live_model: the folder whose architecture and buffers the live model takes.
         dtype: the merge dtype (a recipe's `dtype`).
         device: where tensors stay and kernels run (auto, cpu, cuda, cuda:N).
-        cache_order: keep TIES's magnitude order between trials (4 bytes per parameter per
-            source) instead of sorting every task vector again on every trial.
+        tier: where the models' tensors stay (memory.TIERS): resident on the device, in host
+            memory copied over per tensor, or memory-mapped from their weight files.
+        rank_cache: where TIES's magnitude order is kept between trials (memory.RANK_CACHES;
+            4 bytes per parameter per source): on the device, in host memory, or off (every
+            task vector sorted again on every trial, as stock mergekit does).
         eval_dtype: dtype of the live model that is scored.
         adapters: PEFT adapter folder -> the model folder it applies to, for the sources that
             are adapters (recipes name them `model+adapter`).
@@ -278,12 +283,14 @@ class MergeEngine:
         live_model: Path,
         dtype: str = "float32",
         device: str = "cpu",
-        cache_order: bool = True,
+        tier: str = "resident",
+        rank_cache: str = "device",
         eval_dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
         adapters: Mapping[Path, Path] | None = None,
     ):
         self.device = resolve_device(device)
+        self.tier, self.rank_cache = tier, rank_cache
         self.trust_remote_code = trust_remote_code
         self.source_folders = [Path(s) for s in sources]
         self.base_folder = Path(base) if base else None
@@ -294,7 +301,7 @@ class MergeEngine:
         self.keys = merge_tensor_keys(live_model, config)
         self.vocabulary = {n: a for n, a in vocabulary_axes(config).items() if n in self.keys}
         merge_dtype = dtype_from_name(dtype)
-        self.resident: dict[Path, Tensors] = {
+        self.resident: dict[Path, Mapping[str, torch.Tensor]] = {
             folder: self._read(folder, merge_dtype)
             for folder in dict.fromkeys(self.source_folders + [self.base_folder] * bool(base))
         }
@@ -313,13 +320,20 @@ class MergeEngine:
         self._schedules: dict[str, list[str]] = {}
         self._methods: dict[str, MergeMethod] = {}
         self._permuted: dict[tuple[str, str], dict[str, dict[Path, torch.Tensor]]] = {}
-        self.cache_order = cache_order
 
-    def _read(self, folder: Path, dtype: torch.dtype) -> Tensors:
+    def _read(self, folder: Path, dtype: torch.dtype) -> Mapping[str, torch.Tensor]:
+        """A model's merge tensors in this engine's tier (a PEFT source, applied in memory,
+        has no file to map: it stays in host memory under the mmap tier)."""
+        if self.tier == "mmap" and folder not in self.adapters:
+            return MappedModel(folder, self.keys, dtype, self.device)
+        on_gpu = torch.device(self.device).type == "cuda"
+        where = "cpu" if self.tier != "resident" and on_gpu else self.device
         if folder in self.adapters:
-            return load_adapter_tensors(self.adapters[folder], folder, self.keys, dtype,
-                                        self.device, self.trust_remote_code)  # fmt: skip
-        return load_merge_tensors(folder, self.keys, dtype, self.device)
+            tensors = load_adapter_tensors(self.adapters[folder], folder, self.keys, dtype,
+                                           where, self.trust_remote_code)  # fmt: skip
+        else:
+            tensors = load_merge_tensors(folder, self.keys, dtype, where)
+        return HostTensors(tensors, self.device) if where != self.device else tensors
 
     def non_finite_tensors(self) -> list[tuple[Path, str, int]]:
         """(folder, tensor, count) of every resident tensor holding NaN/inf values, as cast
@@ -336,14 +350,17 @@ class MergeEngine:
     def _rank(self, name: str, entry_id: Hashable, delta: torch.Tensor) -> torch.Tensor:
         key = (name, entry_id)
         if key not in self._ranks:
-            self._ranks[key] = _magnitude_rank(delta)
-        return self._ranks[key]
+            rank = _magnitude_rank(delta)
+            if self.rank_cache == "host" and rank.device.type == "cuda":
+                rank = rank.cpu().pin_memory()
+            self._ranks[key] = rank
+        return self._ranks[key].to(delta.device, non_blocking=True)
 
     def _method(self, name: str) -> MergeMethod:
         if name not in self._methods:
             method = registry.get(name)
             sparsification = getattr(method, "sparsification_method", None)
-            if self.cache_order and sparsification == SparsificationMethod.magnitude:
+            if self.rank_cache != "off" and sparsification == SparsificationMethod.magnitude:
                 values = {f.name: getattr(method, f.name) for f in fields(method)}
                 method = RankedMagnitudeMerge(**values, rank_of=self._rank)
             self._methods[name] = method

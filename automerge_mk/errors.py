@@ -80,3 +80,8 @@ class PublishError(AutomergeError):
 
 class MetricError(AutomergeError):
     """A user metric (`--metric`) raised or returned something other than a finite number."""
+
+
+class MemoryPlanError(AutomergeError):
+    """The search's models, live model, rank cache and activations do not fit the device's and
+    the host's free memory in the arrangement asked for (or in any)."""

@@ -193,6 +193,8 @@ def load_texts(path: Path, text_column: str = "text") -> list[str]:
 
 
 MAX_LABELS = 64  # more distinct labels: free-form completions, scored by loss only
+BATCH_TOKENS = 4096  # padded positions per forward pass
+CHUNK_ROWS = 1024  # scored positions per vocabulary projection
 
 
 def _label_start(prompt: list[int], full: list[int]) -> int:
@@ -333,6 +335,19 @@ def subset_task(task: TaskData, tokens: int, seed: int = 0) -> TaskData:
     return same_examples(task, [task.indices[i] for i in chosen])
 
 
+def largest_batch(tasks: Sequence[TaskData], batch_tokens: int = BATCH_TOKENS) -> tuple[int, int]:
+    """(padded positions, width) of the largest batch that scoring `tasks` runs, label
+    candidates included: what the memory plan sizes activations by."""
+    found = (0, 0)
+    for task in tasks:
+        groups = [task.sequences, [ids for options in task.candidates for ids, _ in options]]
+        for lengths in ([len(s) for s in group] for group in groups if group):
+            for batch in _batches(lengths, batch_tokens):
+                width = lengths[batch[0]]
+                found = max(found, (width * len(batch), width))
+    return found
+
+
 def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices of sequences grouped into batches of similar length."""
     ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -457,8 +472,8 @@ def _label_accuracy(
 def score_task(
     model: PreTrainedModel,
     task: TaskData,
-    batch_tokens: int = 4096,
-    chunk_rows: int = 1024,
+    batch_tokens: int = BATCH_TOKENS,
+    chunk_rows: int = CHUNK_ROWS,
     metrics: Sequence[Metric] = (),
     tokenizer: PreTrainedTokenizerBase | None = None,
     keep_examples: bool = False,

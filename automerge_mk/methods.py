@@ -42,6 +42,7 @@ class MethodFacts(NamedTuple):
     name: str
     random: bool  # its sparsification draws from torch's RNG (DARE, DELLA)
     sparsifying: bool  # drops task-vector entries by a density
+    ranked: bool  # keeps the largest-magnitude entries (TIES): what the engine's rank cache serves
     base: str  # mergekit's BasePolicy: required, optional or ignored
     weights: bool  # per-source weights (or slerp's t) are searched
     parameters: tuple[str, ...]  # every parameter name it accepts
@@ -68,6 +69,7 @@ def facts(method: str) -> MethodFacts:
         name=method,
         random=sparsification in (SparsificationMethod.random, SparsificationMethod.della_magprune),
         sparsifying=sparsification is not None,
+        ranked=sparsification == SparsificationMethod.magnitude,
         base=entry.spec.contract.base.value,
         weights="weight" in names or "t" in names,
         parameters=names,
@@ -78,6 +80,12 @@ def facts(method: str) -> MethodFacts:
 def is_sparsifying(method: str) -> bool:
     """Whether mergekit's method drops task-vector entries by a density."""
     return facts(method).sparsifying
+
+
+def is_ranked(method: str) -> bool:
+    """Whether the method keeps each task vector's largest-magnitude entries (mergekit's
+    magnitude sparsification: ties and the methods built on it), the order the rank cache keeps."""
+    return facts(method).ranked
 
 
 def is_random(method: str) -> bool:

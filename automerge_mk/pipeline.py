@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # these import torch: the cheap checks must not wait for them
 
     from .engine import MergeEngine
     from .evaluate import Metric, TaskData
+    from .memory import MemoryPlan
     from .search import Fidelity
 
 
@@ -86,6 +87,7 @@ class Inputs:
     # Where the merged model's tokenizer differs (--tokenizer-source): per source name, its
     # own tokenizer and every task tokenised with it, for its reference scores.
     own: dict[str, tuple[PreTrainedTokenizerBase, list[TaskData]]] | None = None
+    memory: MemoryPlan | None = None  # where the engine keeps what (memory.py)
 
     @property
     def reference_model(self) -> Path:
@@ -193,8 +195,40 @@ def _check_inputs(
         data={n: DataPrint(path=str(files[n]), sha256=data_sha[n]) for n in files},
     )
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
+    batch = (*evaluate.largest_batch(tasks), evaluate.CHUNK_ROWS)
+    memory = _plan_memory(sources, base, reference_model, dtype, batch, settings)
     return Inputs(sources, base, files, tasks, blocks, dtype, metrics, tokenizer, prints, warm,
-                   fidelity, evals, own)  # fmt: skip
+                   fidelity, evals, own, memory)  # fmt: skip
+
+
+def _plan_memory(sources, base, reference_model: Path, dtype: str, batch: tuple[int, int, int],
+                 settings: SearchSettings):  # fmt: skip
+    """The memory plan (memory.py) from the models' headers: raises MemoryPlanError, naming
+    the option that fits, when --tier / --rank-cache (or anything) cannot fit. With local
+    --workers on a CPU, every worker holds an engine of its own beside this process's."""
+    from mergekit.common import dtype_from_name
+
+    from .engine import eval_dtype, resolve_device
+    from .memory import measure_needs, plan_memory
+    from .segment import load_config, merge_tensor_keys
+
+    config = load_config(reference_model, settings.trust_remote_code)
+    needs = measure_needs(
+        [s.model_folder for s in sources] + ([base.path] if base else []),
+        len(sources),
+        reference_model,
+        merge_tensor_keys(reference_model, config),
+        config,
+        dtype_from_name(dtype),
+        eval_dtype(settings.eval_dtype, settings.device),
+        settings.methods,
+        batch,
+    )
+    device = resolve_device(settings.device)
+    local = device == "cpu" and settings.workers > 1 and not settings.scheduler
+    engines = settings.workers + 1 if local else 1
+    return plan_memory(needs, device, settings.tier, settings.rank_cache, engines=engines,
+                       limit=settings.memory_limit)  # fmt: skip
 
 
 def _tokenizer(folder: Path, trust: bool) -> PreTrainedTokenizerBase:
@@ -376,7 +410,8 @@ def _load_sources(inputs: Inputs, settings: SearchSettings):
         inputs.reference_model,
         dtype=inputs.dtype,
         device=settings.device,
-        cache_order=settings.cache_order,
+        tier=inputs.memory.tier,
+        rank_cache=inputs.memory.rank_cache,
         eval_dtype=eval_dtype(settings.eval_dtype, settings.device),
         trust_remote_code=settings.trust_remote_code,
         adapters=inputs.adapters,
@@ -485,6 +520,7 @@ def open_session(
         _quiet_libraries()
         inputs = _check_inputs(model_refs, base_ref, files, data_sha, settings)
         _check_space(inputs, out, overwrite and not resume)
+        _note(inputs.memory.describe())
         if recorded:
             check_unchanged(recorded, inputs.fingerprints, out, "resume")
         elif resume:
@@ -518,6 +554,7 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
             for t in inputs.tasks
         },
     )
+    run.write_json(rundir.MEMORY, inputs.memory.as_record())
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
     sources_scored = {

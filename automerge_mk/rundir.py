@@ -47,6 +47,7 @@ SETTINGS = "settings.json"  # the RunRecord
 MARKER = "automerge-mk-run.json"  # what makes a folder a run directory
 LOCK = ".automerge-mk.lock"  # held by its one writer
 EVAL_SUBSET = "eval_subset.json"
+MEMORY = "memory.json"  # the memory plan of the latest start (memory.py)
 SOURCES = "sources.json"  # each source scored on every task
 EVALS = "evals.json"  # --eval plug-in scores
 BASELINES = "baselines.json"

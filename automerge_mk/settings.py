@@ -10,6 +10,7 @@ a run's settings.json and one typed by a user go through the same validation.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -178,13 +179,32 @@ class SearchSettings(Frozen):
         json_schema_extra=_cli(metavar="union|base|NAME"),
     )
     device: str = Field(
-        "cpu", description="Where sources stay resident and kernels run: auto, cpu, cuda, cuda:N."
+        "auto",
+        description="Where kernels run and the live model is scored: auto (a GPU when one is "
+        "visible, else cpu), cpu, cuda, cuda:N.",
     )
-    cache_order: bool = Field(
-        True,
-        description="Keep TIES's magnitude order of every task vector between trials instead "
-        "of sorting again each trial: much faster ties trials for 4 bytes of memory per "
-        "parameter per source model (about 1.1 GB for two 135M-parameter sources).",
+    tier: Literal["auto", "resident", "host", "mmap"] = Field(
+        "auto",
+        description="Where the base and sources stay: resident (on --device, the fastest), host "
+        "(in host memory, pinned, each tensor copied to the GPU when merged), mmap "
+        "(memory-mapped from their safetensors files, read tensor by tensor: for models larger "
+        "than memory). auto: the first that fits, by the memory plan printed at start-up. "
+        "Every tier merges bit-identically to stock mergekit.",
+    )
+    rank_cache: Literal["auto", "device", "host", "off"] = Field(
+        "auto",
+        description="Where TIES's magnitude order of every task vector is kept between trials "
+        "(4 bytes per parameter per source, about 1.1 GB for two 135M-parameter sources): "
+        "device (with the kernels), host (in host memory, copied over per use), off (sorted "
+        "again each trial, as stock mergekit does: on a CPU seconds per ties trial). auto: on "
+        "the device when it fits, else off.",
+    )
+    memory_limit: int | None = Field(
+        None,
+        description="Use at most this much memory, e.g. 20GB or 512MiB: the memory plan takes "
+        "no more than this to be free on the device and in host memory (for a machine you "
+        "share). Default: what is free when the search starts.",
+        json_schema_extra=_cli(metavar="SIZE", text=True),  # parsed by _size below
     )
     eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -220,6 +240,29 @@ class SearchSettings(Frozen):
         if isinstance(value, str):
             return tuple(m.strip() for m in value.split(",") if m.strip())
         return value
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value, re.IGNORECASE)
+        if not match:
+            raise ValueError(f"--memory-limit takes a size such as 20GB or 512MiB, not {value!r}")
+        number, unit = float(match[1]), (match[2] or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]  # fmt: skip
+        return int(number * scale)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_order(cls, data):
+        """Runs of automerge-mk 0.2 recorded --cache-order/--no-cache-order: the rank cache."""
+        if isinstance(data, dict) and "cache_order" in data:
+            cached = data["cache_order"]
+            data = {k: v for k, v in data.items() if k != "cache_order"}
+            data.setdefault("rank_cache", "auto" if cached else "off")
+        return data
 
     @model_validator(mode="before")
     @classmethod

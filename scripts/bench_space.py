@@ -36,6 +36,7 @@ from benchmark import (  # noqa: E402
     append_step,
     benchmark_models,
     current_steps,
+    done_steps,
     home_path,
     models_digest,
 )
@@ -69,19 +70,25 @@ def search_settings(space_label: str, trials: int, seed: int) -> SearchSettings:
 
 
 def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) -> dict:
-    """One search on the validation split; an interrupted one resumes from its trials."""
+    """One search on the validation split; an interrupted one resumes from its trials, and a
+    finished one with the same settings (scripts/bench_racing.py runs its full-fidelity
+    searches here) is read, with the wall time that script recorded."""
     out = work / step.replace(":", "-")
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     started = time.perf_counter()
-    run = pipeline.run_search(pair_inputs(pair, "validation"), settings, out, overwrite=not resume,
-                              resume=resume)  # fmt: skip
+    if _finished_as(out, settings):
+        run, wall = out, _racing_wall(out)
+    else:
+        run = pipeline.run_search(pair_inputs(pair, "validation"), settings, out,
+                                  overwrite=not resume, resume=resume)  # fmt: skip
+        wall = time.perf_counter() - started
     trials = rundir.RunDir(run).trials()
     best = json.loads((run / rundir.BEST).read_text())
     baselines = json.loads((run / rundir.BASELINES).read_text())
     return {
         "step": step,
         "settings": settings.model_dump(mode="json"),
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall,
         "resumed": resume,
         "trials": len(trials),
         "validation_H": [t.harmonic_mean for t in trials],
@@ -90,6 +97,21 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) 
         "validation_baselines": {k: v["harmonic_mean"] for k, v in baselines.items()},
         "run_dir": str(run),
     }
+
+
+def _finished_as(folder: Path, settings: SearchSettings) -> bool:
+    if not pipeline.finished(folder, settings):
+        return False
+    theirs = rundir.RunRecord.read(folder).settings.model_dump(mode="json")
+    return theirs == settings.model_dump(mode="json")
+
+
+def _racing_wall(folder: Path) -> float:
+    """The wall time bench_racing.py recorded for the search it ran in `folder`."""
+    for record in done_steps(RESULTS / "racing-steps.jsonl").values():
+        if record.get("run") == str(folder):
+            return record["wall_s"]
+    return float("nan")
 
 
 class TestScorer:

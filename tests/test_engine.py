@@ -70,16 +70,15 @@ def _assert_bit_identical(stock: dict[str, torch.Tensor], ours: dict[str, torch.
         assert torch.equal(ours[name].view(torch.int32), tensor.view(torch.int32)), name
 
 
-@pytest.mark.parametrize("cache_order", [True, False], ids=["order-cached", "order-sorted"])
+@pytest.mark.parametrize("rank_cache", ["device", "off"], ids=["order-cached", "order-sorted"])
 @pytest.mark.parametrize("method", FIVE)
 def test_each_method_with_per_block_values_equals_stock_mergekit(
-    family, tmp_path, method, cache_order
+    family, tmp_path, method, rank_cache
 ):
     plan = _plan(family, [method])
     assert len(plan_documents(plan)) == 1
-    engine = MergeEngine(
-        [family["a"], family["b"]], family["base"], family["base"], cache_order=cache_order
-    )
+    sources = [family["a"], family["b"]]
+    engine = MergeEngine(sources, family["base"], family["base"], rank_cache=rank_cache)
     _assert_bit_identical(_stock(plan, tmp_path), engine.merge(plan))
 
 
