@@ -136,11 +136,11 @@ class MemoryPlan:
     def describe(self) -> str:
         """The plan in a few lines, as printed at start-up."""
         n = self.needs
-        where = "memory" if self.on_cpu else self.device
-        models = {"resident": f"on {where}", "host": "in host memory (pinned), per tensor to "
+        where = "in memory" if self.on_cpu else f"on {self.device}"
+        models = {"resident": where, "host": "in host memory (pinned), per tensor to "
                   f"{self.device}", "mmap": "memory-mapped from their weight files"}  # fmt: skip
         cache = ("none needed" if not n.rank_cache
-                 else {"device": f"{_gb(n.rank_cache)} on {where}",
+                 else {"device": f"{_gb(n.rank_cache)} {where}",
                        "host": f"{_gb(n.rank_cache)} in host memory",
                        "off": f"off (would take {_gb(n.rank_cache)}; TIES sorts each trial)"}
                  [self.rank_cache])  # fmt: skip

@@ -536,11 +536,51 @@ def open_session(
                 data={k: str(v) for k, v in inputs.files.items()}, settings=settings,
                 dtype=inputs.dtype, blocks=inputs.blocks, fingerprints=inputs.fingerprints,
             ))  # fmt: skip
-        return _start_session(run, inputs, settings)
+        return _start_session(run, inputs, _session_eval_dtype(inputs, settings, out, resume))
     except BaseException:
         if run is not None:
             run.release()
         raise
+
+
+# How much faster bfloat16 must be to be chosen over float32's more precise losses: a wide
+# margin, so that one machine's choice does not flip with its load (bfloat16 is about 2x
+# faster where it is faster at all, scripts/results/bench_search.md).
+FASTER = 1.5
+
+
+def _session_eval_dtype(inputs: Inputs, settings: SearchSettings, out: Path, resume: bool):
+    """The settings with --eval-dtype auto made concrete, so that workers and a resumed run
+    score in the dtype of the first trials. On a CPU, auto takes bfloat16 when a forward
+    pass of this architecture on one batch of the data is FASTER times faster in it here
+    than in float32 (on some CPUs it is 2x faster, on others several times slower:
+    scripts/results/racing.md measures how well it ranks merges), else float32; on a GPU,
+    bfloat16. A resumed run keeps the dtype it recorded in memory.json."""
+    from mergekit.common import dtype_from_name
+
+    from . import evaluate
+    from .engine import eval_dtype, resolve_device
+    from .segment import load_config
+
+    if settings.eval_dtype != "auto":
+        return settings
+    chosen = None
+    if resume and (out / rundir.MEMORY).is_file():
+        chosen = json.loads((out / rundir.MEMORY).read_text()).get("eval_dtype")
+    device = resolve_device(settings.device)
+    if chosen is None and device == "cpu":
+        config = load_config(inputs.reference_model, settings.trust_remote_code)
+        positions = evaluate.largest_batch(inputs.tasks)[0]
+        timed = {name: evaluate.forward_seconds(config, positions, dtype_from_name(name), device)
+                 for name in ("float32", "bfloat16")}  # fmt: skip
+        if None not in timed.values():
+            chosen = "bfloat16" if timed["bfloat16"] * FASTER < timed["float32"] else "float32"
+            fp32, bf16 = timed["float32"], timed["bfloat16"]
+            _note(f"--eval-dtype auto: {chosen} (one forward pass of {positions} tokens: "
+                  f"float32 {fp32:.3f} s, bfloat16 {bf16:.3f} s)")  # fmt: skip
+    if chosen is None:
+        chosen = str(eval_dtype("auto", device)).removeprefix("torch.")
+    return settings.model_copy(update={"eval_dtype": chosen})
 
 
 def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Session:
@@ -554,7 +594,7 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
             for t in inputs.tasks
         },
     )
-    run.write_json(rundir.MEMORY, inputs.memory.as_record())
+    run.write_json(rundir.MEMORY, inputs.memory.as_record() | {"eval_dtype": settings.eval_dtype})
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
     sources_scored = {

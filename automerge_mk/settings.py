@@ -208,10 +208,11 @@ class SearchSettings(Frozen):
     )
     eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="dtype of the live model that is scored: auto = float32 on CPU (the most "
-        "precise losses; on AVX512 CPUs bfloat16 can be about 2x faster, see "
-        "scripts/results/bench_search.md) and bfloat16 on a GPU. Losses are summed in float32 "
-        "either way.",
+        description="dtype of the live model that is scored: auto = on a CPU, bfloat16 when a "
+        "forward pass of this architecture on one batch of your data is at least 1.5x faster "
+        "in it than in float32 (timed at start-up; AVX512 CPUs are often 2x faster in "
+        "bfloat16, others slower), else float32; bfloat16 on a GPU. Recorded in memory.json; "
+        "a resumed run and Dask workers keep it. Losses are summed in float32 either way.",
     )
     trust_remote_code: bool = Field(
         False,

@@ -169,7 +169,7 @@ def render(done: dict[str, dict], sizes, device: str) -> str:
         f"threads per step in the table; other work may have shared the cores (see the note).",
         "| size | parameters | tier | rank cache | plan's estimate | peak anonymous | peak RSS "
         "| open s | " + " | ".join(f"{c} s" for c, _ in TRIALS) + " | threads |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(TRIALS),
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(TRIALS) + 1),
     ]
     checks = []
     for size in sizes:

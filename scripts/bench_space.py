@@ -69,7 +69,8 @@ def search_settings(space_label: str, trials: int, seed: int) -> SearchSettings:
     return SearchSettings(trials=trials, initial=initial, seed=seed, **SPACES[space_label])
 
 
-def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) -> dict:
+def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path,
+                    results: Path = RESULTS) -> dict:  # fmt: skip
     """One search on the validation split; an interrupted one resumes from its trials, and a
     finished one with the same settings (scripts/bench_racing.py runs its full-fidelity
     searches here) is read, with the wall time that script recorded."""
@@ -77,7 +78,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path) 
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     started = time.perf_counter()
     if _finished_as(out, settings):
-        run, wall = out, _racing_wall(out)
+        run, wall = out, _racing_wall(out, results)
     else:
         run = pipeline.run_search(pair_inputs(pair, "validation"), settings, out,
                                   overwrite=not resume, resume=resume)  # fmt: skip
@@ -106,9 +107,9 @@ def _finished_as(folder: Path, settings: SearchSettings) -> bool:
     return theirs == settings.model_dump(mode="json")
 
 
-def _racing_wall(folder: Path) -> float:
+def _racing_wall(folder: Path, results: Path) -> float:
     """The wall time bench_racing.py recorded for the search it ran in `folder`."""
-    for record in done_steps(RESULTS / "racing-steps.jsonl").values():
+    for record in done_steps(results / "racing-steps.jsonl").values():
         if record.get("run") == str(folder):
             return record["wall_s"]
     return float("nan")
@@ -338,7 +339,8 @@ def main() -> None:
         elif kind == "search":
             if step not in done:
                 print(f"{step}: searching", flush=True)
-                done[step] = run_search_step(step, pair, search_settings(*detail), args.work)
+                done[step] = run_search_step(step, pair, search_settings(*detail), args.work,
+                                             args.results)  # fmt: skip
                 keep(done[step])
             if f"test:{step}" not in done:
                 print(f"test:{step}: scoring its best on the test split", flush=True)

@@ -67,3 +67,15 @@ def test_smaller_budgets_keep_a_subset_of_a_larger_ones_examples(model_and_texts
     assert sizes[0].indices and sizes[0].computed_tokens >= 50
     assert subset_task(task, task.computed_tokens, seed=0) is task  # all of it: unchanged
     assert subset_task(task, 150, seed=1).indices != sizes[1].indices
+
+
+def test_forward_seconds_times_a_small_model_of_the_architecture_in_each_dtype(tiny_llama):
+    from transformers import AutoConfig
+
+    from automerge_mk.evaluate import forward_seconds
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    for dtype in (torch.float32, torch.bfloat16):
+        seconds = forward_seconds(config, 256, dtype, "cpu")
+        assert seconds is not None and 0 < seconds < 5
+    assert config.num_hidden_layers == 4  # the caller's config is left as it was

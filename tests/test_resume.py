@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from click.testing import CliRunner
 from conftest import DEMO_TRIALS, demo_search_arguments
 
@@ -96,3 +97,29 @@ def test_a_run_written_before_the_redesign_still_resumes(demo_models, tmp_path, 
     assert ":weight" in "".join(after[2]["config"]) and ":mix" not in "".join(after[2]["config"])
     written = json.loads((out / "settings.json").read_text())["settings"]
     assert written["weighting"] == "convex" and written["baselines_first"] is False
+
+
+def test_eval_dtype_auto_is_chosen_once_and_a_resumed_run_keeps_it(demo_models, tmp_path):
+    from automerge_mk import pipeline
+    from automerge_mk.settings import SearchSettings
+
+    names = list(demo_models.specialists)
+    request = pipeline.MergeRequest([str(demo_models.specialists[n]) for n in names],
+                                    str(demo_models.base),
+                                    {n: str(demo_models.validation[n]) for n in names})  # fmt: skip
+    settings = SearchSettings(trials=2, initial=1, device="cpu")
+    assert settings.eval_dtype == "auto"
+    out = tmp_path / "run"
+    session = pipeline.open_session(request, settings, out, overwrite=False)
+    session.run.release()
+    chosen = json.loads((out / "memory.json").read_text())["eval_dtype"]
+    assert chosen in ("float32", "bfloat16")
+    assert str(session.engine.model.dtype) == f"torch.{chosen}"
+    # As if the first start had found bfloat16 faster: a resumed run scores in it too.
+    memory = json.loads((out / "memory.json").read_text())
+    (out / "memory.json").write_text(json.dumps(memory | {"eval_dtype": "bfloat16"}))
+    resumed = pipeline.open_session(request, settings, out, overwrite=False, resume=True)
+    resumed.run.release()
+    assert resumed.engine.model.dtype == torch.bfloat16
+    assert resumed.settings.eval_dtype == "bfloat16"  # what workers are given
+    assert json.loads((out / "memory.json").read_text())["eval_dtype"] == "bfloat16"
