@@ -570,7 +570,7 @@ def _session_eval_dtype(inputs: Inputs, settings: SearchSettings, out: Path, res
     device = resolve_device(settings.device)
     if chosen is None and device == "cpu":
         config = load_config(inputs.reference_model, settings.trust_remote_code)
-        positions = evaluate.largest_batch(inputs.tasks)[0]
+        positions = min(512, evaluate.largest_batch(inputs.tasks)[0])
         timed = {name: evaluate.forward_seconds(config, positions, dtype_from_name(name), device)
                  for name in ("float32", "bfloat16")}  # fmt: skip
         if None not in timed.values():
