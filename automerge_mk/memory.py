@@ -159,7 +159,7 @@ class MemoryPlan:
 
 
 def _gb(count: int) -> str:
-    return f"{count / GIB:.2f} GB" if count < 100 * GIB else f"{count / GIB:.0f} GB"
+    return f"{count / GIB:.2f} GiB" if count < 100 * GIB else f"{count / GIB:.0f} GiB"
 
 
 def _activations(config, eval_itemsize: int, batch: tuple[int, int, int]) -> int:

@@ -188,7 +188,8 @@ class SearchSettings(Frozen):
         description="Where the base and sources stay: resident (on --device, the fastest), host "
         "(in host memory, pinned, each tensor copied to the GPU when merged), mmap "
         "(memory-mapped from their safetensors files, read tensor by tensor: for models larger "
-        "than memory). auto: the first that fits, by the memory plan printed at start-up. "
+        "than memory; the files must stay unchanged until the search ends). auto: the first "
+        "that fits, by the memory plan printed at start-up. "
         "Every tier merges bit-identically to stock mergekit.",
     )
     rank_cache: Literal["auto", "device", "host", "off"] = Field(

@@ -39,6 +39,7 @@ from benchmark import (  # noqa: E402
     done_steps,
     home_path,
     models_digest,
+    steps_by_build,
 )
 
 from automerge_mk import pipeline, report, rundir, space  # noqa: E402
@@ -192,50 +193,41 @@ def _pair(step: str) -> str:
     return next(pair for pair in PAIRS if f":{pair}" in f":{step}")
 
 
-def render(done: dict[str, dict], pairs, budgets, seeds, digests, stale: int) -> str:
+def render(builds: dict, budgets, seeds, digests, untagged: int) -> str:
+    """space.md: one section per pair and build (`builds`: (pair, digest) -> its steps; every
+    pair, not only those this run searches), the models built now (`digests`) first. A
+    rebuild on another CPU trains other fine-tunes, so every comparison (search vs fixed
+    rows, new vs old search) is made within one build only."""
     paragraphs = __doc__.split("\n\n")
     start = next(i for i, part in enumerate(paragraphs) if part.startswith("On two"))
     described = "\n\n".join(paragraphs[start : start + 2])
-    pending = [step for step, _, kind, _ in plan_steps(pairs, budgets, seeds)
+    done = {}
+    for pair, digest in digests.items():
+        done |= builds.get((pair, digest), {})
+    pending = [step for step, _, kind, _ in plan_steps(list(digests), budgets, seeds)
                if kind == "search" and f"test:{step}" not in done]  # fmt: skip
-    status = (f"Not finished yet (a rerun goes on from here): {', '.join(pending)}."
-              if pending else "All steps finished.")  # fmt: skip
-    builds = ", ".join(f"{pair} {digest}" for pair, digest in digests.items())
-    status += (f" Models (sha256 of weights and data, 16 hex digits): {builds}; "
-               f"{stale} steps recorded on other builds are kept in space-steps.jsonl but not "
-               "shown.")  # fmt: skip
-    parts = ["# Search space vs a hand grid (issue 16)", described, _how(done), status]
+    status = (f"Not finished yet on the models built now (a rerun goes on from here): "
+              f"{', '.join(pending)}." if pending else "All steps finished on the models "
+              "built now.")  # fmt: skip
+    current = ", ".join(f"{pair} {digest}" for pair, digest in digests.items())
+    status += (f" Models built now (sha256 of weights and data, 16 hex digits): {current}. "
+               "Sections of other builds (earlier sessions, other CPUs) follow each pair's "
+               "current one; each compares only rows of its own build.")  # fmt: skip
+    if untagged:
+        status += f" {untagged} lines of space-steps.jsonl predate the digest and are not shown."
+    parts = ["# Search space vs a hand grid (issue 16)", described, _how(), status]
     targets = []
-    for pair in pairs:
-        _, tasks = PAIRS[pair]
-        fixed = fixed_rows(done, pair)
-        rows = done.get(f"reference:{pair}", {}).get("rows", {}) | fixed
-        searches = {}
-        for budget in budgets:
-            for seed in seeds:
-                for space_label in SPACES:
-                    step = f"search:{pair}:{space_label}:{budget}:{seed}"
-                    if f"test:{step}" in done:
-                        label = f"{space_label} search, {budget} trials, seed {seed}"
-                        searches[label] = (done[step], done[f"test:{step}"]["row"])
-                        rows[label] = done[f"test:{step}"]["row"]
-        if not rows:
-            continue
-        parts.append(f"## {pair} (test split)\n\n" + _table(rows, tasks, searches))
-        if fixed:
-            best_label = max(fixed, key=lambda k: fixed[k]["harmonic_mean"])
-            best = fixed[best_label]["harmonic_mean"]
-            for label, (_, row) in searches.items():
-                if label.startswith("new") and label.split(", ")[1].startswith("40 "):
-                    targets.append((f"{pair}: {label} >= best fixed row ({best_label})",
-                                    row["harmonic_mean"], best))  # fmt: skip
-        for budget in budgets:
-            for seed in seeds:
-                new = searches.get(f"new search, {budget} trials, seed {seed}")
-                old = searches.get(f"old search, {budget} trials, seed {seed}")
-                if new and old and pair == "sentiment-wordnet":
-                    targets.append((f"{pair}: new >= old search, {budget} trials, seed {seed}",
-                                    new[1]["harmonic_mean"], old[1]["harmonic_mean"]))  # fmt: skip
+    for pair in PAIRS:
+        now = digests.get(pair)
+        order = [now] + [d for (p, d) in builds if p == pair and d != now]
+        for digest in order:
+            if (pair, digest) in builds:
+                section, found = _section(builds[(pair, digest)], pair, budgets, seeds)
+                if section:
+                    built_now = " (built now)" if digest == now else ""
+                    parts.append(f"## {pair}, models {digest}{built_now} (test split)\n\n"
+                                 + section)  # fmt: skip
+                    targets += [(f"{pair} ({digest}): {t}", a, b) for t, a, b in found]
     if targets:
         lines = ["| target | measured (test H) | met |", "|---|---|---|"]
         lines += [f"| {t} | {a:.4f} vs {b:.4f} | {'yes' if a >= b else '**no**'} |"
@@ -244,21 +236,56 @@ def render(done: dict[str, dict], pairs, budgets, seeds, digests, stale: int) ->
     return "\n\n".join(parts) + "\n"
 
 
-def _how(done: dict[str, dict]) -> str:
-    searches = [r for k, r in done.items() if k.startswith("search:")]
-    walls = ", ".join(f"{r['step'].split(':', 1)[1]} {r['wall_s'] / 60:.1f} min"
-                      + (" (resumed)" if r.get("resumed") else "") for r in searches)  # fmt: skip
+def _section(done: dict[str, dict], pair: str, budgets, seeds) -> tuple[str, list]:
+    """One build's table of a pair, its wall times, and its targets (label, measured, bar)."""
+    _, tasks = PAIRS[pair]
+    fixed = fixed_rows(done, pair)
+    rows = done.get(f"reference:{pair}", {}).get("rows", {}) | fixed
+    searches, walls, targets = {}, [], []
+    for budget in budgets:
+        for seed in seeds:
+            for space_label in SPACES:
+                step = f"search:{pair}:{space_label}:{budget}:{seed}"
+                if f"test:{step}" in done:
+                    label = f"{space_label} search, {budget} trials, seed {seed}"
+                    searches[label] = (done[step], done[f"test:{step}"]["row"])
+                    rows[label] = done[f"test:{step}"]["row"]
+                    resumed = " (resumed)" if done[step].get("resumed") else ""
+                    walls.append(f"{label} {done[step]['wall_s'] / 60:.1f} min{resumed}")
+    if not rows:
+        return "", []
+    if fixed:
+        best_label = max(fixed, key=lambda k: fixed[k]["harmonic_mean"])
+        best = fixed[best_label]["harmonic_mean"]
+        for label, (_, row) in searches.items():
+            if label.startswith("new") and label.split(", ")[1].startswith("40 "):
+                targets.append((f"{label} >= best fixed row ({best_label})",
+                                row["harmonic_mean"], best))  # fmt: skip
+    for budget in budgets:
+        for seed in seeds:
+            new = searches.get(f"new search, {budget} trials, seed {seed}")
+            old = searches.get(f"old search, {budget} trials, seed {seed}")
+            if new and old and pair == "sentiment-wordnet":
+                targets.append((f"new >= old search, {budget} trials, seed {seed}",
+                                new[1]["harmonic_mean"], old[1]["harmonic_mean"]))  # fmt: skip
+    section = _table(rows, tasks, searches)
+    if walls:
+        section += "\n\nWall times (2 CPU cores; other work may have shared them): "
+        section += ", ".join(walls) + "."
+    return section, targets
+
+
+def _how() -> str:
     return (
         "Reproduce: `python scripts/bench_space.py`, with the models built by "
         f"`python scripts/build_benchmark_models.py --out {home_path(CACHE)}/benchmark` and "
         "`... --pair langid-digits --out "
-        f"{home_path(CACHE)}/benchmark-langid-digits` (their validation label accuracy: "
-        f"{_build_facts()}). H = harmonic mean of AP (the "
+        f"{home_path(CACHE)}/benchmark-langid-digits` (the models built now, validation label "
+        f"accuracy: {_build_facts()}). H = harmonic mean of AP (the "
         "specialist's test loss on the label token / this model's), PR = label accuracy / the "
         "specialist's, PD = max PR - min PR; search rows merge their best validation "
         "configuration in memory (bit-identical to stock mergekit on the recipe). Searches: "
-        "validation split, 100-104 examples per task; test: 400 per task. Wall times (2 CPU "
-        f"cores; other work may have shared them): {walls or '-'}."
+        "validation split, 100-104 examples per task; test: 400 per task."
     )
 
 
@@ -315,12 +342,23 @@ def main() -> None:
     steps_file = args.results / "space-steps.jsonl"
     # Steps count only for the models they ran on: a rebuild that differs starts over (the
     # earlier lines stay in the file, tagged with their build's digest).
-    digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
-    done, stale = current_steps(steps_file, digests, _pair)
+    shown_digests = {pair: models_digest(*PAIRS[pair]) for pair in PAIRS
+                     if (PAIRS[pair][0] / "build.json").is_file()}  # fmt: skip
+    missing = [pair for pair in pairs if pair not in shown_digests]
+    if missing and not args.render:
+        raise SystemExit(f"{', '.join(missing)} not built: run the commands at the top of "
+                         "scripts/bench_space.py")  # fmt: skip
+    digests = {pair: shown_digests[pair] for pair in pairs if pair in shown_digests}
+    done, _ = current_steps(steps_file, digests, _pair)
 
     def keep(record: dict) -> None:
         record["models"] = digests[_pair(record["step"])]
         append_step(steps_file, record)
+
+    def write() -> None:
+        builds, untagged = steps_by_build(steps_file, _pair)
+        text = render(builds, budgets, seeds, shown_digests, untagged)
+        (args.results / "space.md").write_text(text)
 
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
     for step, pair, kind, detail in [] if args.render else plan_steps(pairs, budgets, seeds):
@@ -347,8 +385,8 @@ def main() -> None:
                 done[f"test:{step}"] = {"step": f"test:{step}",
                                         "row": scorers[pair].score_search(done[step])}  # fmt: skip
                 keep(done[f"test:{step}"])
-        (args.results / "space.md").write_text(render(done, pairs, budgets, seeds, digests, stale))
-    (args.results / "space.md").write_text(render(done, pairs, budgets, seeds, digests, stale))
+        write()
+    write()
     print((args.results / "space.md").read_text())
 
 

@@ -73,8 +73,22 @@ def current_steps(steps_file: Path, digests: dict[str, str], pair_of) -> tuple[d
     models_digest; `pair_of`: step name -> pair), and how many lines are of other builds."""
     lines = steps_file.read_text().splitlines() if steps_file.is_file() else []
     records = [json.loads(line) for line in lines if line.strip()]
-    ours = [r for r in records if r.get("models") == digests[pair_of(r["step"])]]
+    ours = [r for r in records if r.get("models") == digests.get(pair_of(r["step"]))]
     return {r["step"]: r for r in ours}, len(records) - len(ours)
+
+
+def steps_by_build(steps_file: Path, pair_of) -> tuple[dict[tuple[str, str], dict], int]:
+    """Every finished step recorded, by (pair, models digest), in the order the builds first
+    appear (a later line of a step replaces an earlier one), and how many lines carry no
+    digest (written before steps were tagged: their build is unknown)."""
+    lines = steps_file.read_text().splitlines() if steps_file.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    builds: dict[tuple[str, str], dict] = {}
+    for record in records:
+        if record.get("models"):
+            key = (pair_of(record["step"]), record["models"])
+            builds.setdefault(key, {})[record["step"]] = record
+    return builds, sum(1 for r in records if not r.get("models"))
 
 
 def append_step(steps_file: Path, record: dict) -> None:

@@ -206,7 +206,10 @@ def write_splits(examples: dict[str, list[str]], folder: Path, task: str, seed: 
     return paths
 
 
-def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: int) -> dict:
+def fine_tune(
+    base: Path, train: Path, out: Path, steps: int, lr: float, seed: int,
+    threads: int = TRAIN_THREADS,
+) -> dict:  # fmt: skip
     """Full fine-tune of `base` on prompt -> " label" with the loss on the label token only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,10 +218,12 @@ def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: i
         if (record["steps"], record["lr"], record["seed"]) == (steps, lr, seed):
             return record
         print(f"{out.name}: built with other training settings; training again", flush=True)
-    # CPU training is repeatable bit for bit only at one thread count (reductions split by
-    # thread): pinned, so that a rebuild in a later session gives the same specialists (the
-    # benchmarks compare their weights' digest before reusing earlier steps).
-    torch.set_num_threads(TRAIN_THREADS)
+    # CPU training is repeatable bit for bit only on one CPU model at one thread count
+    # (reductions split by thread, kernels chosen by instruction set): a rebuild on another
+    # machine trains other fine-tunes (seen: three sessions' builds of sentiment-wordnet, three
+    # digests), so the benchmarks compare rows within one build's digest only. Pinned
+    # (--threads, default 2) so that a rebuild on the same machine matches.
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
@@ -267,7 +272,9 @@ def fine_tune(base: Path, train: Path, out: Path, steps: int, lr: float, seed: i
     return record
 
 
-def build(out: Path, seed: int, pair: str = "sentiment-wordnet") -> dict:
+def build(
+    out: Path, seed: int, pair: str = "sentiment-wordnet", threads: int = TRAIN_THREADS
+) -> dict:
     from smollm2 import build_smollm2
 
     base = build_smollm2(out / "base")
@@ -276,7 +283,7 @@ def build(out: Path, seed: int, pair: str = "sentiment-wordnet") -> dict:
         for task in PAIRS[pair]
     }
     training = {
-        task: fine_tune(base, paths["train"], out / task, *TRAINING[task], seed)
+        task: fine_tune(base, paths["train"], out / task, *TRAINING[task], seed, threads)
         for task, paths in data.items()
     }
     result = {"base": base, "data": data, "training": training, "check": check(out, data)}
@@ -322,8 +329,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pair", choices=sorted(PAIRS), default="sentiment-wordnet")
+    parser.add_argument("--threads", type=int, default=TRAIN_THREADS,
+                        help="torch threads for training (the build repeats only at the same "
+                        "count on the same CPU)")  # fmt: skip
     arguments = parser.parse_args()
-    result = build(arguments.out.expanduser(), arguments.seed, arguments.pair)
+    result = build(arguments.out.expanduser(), arguments.seed, arguments.pair, arguments.threads)
     print(json.dumps(result, indent=2, default=str))
 
 

@@ -1,16 +1,47 @@
-"""Shared fixtures: small real models built once per test run, no network."""
+"""Shared fixtures: small real models built once per test run, no network.
+
+The suite runs in pytest-xdist workers (pyproject's addopts: `-n auto`), one torch thread
+each: two cores shared by two processes of two threads each ran up to 7x slower here (the
+threads spin-wait for each other). The demo models and the demo search are built once per
+run, by whichever worker asks first, under a file lock (filelock, huggingface_hub's
+dependency); the others read them.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from automerge_mk.demo import DemoModels, build_demo_models
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the subprocesses tests start (mergekit-yaml, Dask)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], str]) -> str:
+    """`build(folder)` once per test run, shared by every xdist worker; returns what it
+    returned (a JSON string), read back from `folder`'s `.built` file by later callers."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, marker = root / name, root / name / ".built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not marker.exists():
+            if folder.exists():
+                shutil.rmtree(folder)  # a build that failed half-way
+            folder.mkdir(parents=True)
+            marker.write_text(build(folder))
+    return marker.read_text()
 
 
 def save_model(config, folder: Path, seed: int = 0) -> Path:
@@ -86,7 +117,11 @@ def family(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> DemoModels:
     """The demo's base and two trained specialists (about 20 s on 2 cores, once per run)."""
-    return build_demo_models(tmp_path_factory.mktemp("demo"), seed=0, progress=False)
+
+    def build(folder: Path) -> str:
+        return build_demo_models(folder, seed=0, progress=False).model_dump_json()
+
+    return DemoModels.model_validate_json(built_once(tmp_path_factory, "demo", build))
 
 
 DEMO_TRIALS = 40
@@ -124,12 +159,16 @@ def short_search_arguments(
 
 @pytest.fixture(scope="session")
 def demo_run(demo_models, tmp_path_factory) -> Path:
-    """A finished `search` run on the demo specialists (40 trials, seed 0)."""
+    """A finished `search` run on the demo specialists (40 trials, seed 0), once per run:
+    tests read it (or copy it before writing)."""
     from click.testing import CliRunner
 
     from automerge_mk.cli import main
 
-    out = tmp_path_factory.mktemp("search") / "run"
-    result = CliRunner().invoke(main, demo_search_arguments(demo_models, out))
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return out
+    def build(folder: Path) -> str:
+        out = folder / "run"
+        result = CliRunner().invoke(main, demo_search_arguments(demo_models, out))
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return json.dumps(str(out))
+
+    return Path(json.loads(built_once(tmp_path_factory, "search", build)))
