@@ -358,6 +358,41 @@ def report(run_dir: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def front(run_dir: Path) -> None:
+    """Write RUN_DIR/front.md and front.png: the trials no other trial beats on every task
+    (the Pareto front of AP per task, full evaluations only), their hypervolume over the
+    sources' point, and where the harmonic-mean pick sits. Works on a running or interrupted
+    search too. Choose a point with `automerge-mk pick`."""
+    written = pipeline.run_front(run_dir.resolve())
+    click.echo(written.read_text())
+    click.echo(f"Wrote {written} and {written.with_name('front.png')}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--trial", type=int, help="The trial to rebuild (a number from `front`).")
+@click.option(
+    "--prefer", multiple=True, metavar="TASK=WEIGHT",
+    help="Weigh a task in the harmonic mean (others weigh 1) and take the front's best point "
+    "under those weights; repeat for several tasks, e.g. --prefer code=3.",
+)  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Where the picked run goes (default: RUN_DIR-trial-N beside it).")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace what --out holds.")
+def pick(run_dir: Path, trial: int | None, prefer: tuple[str, ...], out: Path | None,
+         overwrite: bool) -> None:  # fmt: skip
+    """Rebuild one point of RUN_DIR's Pareto front as a run of its own: its recipe, the model
+    built by stock mergekit and scored like a search's final model (AP, PR, PD), a summary,
+    ready for `automerge-mk push`. RUN_DIR itself is not changed."""
+    if (trial is None) == (not prefer):
+        raise click.UsageError("give either --trial N or --prefer TASK=WEIGHT")
+    picked = pipeline.run_pick(run_dir.resolve(), trial, prefer, out, overwrite)
+    click.echo((picked / "summary.md").read_text())
+    click.echo(f"Run directory: {picked}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("repo")
 @hub_options
 def push(run_dir: Path, repo: str, private: bool, branch: str | None) -> None:
@@ -381,7 +416,7 @@ def demo(out, trials, quiet, **options) -> None:
     """
     from .demo import build_demo_models
 
-    settings = _settings(**options)
+    settings = _settings(trials=trials, **options)
     models = build_demo_models(out / "models", seed=settings.seed, progress=not quiet)
     names = list(models.specialists)
     with _resumable(out / "run"):

@@ -729,7 +729,7 @@ def run_search(
 
 def _search(session: Session, progress: bool, resume: bool, started: float) -> Path:
     """The search of `run_search` in an open session; returns the run directory."""
-    from . import plugins, recipe, report, search, space
+    from . import plugins, report, search, space
 
     run, inputs, engine, settings = session.run, session.inputs, session.engine, session.settings
     sources_scored = session.sources_scored
@@ -772,25 +772,10 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
             "failed; try --dtype float32, or narrow --methods / --weight-range"
         )
     plan = to_plan(best.config)
-    pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
-    command = recipe.reproduce_command(
-        run.path / rundir.RECIPE, run.path / rundir.MODEL, len(plan.methods) > 1, plan.seed,
-        bool(inputs.adapters),
-    )  # fmt: skip
-    recipe_file = run.write_text(rundir.RECIPE, recipe.recipe_text(plan, pinned, command))
     run.write_json(rundir.BEST, best.model_dump(mode="json") | {"recipe": rundir.RECIPE})
-
-    code = inputs.reference_model if settings.trust_remote_code else None
-    recipe.build_with_mergekit(
-        recipe_file, run.path / rundir.MODEL, plan.seed, settings.device, code
-    )
-    from transformers import AutoModelForCausalLM
-
+    command = _write_and_build(run, inputs, settings, plan)
     # Scored in the live model's dtype, so the only difference to the trial could be the merge.
-    built = AutoModelForCausalLM.from_pretrained(
-        str(run.path / rundir.MODEL), dtype=engine.model.dtype,
-        trust_remote_code=settings.trust_remote_code,
-    ).to(engine.device)  # fmt: skip
+    built = _built_model(run, engine.model.dtype, engine.device, settings.trust_remote_code)
     final = objective.score(built)
     run.write_json(rundir.FINAL, report.scored_json(*final))
     if inputs.evals:
@@ -883,15 +868,17 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     sources = run.read_json(rundir.SOURCES)
     trials = run.trials()
     ok = [t for t in trials if t.status == "ok"]
-    best = best_trial(trials)
+    best = published_trial(run, trials)
     if best is None:
         raise RunDirectoryError(f"{run_dir} has no successful trial yet")
+    picked = best.trial != best_trial(trials).trial
     settings, names, plan = (
         stored.settings,
         stored.names,
         space.plan_from_record(stored, best.config),
     )
-    rows = {f"best trial ({best.trial})": report.scored_json(best.tasks, best.harmonic_mean)}
+    label = f"picked trial ({best.trial})" if picked else f"best trial ({best.trial})"
+    rows = {label: report.scored_json(best.tasks, best.harmonic_mean)}
     if (run_dir / rundir.BASELINES).is_file():
         label, scored = max(run.read_json(rundir.BASELINES).items(),
                             key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
@@ -901,6 +888,7 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         report.search_progress_plot(trials, out / rundir.REPORT_PROGRESS)
         report.task_plot(rows, out / rundir.REPORT_TASKS)
         report.plan_heatmap(plan, names, out / rundir.REPORT_BLOCKS)
+    front = _front_body(run_dir, out / rundir.REPORT_FRONT)
     failed = len(trials) - len(ok)
     tokens = sum(report.computed_tokens(t) for t in trials)
     budgets = sorted({t.budget for t in trials if t.budget is not None})
@@ -911,8 +899,9 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     )  # fmt: skip
     text = "\n\n".join([
         f"# automerge-mk report: {' + '.join(names)}",
-        f"{len(trials)} of {settings.trials} trials finished ({failed} failed); best trial "
-        f"{best.trial}, harmonic-mean AP {best.harmonic_mean:.4f}. {tokens:,} validation "
+        f"{len(trials)} of {settings.trials} trials finished ({failed} failed); "
+        f"{'picked' if picked else 'best'} trial {best.trial}, harmonic-mean AP "
+        f"{best.harmonic_mean:.4f}. {tokens:,} validation "
         f"tokens evaluated (forward-pass positions).{fidelity} {report.tokens_sentence(trials)}",
         "## Search progress\n\n![best so far vs trial and vs tokens](report-progress.png)",
         "## Per task: AP and PR\n\nPR is from each task's metric ("
@@ -921,8 +910,208 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
         "## The best configuration per block\n\n![method, weights and densities per block]"
         "(report-blocks.png)\n\n" + report.plan_table(plan),
         "## Top trials\n\n" + report.top_trials_table(trials),
+        "## Trade-offs between tasks\n\n" + front,
     ])  # fmt: skip
     return RunDir(out).write_text(rundir.REPORT, text + "\n")
+
+
+def published_trial(run: RunDir, trials: list[TrialResult]) -> TrialResult | None:
+    """The trial a run's model is built from: the one `pick` chose (best.json), else the best."""
+    if (run.path / rundir.BEST).is_file() and "picked_from" in (best := run.read_json(rundir.BEST)):
+        return next((t for t in trials if t.trial == best["trial"]), None)
+    return best_trial(trials)
+
+
+def _front_points(run_dir: Path):
+    """A run's tasks, trials, front, sources' points and the published trial."""
+    from . import front
+
+    run, stored = RunDir(run_dir), RunRecord.read(run_dir)
+    tasks, trials = list(stored.names), run.trials()
+    pool = front.candidates(trials, tasks)
+    if not pool:
+        raise RunDirectoryError(
+            f"{run_dir} has no trial evaluated on all of the validation data yet; wait for the "
+            "search's first trials (the baselines come first)"
+        )
+    sources = run.read_json(rundir.SOURCES) if (run_dir / rundir.SOURCES).is_file() else {}
+    points = {n: front.task_point(s["tasks"], tasks) for n, s in sources.items()}
+    return run, tasks, trials, pool, front.pareto_front(trials, tasks), points
+
+
+def _front_body(run_dir: Path, plot: Path) -> str:
+    """The front of a run as markdown (a sentence with its hypervolume, the table) with its
+    plot drawn at `plot`."""
+    from . import front, report
+
+    run, tasks, trials, pool, points, sources = _front_points(run_dir)
+    at = {t.trial: front.task_point(t.tasks, tasks) for t in pool}
+    best, published = best_trial(trials), published_trial(run, trials)
+    marks = {best.trial: "H pick (the search's result)"}
+    marked = {f"H pick (trial {best.trial})": at[best.trial]}
+    if published and published.trial != best.trial:
+        marks[published.trial] = "picked: this run's model"
+        marked[f"picked (trial {published.trial})"] = at[published.trial]
+    groups = {f"{n} alone": [p] for n, p in sources.items() if p}
+    with writing(plot):
+        report.front_plot({"trials": list(at.values()), **groups}, [at[t.trial] for t in points],
+                          marked, tasks, plot)  # fmt: skip
+    left = len(trials) - len(pool)
+    left_out = f" ({left} failed, stopped early by racing or at a lower budget)" if left else ""
+    volume = ""
+    if len(groups) == len(tasks):  # every source scored: their point is the reference
+        reference = front.nadir([p for (p,) in groups.values()])
+        corner = ", ".join(f"AP {t} {v:.3f}" for t, v in zip(tasks, reference))
+        hv = front.hypervolume([at[t.trial] for t in points], reference)
+        volume = (f" Hypervolume over the sources' point ({corner}: per task, the least a "
+                  f"source alone keeps of it): **{hv:.4f}**.")  # fmt: skip
+    return "\n\n".join([
+        f"{len(pool)} of {len(trials)} trials were scored on all of the validation data"
+        f"{left_out}; **{len(points)}** of them are on the Pareto front: no other trial keeps "
+        f"as much of every task and more of one.{volume}",
+        report.front_table(points, tasks, marks),
+        f"![AP per task: every trial, the Pareto front, the sources, the picks]({plot.name})",
+    ])  # fmt: skip
+
+
+def run_front(run_dir: Path, out: Path | None = None) -> Path:
+    """Write front.md and front.png into `out` (default RUN_DIR): the Pareto front of the
+    run's trials over AP per task, from whatever the search has finished so far (it may still
+    be running, or interrupted), with its hypervolume over the sources' point.
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory or has no trial evaluated on
+            all of the data.
+    """
+    out = out or run_dir
+    body = _front_body(run_dir, out / rundir.FRONT_PLOT)
+    text = "\n\n".join([
+        f"# Trade-offs between tasks: {' + '.join(RunRecord.read(run_dir).names)}",
+        body,
+        f"Choose another point: `automerge-mk pick {run_dir} --trial N`, or "
+        "`--prefer TASK=WEIGHT` for the front's point with the highest weighted harmonic mean "
+        "of AP. It writes that point's recipe, builds it with stock mergekit and scores it, "
+        "ready for `automerge-mk push`.",
+    ])  # fmt: skip
+    return RunDir(out).write_text(rundir.FRONT, text + "\n")
+
+
+def _chosen_trial(run_dir: Path, trial: int | None, prefer: tuple[str, ...]) -> TrialResult:
+    """The trial `pick` rebuilds: `trial`, or the front's best under `prefer`'s weights."""
+    from . import front
+
+    _, tasks, trials, pool, points, _ = _front_points(run_dir)
+    if trial is None:
+        return front.preferred(points, tasks, front.parse_preferences(prefer, tasks))
+    chosen = next((t for t in pool if t.trial == trial), None)
+    if chosen is None:
+        why = "it failed, was stopped early by racing or was scored on fewer tokens"
+        if trial not in {t.trial for t in trials}:
+            why = "it has no such trial"
+        raise SettingsError(
+            f"--trial {trial}: {why}; pick one scored on all of the data "
+            f"(`automerge-mk front {run_dir}` lists the front)"
+        )
+    return chosen
+
+
+def _write_and_build(run: RunDir, inputs: Inputs, settings: SearchSettings, plan) -> str:
+    """Write recipe.yaml for `plan` and build model/ from it with stock mergekit; returns the
+    command that rebuilds it."""
+    from . import recipe
+
+    pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
+    command = recipe.reproduce_command(
+        run.path / rundir.RECIPE, run.path / rundir.MODEL, len(plan.methods) > 1, plan.seed,
+        bool(inputs.adapters),
+    )  # fmt: skip
+    recipe_file = run.write_text(rundir.RECIPE, recipe.recipe_text(plan, pinned, command))
+    code = inputs.reference_model if settings.trust_remote_code else None
+    recipe.build_with_mergekit(recipe_file, run.path / rundir.MODEL, plan.seed, settings.device,
+                               code)  # fmt: skip
+    return command
+
+
+def _built_model(run: RunDir, dtype, device: str, trust: bool):
+    """model/ loaded in the live model's dtype, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(run.path / rundir.MODEL), dtype=dtype, trust_remote_code=trust
+    ).to(device)
+
+
+def run_pick(
+    run_dir: Path,
+    trial: int | None = None,
+    prefer: tuple[str, ...] = (),
+    out: Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Rebuild one point of a run's front as a run of its own, ready for `push`: its recipe,
+    the model built by stock mergekit, scored like a search's final model (final.json, in the
+    run's evaluation dtype), and a summary. `out` defaults to RUN_DIR-trial-N beside the run,
+    which is not changed (it may still be searching).
+
+    Raises:
+        RunDirectoryError: when `run_dir` is not a run directory or has no full trial.
+        SettingsError: for a trial that cannot be picked or a bad `prefer`.
+        OutputExistsError: when `out` holds something and `overwrite` is false.
+    """
+    from . import evaluate, plugins, report, space
+    from .engine import eval_dtype, resolve_device
+
+    run_dir = run_dir.resolve()
+    chosen = _chosen_trial(run_dir, trial, prefer)
+    out = (out or run_dir.parent / f"{run_dir.name}-trial-{chosen.trial}").resolve()
+    if out == run_dir:
+        raise SettingsError(f"--out {out} is the run itself; a pick goes into a new folder")
+    RunDir.check_free(out, overwrite)
+    source, stored = RunDir(run_dir), RunRecord.read(run_dir)
+    (model_refs, base_ref, data), settings = resume_arguments(run_dir)
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
+    if stored.fingerprints:
+        check_unchanged(stored.fingerprints, inputs.fingerprints, run_dir, "pick")
+    _check_space(inputs, out, overwrite)
+    picked = RunDir.create(out, overwrite, _protected(inputs, settings) + [run_dir], "pick")
+    try:
+        picked.copy_from(source, rundir.PICKED_FROM_RUN)
+        origin = {"recipe": rundir.RECIPE, "picked_from": str(run_dir), "prefer": list(prefer)}
+        picked.write_json(rundir.BEST, chosen.model_dump(mode="json") | origin)
+        plan = space.plan_from_record(stored, chosen.config)
+        command = _write_and_build(picked, inputs, settings, plan)
+        recorded = picked.read_json(rundir.MEMORY) if (out / rundir.MEMORY).is_file() else {}
+        dtype = eval_dtype(recorded.get("eval_dtype", settings.eval_dtype), settings.device)
+        built = _built_model(picked, dtype, resolve_device(settings.device),
+                             settings.trust_remote_code)  # fmt: skip
+        sources = picked.read_json(rundir.SOURCES)
+        references = {t.name: TaskScore(**sources[t.name]["tasks"][t.name]) for t in inputs.tasks}
+        scores = evaluate.score_model(built, inputs.tasks, inputs.metrics, inputs.tokenizer)
+        final = evaluate.with_preservation(scores, references, inputs.metrics)
+        picked.write_json(rundir.FINAL, report.scored_json(*final))
+        if inputs.evals:
+            built_evals = plugins.run_evals(inputs.evals, built, inputs.tokenizer)
+            picked.add_evals({"model/ (stock mergekit)": built_evals})
+        best = best_trial(picked.trials())
+        table = {
+            f"picked: trial {chosen.trial} (search time)": (chosen.tasks, chosen.harmonic_mean),
+            "model/ (stock mergekit)": final,
+            f"H pick: trial {best.trial}": (best.tasks, best.harmonic_mean),
+            **{f"{n} alone": report.scored_from_json(v, sources) for n, v in sources.items()},
+        }
+        why = f"preferring {', '.join(prefer)}" if trial is None else "chosen by number"
+        summary = "\n\n".join([
+            f"# automerge-mk pick: trial {chosen.trial} of {run_dir.name}",
+            f"A point of the Pareto front of {run_dir} ({why}), rebuilt by stock mergekit and "
+            f"scored again; the search's harmonic-mean pick is trial {best.trial}.",
+            "## Scores\n\n" + report.score_table(table),
+            "## Recipe\n\n" + report.plan_table(plan),
+            f"Rebuild with plain mergekit:\n\n```\n{command}\n```",
+        ])  # fmt: skip
+        picked.write_text(rundir.SUMMARY, summary + "\n")
+    finally:
+        picked.release()
+    return out
 
 
 def resume_arguments(run_dir: Path) -> tuple[MergeRequest, SearchSettings]:

@@ -29,6 +29,7 @@ def _run_json(run_dir: Path, name: str) -> dict:
 REPORT_PLOTS = {
     rundir.REPORT_TASKS: "AP and PR per task: this merge, the best baseline, each source alone",
     rundir.REPORT_BLOCKS: "the merge method, weights and densities chosen per block",
+    rundir.REPORT_FRONT: "AP per task of every trial, the Pareto front and this model on it",
 }
 
 
@@ -65,6 +66,14 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
         for name, text in REPORT_PLOTS.items()
         if plots and (plots / name).is_file()
     )
+    best = _run_json(run_dir, rundir.BEST)
+    picked = (
+        f"\n\nThis model is trial {best['trial']} of the search's Pareto front"
+        + (f" (preferring {', '.join(best['prefer'])})" if best.get("prefer") else "")
+        + ", chosen with `automerge-mk pick` instead of the harmonic-mean pick."
+        if "picked_from" in best
+        else ""
+    )
     multi = "\n---\n" in recipe
     merged = Path("$PWD/merged")  # mergekit-multi's --intermediate-dir must be absolute
     adapters = any(m.adapter_of for m in record.models)
@@ -75,7 +84,7 @@ A merge of {", ".join(f"`{p}`" for p in pinned[: len(models)])}
 {f"(base `{pinned[-1]}`) " if base else ""}found by automerge-mk on top of
 [mergekit](https://github.com/arcee-ai/mergekit):
 SMAC's Bayesian optimisation chose a merge method, weights and densities for every block of the
-network over {trials} trials, and stock mergekit built this model from the recipe below.
+network over {trials} trials, and stock mergekit built this model from the recipe below.{picked}
 
 ## Preservation on the validation data
 

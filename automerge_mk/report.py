@@ -326,3 +326,75 @@ def top_trials_table(trials: list[TrialResult], count: int = 10) -> str:
             f"| {trial.trial} | {budget} | {trial.harmonic_mean:.4f} | {aps} | {methods} |"
         )
     return "\n".join(lines)
+
+
+def _methods(trial: TrialResult) -> str:
+    """The methods of a trial's configuration, with how many blocks use each."""
+    counts: dict[str, int] = {}
+    for key, value in trial.config.items():
+        if key.endswith(":method"):
+            counts[value] = counts.get(value, 0) + 1
+    return ", ".join(f"{method} x{count}" for method, count in counts.items())
+
+
+def front_table(front: list[TrialResult], tasks: list[str], marks: dict[int, str]) -> str:
+    """The front's trials: AP per task, H and the methods used; `marks` labels some trials
+    (e.g. the harmonic-mean pick)."""
+    header = ["trial", *(f"{t} AP" for t in tasks), "H (AP)", "methods (blocks)", ""]
+    lines = ["| " + " | ".join(header).rstrip() + " |", "|" + "---|" * len(header)]
+    for trial in sorted(front, key=lambda t: -t.tasks[tasks[0]].preservation):
+        aps = [f"{trial.tasks[t].preservation:.4f}" for t in tasks]
+        cells = [str(trial.trial), *aps, f"{trial.harmonic_mean:.4f}", _methods(trial),
+                 marks.get(trial.trial, "")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def front_plot(
+    points: dict[str, list[tuple[float, ...]]],
+    front: list[tuple[float, ...]],
+    marked: dict[str, tuple[float, ...]],
+    tasks: list[str],
+    path: Path,
+) -> Path:
+    """Two tasks: AP of one vs the other, every trial (grey), the front joined as a staircase,
+    the named `points` groups (sources, baselines) and `marked` points (picks) with labels.
+    Three or more: parallel coordinates, one line per front point, sources and picks drawn
+    over them."""
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(figsize=(6.5, 4.5), dpi=120)
+    if len(tasks) == 2:
+        for index, (label, group) in enumerate(points.items()):
+            if group:
+                xs, ys = zip(*group)
+                style = (
+                    {"color": "0.7", "s": 10}
+                    if index == 0
+                    else {"s": 40, "marker": "^sD"[index % 3]}
+                )
+                axes.scatter(xs, ys, label=label, **style)
+        ordered = sorted(front)
+        axes.step([p[0] for p in ordered], [p[1] for p in ordered], where="post", color="C1")
+        axes.scatter([p[0] for p in ordered], [p[1] for p in ordered], color="C1", s=18,
+                     label="Pareto front")  # fmt: skip
+        for label, point in marked.items():
+            axes.scatter(*point, marker="*", s=180, edgecolors="k", zorder=5, label=label)
+        axes.set_xlabel(f"AP {tasks[0]}")
+        axes.set_ylabel(f"AP {tasks[1]}")
+    else:
+        positions = list(range(len(tasks)))
+        for point in front:
+            axes.plot(positions, point, color="C1", alpha=0.5, linewidth=1)
+        for index, (label, group) in enumerate(list(points.items())[1:]):
+            for number, point in enumerate(group):
+                axes.plot(positions, point, linestyle="--", color=f"C{index + 2}",
+                          label=label if number == 0 else None)  # fmt: skip
+        for label, point in marked.items():
+            axes.plot(positions, point, linewidth=2.5, label=label)
+        axes.plot([], [], color="C1", label="Pareto front")
+        axes.set_xticks(positions, [f"AP {t}" for t in tasks])
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path

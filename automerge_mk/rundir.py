@@ -22,7 +22,7 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,13 @@ REPORT = "report.md"
 REPORT_PROGRESS = "report-progress.png"
 REPORT_TASKS = "report-tasks.png"
 REPORT_BLOCKS = "report-blocks.png"
+REPORT_FRONT = "report-front.png"
+FRONT = "front.md"  # the Pareto front of the trials (automerge-mk front)
+FRONT_PLOT = "front.png"
+# What a point picked from a run's front (automerge-mk pick) takes over from the run: its
+# record, its sources' and baselines' scores and its trials, so that report and push work.
+PICKED_FROM_RUN = (SOURCES, EVAL_SUBSET, MEMORY, EVALS, BASELINES, BASELINES_TABLE, BUDGETS,
+                   PROGRESS)  # fmt: skip
 
 
 def check_space(folder: Path, needed: int, freed: int = 0) -> None:
@@ -638,6 +645,19 @@ class RunDir:
 
     def write_json(self, name: str, data: Any) -> Path:
         return self.write_text(name, json.dumps(data, indent=2, default=str) + "\n")
+
+    def copy_from(self, run: RunDir, names: Sequence[str]) -> None:
+        """Copy `names` (those `run` has), each atomically, and `run`'s record and complete
+        trials; `run` may be a search that is still writing (its torn last line is left)."""
+        self.write_record(RunRecord.read(run.path))
+        self.write_text(TRIALS, "".join(t.model_dump_json() + "\n" for t in run.trials()))
+        for name in names:
+            source, target = run.path / name, self.path / name
+            if source.is_file():
+                temp = target.with_name(target.name + ".tmp")
+                with writing(target):
+                    shutil.copyfile(source, temp)
+                    os.replace(temp, target)
 
     def add_evals(self, entries: dict[str, dict]) -> None:
         """Add evaluation plug-in scores to evals.json; an entry of the same label is replaced,
