@@ -113,7 +113,7 @@ EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "tokenizer_source", 
                        "device", "tier", "rank_cache", "memory_limit")  # fmt: skip
 SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",
                    "initial", "baselines_first", "warm_start", "fidelity", "racing",
-                   "race_chunk", "race_confidence", "optimizer", "method_parameters",
+                   "race_chunk", "race_confidence", "optimizer", "objective", "method_parameters",
                    "workers", "scheduler")  # fmt: skip
 
 

@@ -371,10 +371,11 @@ class Session:
 
 
 def _race(inputs: Inputs, settings: SearchSettings):
-    """How trials race (--racing), or None: not with --fidelity, whose budgets decide instead."""
+    """How trials race (--racing), or None: not with --fidelity, whose budgets decide instead,
+    nor with --objective pareto (a trial off the best harmonic mean may be on the front)."""
     from .search import Race
 
-    if not settings.racing or inputs.fidelity:
+    if not settings.racing or inputs.fidelity or settings.objective == "pareto":
         return None
     return Race(settings.race_chunk, settings.race_confidence, settings.seed)
 
@@ -748,6 +749,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         settings.optimizer,
         inputs.fidelity,
         tuple(known.values()),
+        names if settings.objective == "pareto" else (),
     )
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
@@ -805,6 +807,10 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         run.read_json(rundir.EVALS) if inputs.evals else None,
         report.baseline_margin(best, {k: v[1] for k, v in baselines.items()}, list(known)),
     )
+    if settings.objective == "pareto":  # the front is what such a search is for
+        front = _front_body(run.path, run.path / rundir.FRONT_PLOT)
+        summary += f"\n## Trade-offs between tasks (--objective pareto)\n\n{front}\n\n" \
+            f"Choose a point of it: `automerge-mk pick {run.path} --trial N`.\n"  # fmt: skip
     run.write_text(rundir.SUMMARY, summary)
     return run.path
 
@@ -953,9 +959,11 @@ def _front_body(run_dir: Path, plot: Path) -> str:
         marks[published.trial] = "picked: this run's model"
         marked[f"picked (trial {published.trial})"] = at[published.trial]
     groups = {f"{n} alone": [p] for n, p in sources.items() if p}
+    baselines = run.read_json(rundir.BASELINES) if (run_dir / rundir.BASELINES).is_file() else {}
+    scored = [front.task_point(b["tasks"], tasks) for b in baselines.values() if b.get("tasks")]
+    shown = {"trials": list(at.values()), "baselines": [p for p in scored if p], **groups}
     with writing(plot):
-        report.front_plot({"trials": list(at.values()), **groups}, [at[t.trial] for t in points],
-                          marked, tasks, plot)  # fmt: skip
+        report.front_plot(shown, [at[t.trial] for t in points], marked, tasks, plot)
     left = len(trials) - len(pool)
     left_out = f" ({left} failed, stopped early by racing or at a lower budget)" if left else ""
     volume = ""
@@ -1062,6 +1070,7 @@ def run_pick(
     from .engine import eval_dtype, resolve_device
 
     run_dir = run_dir.resolve()
+    _quiet_libraries()
     chosen = _chosen_trial(run_dir, trial, prefer)
     out = (out or run_dir.parent / f"{run_dir.name}-trial-{chosen.trial}").resolve()
     if out == run_dir:

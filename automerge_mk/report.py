@@ -367,18 +367,17 @@ def front_plot(
         for index, (label, group) in enumerate(points.items()):
             if group:
                 xs, ys = zip(*group)
-                style = (
-                    {"color": "0.7", "s": 10}
-                    if index == 0
-                    else {"s": 40, "marker": "^sD"[index % 3]}
-                )
+                style = {"color": "0.7", "s": 10}  # every trial
+                if index:  # the baselines, the sources
+                    style = {"s": 50, "marker": "xsD^v"[(index - 1) % 5], "color": f"C{index + 2}"}
                 axes.scatter(xs, ys, label=label, **style)
-        ordered = sorted(front)
-        axes.step([p[0] for p in ordered], [p[1] for p in ordered], where="post", color="C1")
+        ordered = sorted(front)  # the edge of what the front dominates: a staircase
+        axes.step([p[0] for p in ordered], [p[1] for p in ordered], where="pre", color="C1")
         axes.scatter([p[0] for p in ordered], [p[1] for p in ordered], color="C1", s=18,
                      label="Pareto front")  # fmt: skip
-        for label, point in marked.items():
-            axes.scatter(*point, marker="*", s=180, edgecolors="k", zorder=5, label=label)
+        for index, (label, point) in enumerate(marked.items()):
+            axes.scatter(*point, marker="*", s=200, color=("gold", "C2")[index % 2],
+                         edgecolors="k", zorder=5, label=label)  # fmt: skip
         axes.set_xlabel(f"AP {tasks[0]}")
         axes.set_ylabel(f"AP {tasks[1]}")
     else:

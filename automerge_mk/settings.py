@@ -92,6 +92,15 @@ class SearchSettings(Frozen):
         description="smac: random-forest Bayesian optimisation; random: uniform random search "
         "of the same space (a baseline for the optimiser).",
     )
+    objective: Literal["harmonic", "pareto"] = Field(
+        "harmonic",
+        description="harmonic: minimise 1 - the harmonic mean of AP over tasks (one "
+        "compromise); pareto: SMAC's ParEGO over the per-task costs 1 - AP (each proposal "
+        "weighs the tasks at random), so that trials spread along the Pareto front of the "
+        "tasks (see `automerge-mk front` and `pick`). Racing is off with pareto (it races "
+        "against one best trial); the model built is still the best harmonic mean. Not with "
+        "--fidelity.",
+    )
     warm_start: str | None = Field(
         None,
         description="Tell the optimiser the finished trials of an earlier run over the same "
@@ -343,6 +352,9 @@ class SearchSettings(Frozen):
             raise ValueError("--race-chunk must be at least 2 (a bound needs two examples)")
         if not 0.5 < self.race_confidence < 1:
             raise ValueError("--race-confidence must lie between 0.5 and 1 (e.g. 0.95)")
+        if self.fidelity and self.objective == "pareto":
+            raise ValueError("--objective pareto runs on all of the data: drop --fidelity "
+                             "(Hyperband's budgets rank trials by one cost)")  # fmt: skip
         if self.fidelity and self.optimizer == "random":
             raise ValueError("--fidelity needs --optimizer smac (random search has no budgets)")
         return self

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import short_search_arguments
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -23,6 +24,8 @@ from automerge_mk.engine import MergeEngine
 from automerge_mk.errors import SettingsError
 from automerge_mk.pipeline import run_front, run_pick
 from automerge_mk.rundir import RunDir, RunRecord
+from automerge_mk.search import trial_value
+from automerge_mk.settings import SearchSettings
 from automerge_mk.space import plan_from_record
 from automerge_mk.types import TaskScore, TrialResult, best_trial
 
@@ -235,3 +238,41 @@ def test_demo_runs_the_trials_it_is_asked_for(demo_models, tmp_path):
     result = CliRunner().invoke(main, [*arguments, "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert len(RunDir(tmp_path / "demo" / "run").trials()) == 9
+
+
+# --- --objective pareto ------------------------------------------------------------------
+
+
+def test_a_pareto_search_tells_the_optimiser_one_cost_per_task():
+    result = _trial(0, (0.75, 1.25))
+    value = trial_value(result, ("t0", "t1"))
+    assert value.cost == pytest.approx([0.25, -0.25])
+    failed = result.model_copy(update={"status": "failed"})
+    assert trial_value(failed, ("t0", "t1")).cost == [1.0, 1.0]  # the worst, like 1 - H
+    assert trial_value(result).cost == result.cost  # one objective: 1 - H as before
+
+
+def test_a_pareto_search_is_not_raced_writes_its_front_and_repeats_for_a_seed(
+    demo_models, tmp_path
+):
+    runs = []
+    for name in ("first", "again"):
+        out = tmp_path / name
+        arguments = short_search_arguments(demo_models, out, 12) + ["--objective", "pareto"]
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        runs.append(RunDir(out).trials())
+    first = runs[0]
+    assert not any(t.partial for t in first)  # racing is off: every trial on every example
+    assert [t.config for t in first] == [t.config for t in runs[1]]
+    summary = (tmp_path / "first" / "summary.md").read_text()
+    assert "## Trade-offs between tasks (--objective pareto)" in summary
+    assert (tmp_path / "first" / "front.png").is_file()
+    (history,) = (tmp_path / "first" / ".smac").rglob("runhistory.json")
+    costs = [entry["cost"] for entry in json.loads(history.read_text())["data"]]
+    assert len(costs) == 12 and all(len(cost) == 2 for cost in costs)  # one cost per task
+
+
+def test_pareto_with_multi_fidelity_is_refused():
+    with pytest.raises(ValueError, match="--objective pareto runs on all of the data"):
+        SearchSettings(objective="pareto", fidelity=(None, None))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import RunDirectoryError
 from ..types import TrialResult, best_trial, budget_rank
 from .objective import Fidelity
-from .optimizer import ask, tell_recorded, trial_value
+from .optimizer import ask, tell, tell_recorded
 
 
 class Runner(Protocol):
@@ -132,7 +132,7 @@ def run_search(
             info = ask(optimizer)
             if runner.replays and submitted < len(finished):
                 result = _replayed(info, finished[submitted], submitted)
-                optimizer.tell(info, trial_value(result))
+                tell(optimizer, info, result)
                 show(result)
             else:
                 asked[id(info)] = time.perf_counter() - start
@@ -142,7 +142,7 @@ def run_search(
             continue  # only replayed trials so far
         for info, result in runner.finished(len(results)):
             recording = time.perf_counter()
-            optimizer.tell(info, trial_value(result))
+            tell(optimizer, info, result)
             # "record": SMAC's tell and building the line; the append + fsync follows it.
             seconds = {"ask": asked.pop(id(info), 0.0), **result.seconds}
             seconds["record"] = time.perf_counter() - recording

@@ -15,11 +15,12 @@ from smac.acquisition.maximizer.local_search import LocalSearch
 from smac.facade.abstract_facade import AbstractFacade
 from smac.initial_design import RandomInitialDesign, SobolInitialDesign
 from smac.model.random_forest import RandomForest
+from smac.multi_objective.parego import ParEGO
 from smac.runhistory.dataclasses import TrialInfo, TrialValue
 
 from ..errors import SettingsError
 from ..types import TrialResult, budget_rank
-from .objective import Fidelity
+from .objective import WORST_COST, Fidelity
 
 
 class _RepeatableLocalSearch(LocalSearch):
@@ -58,6 +59,7 @@ def make_optimizer(
     kind: str = "smac",
     fidelity: Fidelity | None = None,
     known: Sequence[Configuration] = (),
+    objectives: Sequence[str] = (),
 ) -> AbstractFacade:
     """SMAC's HPO facade with an explicit Sobol initial design and a single-threaded forest.
 
@@ -68,7 +70,9 @@ def make_optimizer(
     (the same forest and design, Hyperband with eta 3 over validation tokens per task, the
     incumbent chosen on the highest budget only). `known` configurations (the baselines) are
     the first trials, before the initial design; they count in `trials`, and the design
-    shrinks to fit.
+    shrinks to fit. `objectives` (task names; two or more): one cost per task, 1 - AP,
+    scalarised by SMAC's ParEGO (random task weights per proposal), so that trials spread
+    along the Pareto front instead of crowding at one compromise.
     """
     known = list(known)[:trials]
     initial = max(0, min(initial, trials - len(known))) if known else initial
@@ -79,7 +83,11 @@ def make_optimizer(
         n_trials=trials,
         seed=seed,
         output_directory=output,
+        objectives=list(objectives) if len(objectives) > 1 else "cost",
         **budgets,
+    )
+    several = (
+        {"multi_objective_algorithm": ParEGO(scenario, seed=seed)} if len(objectives) > 1 else {}
     )
     if kind == "random":
         return RandomFacade(
@@ -91,6 +99,7 @@ def make_optimizer(
             intensifier=RandomFacade.get_intensifier(scenario, max_config_calls=1),
             overwrite=True,
             logging_level=40,
+            **several,
         )
     maximizer = HyperparameterOptimizationFacade.get_acquisition_maximizer(scenario)
     maximizer._local_search.__class__ = _RepeatableLocalSearch
@@ -113,6 +122,7 @@ def make_optimizer(
         intensifier=intensifier,
         overwrite=True,
         logging_level=40,
+        **several,
     )
 
 
@@ -132,9 +142,29 @@ def check_same_space(earlier: ConfigurationSpace, current: ConfigurationSpace, w
     )
 
 
-def trial_value(result: TrialResult) -> TrialValue:
-    """What SMAC is told of a recorded trial: its cost and the seconds it took."""
-    return TrialValue(cost=result.cost, time=sum(result.seconds.values()))
+def objectives_of(optimizer: AbstractFacade) -> tuple[str, ...]:
+    """The tasks of a multi-objective optimiser (one cost each), () for one cost."""
+    names = optimizer.scenario.objectives
+    return tuple(names) if isinstance(names, list) and len(names) > 1 else ()
+
+
+def trial_value(result: TrialResult, objectives: Sequence[str] = ()) -> TrialValue:
+    """What SMAC is told of a recorded trial: its cost (with `objectives`, 1 - AP per task;
+    the worst, 1, for a failed trial or a task without AP) and the seconds it took."""
+    seconds = sum(result.seconds.values())
+    if not objectives:
+        return TrialValue(cost=result.cost, time=seconds)
+    costs = []
+    for task in objectives:
+        score = result.tasks.get(task)
+        ap = score.preservation if score is not None and result.status == "ok" else None
+        costs.append(WORST_COST - ap if ap is not None and np.isfinite(ap) else WORST_COST)
+    return TrialValue(cost=costs, time=seconds)
+
+
+def tell(optimizer: AbstractFacade, info: TrialInfo, result: TrialResult) -> None:
+    """Tell the optimiser the result of a trial it proposed."""
+    optimizer.tell(info, trial_value(result, objectives_of(optimizer)))
 
 
 def warm_start(
@@ -164,7 +194,7 @@ def tell_recorded(
     resumed parallel run's), at `budget`."""
     space = space or optimizer.scenario.configspace
     info = TrialInfo(config=Configuration(space, values=result.config), seed=0, budget=budget)
-    optimizer.tell(info, trial_value(result))
+    tell(optimizer, info, result)
 
 
 def ask(optimizer: AbstractFacade) -> TrialInfo:
