@@ -72,7 +72,8 @@ def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
 
 def _comparable(settings: dict) -> dict:
     """Settings as far as they change a search: without racing, its chunk and confidence
-    change nothing."""
+    change nothing. Fields added since a step was recorded take their defaults."""
+    settings = SearchSettings.model_validate(settings).model_dump(mode="json")
     if settings.get("racing"):
         return settings
     return {k: v for k, v in settings.items() if k not in ("race_chunk", "race_confidence")}
