@@ -929,7 +929,7 @@ def published_trial(run: RunDir, trials: list[TrialResult]) -> TrialResult | Non
 
 
 def _front_points(run_dir: Path):
-    """A run's tasks, trials, front, sources' points and the published trial."""
+    """A run, its tasks, trials, full-evaluation trials, front and each source's AP point."""
     from . import front
 
     run, stored = RunDir(run_dir), RunRecord.read(run_dir)

@@ -73,9 +73,29 @@ def test_card_parses_and_carries_the_merge_metadata(demo_run, hub_env, tmp_path)
     assert data["base_model_relation"] == "merge"
     assert "mergekit-multi recipe.yaml" in card.text or "mergekit-yaml recipe.yaml" in card.text
     assert "PD = max PR - min PR" in card.text and "progress.png" in card.text
-    for plot in ["report-tasks.png", "report-blocks.png"]:  # the report's plots, uploaded
+    for plot in ["report-tasks.png", "report-blocks.png", "report-front.png"]:  # uploaded
         assert f"]({plot})" in card.text
         assert hub_env.files("me/card-check")[plot][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_picked_point_publishes_with_a_card_that_says_which_it_is(demo_run, hub_env, tmp_path):
+    from automerge_mk import front
+    from automerge_mk.pipeline import run_pick
+    from automerge_mk.rundir import RunDir, RunRecord
+    from automerge_mk.types import best_trial
+
+    trials, names = RunDir(demo_run).trials(), list(RunRecord.read(demo_run).names)
+    other = next(t for t in front.pareto_front(trials, names)
+                 if t.trial != best_trial(trials).trial)  # fmt: skip
+    picked = run_pick(demo_run, other.trial, out=tmp_path / "picked")
+    assert _push(picked, "me/picked").exit_code == 0
+    files = hub_env.files("me/picked")
+    assert (
+        f"This model is trial {other.trial} of the search's Pareto front"
+        in files["README.md"].decode()
+    )
+    assert files["recipe.yaml"] == (picked / "recipe.yaml").read_bytes()
+    assert files["model.safetensors"] == (picked / "model" / "model.safetensors").read_bytes()
 
 
 def test_failed_commit_keeps_the_run_and_a_retry_succeeds(demo_run, hub_env):

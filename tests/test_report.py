@@ -27,7 +27,13 @@ def test_report_command_writes_markdown_and_plots_of_a_run(demo_run, tmp_path):
     assert f"best trial {best['trial']}, harmonic-mean AP {best['harmonic_mean']:.4f}" in text
     top = text.split("## Top trials")[1].splitlines()[4]  # first row after the header
     assert top.startswith(f"| {best['trial']} | all | {best['harmonic_mean']:.4f} |")
-    for name in ("report-progress.png", "report-tasks.png", "report-blocks.png"):
+    assert "## Trade-offs between tasks" in text and "on the Pareto front" in text
+    for name in (
+        "report-progress.png",
+        "report-tasks.png",
+        "report-blocks.png",
+        "report-front.png",
+    ):
         assert f"]({name})" in text
         assert (demo_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -59,3 +59,16 @@ def test_recipe_merges_three_models_and_stock_mergekit_reproduces_the_trial(thre
     baselines = json.loads((three_run / "baselines.json").read_text())
     assert "linear w=0.33" in baselines and "task_arithmetic w=1" in baselines
     assert len(baselines) == 7
+
+
+def test_front_of_three_tasks_is_drawn_as_parallel_coordinates(three_run, tmp_path):
+    from automerge_mk import front
+    from automerge_mk.pipeline import run_front
+    from automerge_mk.rundir import RunDir
+
+    text = run_front(three_run, tmp_path).read_text()
+    trials = RunDir(three_run).trials()
+    points = front.pareto_front(trials, ["arith", "reverse", "third"])
+    assert f"**{len(points)}** of them are on the Pareto front" in text
+    assert "| trial | arith AP | reverse AP | third AP | H (AP) |" in text
+    assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
