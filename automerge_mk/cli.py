@@ -51,16 +51,43 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True)
 @click.option("--strategy", default="layers:4", show_default=True, help=STRATEGY_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the blocks as JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Accept a model that needs its own code.")
 @click.option("--allow-pickle-weights", is_flag=True, help="Accept pickled .bin weights.")
-def segment(
-    model: str, strategy: str, as_json: bool, trust_remote_code: bool, allow_pickle_weights: bool
-) -> None:
-    """Print the blocks MODEL (a folder or Hub id) is split into."""
-    click.echo(pipeline.segment_text(model, strategy, as_json, trust_remote_code,
+@click.option(
+    "--features", is_flag=True,
+    help="With two or more MODELS, --base and their --data: print each block's similarity "
+    "features (task-vector norms, cosine, sign conflicts, the density holding 90 %% of the "
+    "mass, activation distance on a probe of the validation texts) and the sources' "
+    "next-token KL; no merge, no labels.",
+)  # fmt: skip
+@click.option("--base", help="--features: the model the sources were fine-tuned from.")
+@click.option("--data", multiple=True, metavar="NAME=PATH",
+              help="--features: validation data per source (as `search` takes it).")  # fmt: skip
+def segment(models, strategy, as_json, trust_remote_code, allow_pickle_weights, features, base,
+            data) -> None:  # fmt: skip
+    """Print the blocks MODEL (a folder or Hub id) is split into; with --features, what the
+    sources' weights say per block before anything is merged.
+
+    \b
+    Example:
+      automerge-mk segment org/base --strategy layers:8
+      automerge-mk segment org/chat org/code --base org/base --features \\
+          --data chat=val_chat.jsonl --data code=val_code.jsonl
+    """
+    if features:
+        if len(models) < 2 or not base or not data:
+            raise click.UsageError("--features needs two or more MODELS, --base and their --data")
+        settings = _settings(strategy=strategy, trust_remote_code=trust_remote_code,
+                             allow_pickle_weights=allow_pickle_weights)  # fmt: skip
+        request = pipeline.MergeRequest(list(models), base, _data(data))
+        click.echo(pipeline.features_text(request, settings))
+        return
+    if len(models) != 1:
+        raise click.UsageError("segment takes one MODEL (several only with --features)")
+    click.echo(pipeline.segment_text(models[0], strategy, as_json, trust_remote_code,
                                      allow_pickle_weights))  # fmt: skip
 
 
@@ -112,7 +139,7 @@ EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "tokenizer_source", 
                        "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
                        "device", "tier", "rank_cache", "memory_limit")  # fmt: skip
 SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",
-                   "initial", "baselines_first", "warm_start", "fidelity", "racing",
+                   "initial", "baselines_first", "prior", "warm_start", "fidelity", "racing",
                    "race_chunk", "race_confidence", "optimizer", "objective", "method_parameters",
                    "workers", "scheduler")  # fmt: skip
 
@@ -345,6 +372,36 @@ def baselines(models, base, data, overwrite, out, grid, **options) -> None:
     run, table = pipeline.run_baselines(request, settings, out, overwrite, grid)
     click.echo(table)
     click.echo(f"Saved in {run}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--base", required=True, help="The model the sources were fine-tuned from.")
+@click.option("--data", multiple=True, metavar="NAME=PATH", required=True,
+              help="Validation data per source (as `search` takes it): the probe.")  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default="suggested.yaml",
+              show_default=True, help="Where the recipe goes.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@setting_options(("strategy", "methods", "weight_range", "density_range", "seed", "max_length",
+                  "text_column", "dtype", "tokenizer_source", "trust_remote_code",
+                  "allow_pickle_weights"))  # fmt: skip
+def suggest(models, base, data, out, overwrite, **options) -> None:
+    """Write the merge the similarity features predict for MODELS, with no evaluation at all:
+    per block TIES where the task vectors interfere, task arithmetic where they do not (the
+    rule is in the README), as a recipe plain mergekit builds.
+
+    \b
+    Example:
+      automerge-mk suggest org/chat org/code --base org/base \\
+          --data chat=val_chat.jsonl --data code=val_code.jsonl --out suggested.yaml
+    """
+    if len(models) < 2:
+        raise click.UsageError("give two or more MODELS")
+    request = pipeline.MergeRequest(list(models), base, _data(data))
+    written, table = pipeline.run_suggest(request, _settings(**options), out.resolve(), overwrite)
+    click.echo(table)
+    click.echo(f"\n{written.read_text()}")
+    click.echo(f"Wrote {written}")
 
 
 @main.command()

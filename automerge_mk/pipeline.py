@@ -12,6 +12,7 @@ these calls, and scripts and tests call them directly:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -186,6 +187,11 @@ def _check_inputs(
             f"--metric label_accuracy needs prompt/label data with at most "
             f"{evaluate.MAX_LABELS} labels; {', '.join(unlabelled)} has plain texts or "
             "free-form answers"
+        )
+    if settings.prior and (base is None or any(s.adapter_of for s in sources)):
+        raise SettingsError(
+            "--prior reads task vectors (each source minus --base) from full weights: give "
+            "--base, and full models rather than adapters (or drop --prior)"
         )
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
@@ -642,6 +648,129 @@ def _known_configs(inputs: Inputs, settings: SearchSettings, space_, quiet=False
     return known
 
 
+PROBE_TOKENS = 256  # the features' probe: one forward pass per source, a few hundred tokens
+
+
+def _probe(tasks: list[TaskData]) -> list[int]:
+    """The first PROBE_TOKENS tokens of the validation sequences, one of each task in turn."""
+    ids: list[int] = []
+    for row in itertools.zip_longest(*(t.sequences for t in tasks), fillvalue=()):
+        for sequence in row:
+            ids.extend(sequence)
+        if len(ids) >= PROBE_TOKENS:
+            break
+    return ids[:PROBE_TOKENS]
+
+
+def _features(inputs: Inputs):
+    """The sources' per-block similarity features (features.py) with the validation probe."""
+    from .features import model_features
+
+    return model_features([s.path for s in inputs.sources], inputs.base.path, inputs.blocks,
+                          _probe(inputs.tasks))  # fmt: skip
+
+
+def _prior_plans(inputs: Inputs, settings: SearchSettings):
+    """The features and the plans the prior's rule predicts from them (prior.py)."""
+    from . import prior, vocab
+
+    features = _features(inputs)
+    sources = tuple(str(s.path) for s in inputs.sources)
+    names = tuple(s.name for s in inputs.sources)
+    tokenizer = vocab.plan_tokenizer(settings.tokenizer_source, sources, names,
+                                     str(inputs.base.path))  # fmt: skip
+    plans = prior.prior_plans(features, inputs.blocks, sources, str(inputs.base.path), settings,
+                              inputs.dtype)  # fmt: skip
+    return features, {k: p.model_copy(update={"tokenizer": tokenizer}) for k, p in plans.items()}
+
+
+def _prior_configs(session: Session, space_, known: dict) -> dict:
+    """--prior: the predicted configurations of the search's space (those not among the
+    baselines), computed once and kept in prior.json, from which a resumed run reads them."""
+    from ConfigSpace import Configuration
+
+    from . import space
+
+    run, inputs, settings = session.run, session.inputs, session.settings
+    if (run.path / rundir.PRIOR).is_file():
+        stored = run.read_json(rundir.PRIOR)["configs"]
+        return {label: Configuration(space_, values=v) for label, v in stored.items()}
+    features, plans = _prior_plans(inputs, settings)
+    names = tuple(s.name for s in inputs.sources)
+    configs = {k: c for k, c in space.known_configs(plans, space_, names, settings).items()
+               if c not in known.values()}  # fmt: skip
+    run.write_json(rundir.PRIOR, {
+        "features": features.model_dump(mode="json"),
+        "configs": {label: space.plain_values(c) for label, c in configs.items()},
+    })  # fmt: skip
+    _note(f"--prior: {len(configs)} predicted configurations follow the baselines "
+          f"({', '.join(configs) or 'none in the searched space'})")  # fmt: skip
+    return configs
+
+
+def _prior_sentence(results: list[TrialResult], prior: dict) -> str:
+    """summary.md: which trials the prior's configurations were and how they scored."""
+    from . import space
+
+    wanted = {json.dumps(space.plain_values(c), sort_keys=True): k for k, c in prior.items()}
+    found = [(wanted[key], t) for t in results
+             if (key := json.dumps(t.config, sort_keys=True)) in wanted]  # fmt: skip
+    if not found:
+        return ""
+    label, trial = max(found, key=lambda item: item[1].harmonic_mean)
+    numbers = ", ".join(str(t.trial) for _, t in found)
+    return (f" The --prior configurations were trials {numbers}; the best of them ({label}, "
+            f"trial {trial.trial}) scored {trial.harmonic_mean:.4f}.")  # fmt: skip
+
+
+def features_text(request: MergeRequest, settings: SearchSettings) -> str:
+    """`segment --features`: the per-block similarity features of the sources, as a table.
+
+    Raises:
+        AutomergeError: (a subclass) for any problem with the input; SettingsError without a
+            base.
+    """
+    from .features import features_table
+
+    _quiet_libraries()
+    model_refs, base_ref, data = request
+    if base_ref is None:
+        raise SettingsError("--features needs --base: task vectors are each source minus it")
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
+    return features_table(_features(inputs), [s.name for s in inputs.sources])
+
+
+def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
+                overwrite: bool = False) -> tuple[Path, str]:  # fmt: skip
+    """`suggest`: the prior's predicted recipe, with no evaluation, written to `out` (a YAML
+    file); returns it and the features table it came from.
+
+    Raises:
+        OutputExistsError: when `out` exists and `overwrite` is false.
+        AutomergeError: (a subclass) for any problem with the input.
+    """
+    from . import recipe
+    from .errors import OutputExistsError
+    from .features import features_table
+
+    _quiet_libraries()
+    model_refs, base_ref, data = request
+    if base_ref is None:
+        raise SettingsError("suggest needs --base: task vectors are each source minus it")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data),
+                           settings.model_copy(update={"prior": True}))  # fmt: skip
+    features, plans = _prior_plans(inputs, settings)
+    plan = plans["prior"]
+    pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base]}
+    command = recipe.reproduce_command(out, out.parent / "merged", len(plan.methods) > 1,
+                                       plan.seed, False)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(recipe.recipe_text(plan, pinned, command))
+    return out, features_table(features, [s.name for s in inputs.sources])
+
+
 def _score_baselines(
     session: Session, objective, settings: SearchSettings, trials=(), known=None, grid=False
 ) -> dict:
@@ -739,7 +868,9 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     to_plan = _to_plan(inputs, settings)
     space_ = space.build_space(inputs.blocks, names, settings)
     known = _known_configs(inputs, settings, space_)
-    objective = session.objective(to_plan, tuple(space.plain_values(c) for c in known.values()))
+    prior = _prior_configs(session, space_, known) if settings.prior else {}
+    first = {**known, **prior}  # the baselines, then the prior's configurations
+    objective = session.objective(to_plan, tuple(space.plain_values(c) for c in first.values()))
     optimizer = search.make_optimizer(
         space_,
         settings.trials,
@@ -748,7 +879,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         run.path / ".smac",
         settings.optimizer,
         inputs.fidelity,
-        tuple(known.values()),
+        tuple(first.values()),
         names if settings.objective == "pareto" else (),
     )
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
@@ -805,7 +936,8 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         command,
         time.perf_counter() - started,
         run.read_json(rundir.EVALS) if inputs.evals else None,
-        report.baseline_margin(best, {k: v[1] for k, v in baselines.items()}, list(known)),
+        report.baseline_margin(best, {k: v[1] for k, v in baselines.items()}, list(known))
+        + _prior_sentence(results, prior),
     )
     if settings.objective == "pareto":  # the front is what such a search is for
         front = _front_body(run.path, run.path / rundir.FRONT_PLOT)

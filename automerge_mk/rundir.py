@@ -53,6 +53,7 @@ EVALS = "evals.json"  # --eval plug-in scores
 BASELINES = "baselines.json"
 BASELINES_TABLE = "baselines.md"
 BUDGETS = "budgets.json"  # --fidelity
+PRIOR = "prior.json"  # --prior: the features and the configurations they predicted
 BEST = "best.json"
 RECIPE = "recipe.yaml"
 MODEL = "model"  # built by stock mergekit
@@ -69,7 +70,7 @@ FRONT_PLOT = "front.png"
 # What a point picked from a run's front (automerge-mk pick) takes over from the run: its
 # record, its sources' and baselines' scores and its trials, so that report and push work.
 PICKED_FROM_RUN = (SOURCES, EVAL_SUBSET, MEMORY, EVALS, BASELINES, BASELINES_TABLE, BUDGETS,
-                   PROGRESS)  # fmt: skip
+                   PRIOR, PROGRESS)  # fmt: skip
 
 
 def check_space(folder: Path, needed: int, freed: int = 0) -> None:

@@ -92,6 +92,14 @@ class SearchSettings(Frozen):
         description="smac: random-forest Bayesian optimisation; random: uniform random search "
         "of the same space (a baseline for the optimiser).",
     )
+    prior: bool = Field(
+        False,
+        description="Start from what the weights say: per-block similarity features of the "
+        "task vectors and a probe of the validation texts (see `automerge-mk suggest`) give a "
+        "predicted merge per block, which the search evaluates with two rescaled variants "
+        "right after the baselines. Needs --base. Off by default until scripts/results/"
+        "prior.md shows it saves trials on the real benchmark.",
+    )
     objective: Literal["harmonic", "pareto"] = Field(
         "harmonic",
         description="harmonic: minimise 1 - the harmonic mean of AP over tasks (one "
