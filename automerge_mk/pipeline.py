@@ -7,7 +7,9 @@ these calls, and scripts and tests call them directly:
   directory, load the sources, score the specialists; `Session.objective()` scores merges.
 - `run_search`: a session, the SMAC loop, the recipe, the model built by stock mergekit,
   scored again, the baselines, the plots and summary.md.
-- `run_baselines`, `run_report`, `publish_run`, `resume_arguments`, `finished`.
+- `run_baselines`, `run_report`, `run_front` / `run_pick` (trade-offs between tasks),
+  `features_text` / `run_suggest` / `predicted_plans` (what the weights predict),
+  `publish_run`, `resume_arguments`, `finished`.
 """
 
 from __future__ import annotations
@@ -670,8 +672,9 @@ def _features(inputs: Inputs):
                           _probe(inputs.tasks))  # fmt: skip
 
 
-def _prior_plans(inputs: Inputs, settings: SearchSettings):
-    """The features and the plans the prior's rule predicts from them (prior.py)."""
+def predicted_plans(inputs: Inputs, settings: SearchSettings):
+    """The sources' features and the plans the prior's rule predicts from them (prior.py), by
+    label: "prior" and its rescaled variants."""
     from . import prior, vocab
 
     features = _features(inputs)
@@ -695,7 +698,7 @@ def _prior_configs(session: Session, space_, known: dict) -> dict:
     if (run.path / rundir.PRIOR).is_file():
         stored = run.read_json(rundir.PRIOR)["configs"]
         return {label: Configuration(space_, values=v) for label, v in stored.items()}
-    features, plans = _prior_plans(inputs, settings)
+    features, plans = predicted_plans(inputs, settings)
     names = tuple(s.name for s in inputs.sources)
     configs = {k: c for k, c in space.known_configs(plans, space_, names, settings).items()
                if c not in known.values()}  # fmt: skip
@@ -761,7 +764,7 @@ def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
         raise OutputExistsError(f"{out} exists; choose another --out or pass --overwrite")
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data),
                            settings.model_copy(update={"prior": True}))  # fmt: skip
-    features, plans = _prior_plans(inputs, settings)
+    features, plans = predicted_plans(inputs, settings)
     plan = plans["prior"]
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base]}
     command = recipe.reproduce_command(out, out.parent / "merged", len(plan.methods) > 1,

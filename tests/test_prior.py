@@ -163,3 +163,17 @@ def test_prior_without_a_base_is_refused_before_anything_loads(demo_models, tmp_
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 1 and "--prior reads task vectors" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_prior_search_resumes_from_its_recorded_prediction(demo_models, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, short_search_arguments(demo_models, out, 12) + ["--prior"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    finished = RunDir(out).trials()
+    lines = (out / "trials.jsonl").read_text().splitlines(keepends=True)
+    (out / "trials.jsonl").write_text("".join(lines[:8]))  # stopped inside the prior's trials
+    shutil.rmtree(out / "model")
+    (out / "summary.md").unlink()
+    resumed = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    assert [t.config for t in RunDir(out).trials()] == [t.config for t in finished]
