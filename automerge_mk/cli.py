@@ -83,7 +83,7 @@ def segment(models, strategy, as_json, trust_remote_code, allow_pickle_weights, 
         settings = _settings(strategy=strategy, trust_remote_code=trust_remote_code,
                              allow_pickle_weights=allow_pickle_weights)  # fmt: skip
         request = pipeline.MergeRequest(list(models), base, _data(data))
-        click.echo(pipeline.features_text(request, settings))
+        click.echo(pipeline.features_text(request, settings, as_json))
         return
     if len(models) != 1:
         raise click.UsageError("segment takes one MODEL (several only with --features)")

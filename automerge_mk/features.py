@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -128,16 +129,24 @@ def _density_holding(magnitude: torch.Tensor, share: float) -> float:
 
 
 def weight_features(
-    sources: Sequence[Path], base: Path, blocks: Sequence[Block]
+    sources: Sequence[Path], base: Path, blocks: Sequence[Block], trust_remote_code: bool = False
 ) -> dict[str, _Sums]:
     """Each block's running sums over its tensors, read memory-mapped one tensor at a time
     (tensors whose shapes differ between the models, e.g. token-indexed ones of different
     vocabularies, are left out)."""
-    keys = merge_tensor_keys(base, load_config(base))
-    models = [MappedModel(folder, keys, torch.float32, "cpu") for folder in (base, *sources)]
+    keys = merge_tensor_keys(base, load_config(base, trust_remote_code))
+    with ExitStack() as stack:
+        models = []
+        for folder in (base, *sources):
+            models.append(MappedModel(folder, keys, torch.float32, "cpu"))
+            stack.callback(models[-1].close)
+        return _block_sums(models, keys, blocks, len(sources))
+
+
+def _block_sums(models, keys, blocks: Sequence[Block], sources: int) -> dict[str, _Sums]:
     sums = {}
     for block in blocks:
-        sums[block.name] = _Sums(len(sources))
+        sums[block.name] = _Sums(sources)
         for name in block.tensors:
             if name not in keys:
                 continue
@@ -151,7 +160,10 @@ def weight_features(
 
 @torch.no_grad()
 def probe_features(
-    sources: Sequence[Path], blocks: Sequence[Block], token_ids: list[int]
+    sources: Sequence[Path],
+    blocks: Sequence[Block],
+    token_ids: list[int],
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, float], float]:
     """On the probe `token_ids`: per block of layers, the mean relative distance of the
     sources' hidden states after its last layer, and the symmetric next-token KL per token
@@ -161,7 +173,9 @@ def probe_features(
     ids = torch.tensor([token_ids])
     states, logprobs = [], []
     for folder in sources:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         output = model(input_ids=ids, output_hidden_states=True)
         states.append([h[0] for h in output.hidden_states])
         logprobs.append(torch.log_softmax(output.logits[0].float(), dim=-1))
@@ -192,10 +206,14 @@ def model_features(
     base: Path,
     blocks: Sequence[Block],
     probe: list[int] | None = None,
+    trust_remote_code: bool = False,
 ) -> ModelFeatures:
-    """Every block's features; with `probe` token ids, the activation features too."""
-    sums = weight_features(sources, base, blocks)
-    distances, kl = probe_features(sources, blocks, probe) if probe else ({}, None)
+    """Every block's features; with `probe` token ids (of the sources' shared vocabulary),
+    the activation features too."""
+    sums = weight_features(sources, base, blocks, trust_remote_code)
+    distances, kl = ({}, None)
+    if probe:
+        distances, kl = probe_features(sources, blocks, probe, trust_remote_code)
     return ModelFeatures(
         blocks=tuple(sums[b.name].features(b.name, distances.get(b.name)) for b in blocks),
         kl=kl,

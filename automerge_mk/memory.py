@@ -331,6 +331,10 @@ class MappedModel(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def close(self) -> None:
+        """Close the weight files (the engine keeps them open for its whole life)."""
+        self._stack.close()
+
 
 # --- measuring what a process holds ------------------------------------------------------------
 

@@ -195,6 +195,11 @@ def _check_inputs(
             "--prior reads task vectors (each source minus --base) from full weights: give "
             "--base, and full models rather than adapters (or drop --prior)"
         )
+    if settings.prior and tokenizer_source:
+        raise SettingsError(
+            "--prior compares the sources token by token: their vocabularies differ "
+            f"(--tokenizer-source {tokenizer_source}); drop --prior"
+        )
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
     prints = Fingerprints(
@@ -475,9 +480,10 @@ def _to_plan(inputs: Inputs, settings: SearchSettings):
     )
 
 
-def worker_objective(model_refs, base_ref, data, settings: dict):
+def worker_objective(model_refs, base_ref, data, settings: dict, prior: tuple = ()):
     """What a Dask worker process needs to run trials: the checked inputs, its own resident
-    engine and the specialists' reference scores, as one MergeObjective."""
+    engine and the specialists' reference scores, as one MergeObjective (`prior`: the --prior
+    configurations, never raced, like the baselines)."""
     from .search import MergeObjective
 
     settings = SearchSettings(**settings)
@@ -489,7 +495,7 @@ def worker_objective(model_refs, base_ref, data, settings: dict):
 
     space_ = space.build_space(inputs.blocks, tuple(s.name for s in inputs.sources), settings)
     known = _known_configs(inputs, settings, space_, quiet=True)
-    unraced = tuple(space.plain_values(config) for config in known.values())
+    unraced = tuple(space.plain_values(config) for config in known.values()) + tuple(prior)
     return MergeObjective(
         engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
         inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
@@ -664,12 +670,12 @@ def _probe(tasks: list[TaskData]) -> list[int]:
     return ids[:PROBE_TOKENS]
 
 
-def _features(inputs: Inputs):
+def _features(inputs: Inputs, settings: SearchSettings):
     """The sources' per-block similarity features (features.py) with the validation probe."""
     from .features import model_features
 
     return model_features([s.path for s in inputs.sources], inputs.base.path, inputs.blocks,
-                          _probe(inputs.tasks))  # fmt: skip
+                          _probe(inputs.tasks), settings.trust_remote_code)  # fmt: skip
 
 
 def predicted_plans(inputs: Inputs, settings: SearchSettings):
@@ -677,7 +683,7 @@ def predicted_plans(inputs: Inputs, settings: SearchSettings):
     label: "prior" and its rescaled variants."""
     from . import prior, vocab
 
-    features = _features(inputs)
+    features = _features(inputs, settings)
     sources = tuple(str(s.path) for s in inputs.sources)
     names = tuple(s.name for s in inputs.sources)
     tokenizer = vocab.plan_tokenizer(settings.tokenizer_source, sources, names,
@@ -726,8 +732,9 @@ def _prior_sentence(results: list[TrialResult], prior: dict) -> str:
             f"trial {trial.trial}) scored {trial.harmonic_mean:.4f}.")  # fmt: skip
 
 
-def features_text(request: MergeRequest, settings: SearchSettings) -> str:
-    """`segment --features`: the per-block similarity features of the sources, as a table.
+def features_text(request: MergeRequest, settings: SearchSettings, as_json: bool = False) -> str:
+    """`segment --features`: the per-block similarity features of the sources, as a table
+    (or JSON).
 
     Raises:
         AutomergeError: (a subclass) for any problem with the input; SettingsError without a
@@ -739,8 +746,12 @@ def features_text(request: MergeRequest, settings: SearchSettings) -> str:
     model_refs, base_ref, data = request
     if base_ref is None:
         raise SettingsError("--features needs --base: task vectors are each source minus it")
-    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
-    return features_table(_features(inputs), [s.name for s in inputs.sources])
+    inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data),
+                           settings.model_copy(update={"prior": True}))  # its checks  # fmt: skip
+    features = _features(inputs, settings)
+    if as_json:
+        return features.model_dump_json(indent=1)
+    return features_table(features, [s.name for s in inputs.sources])
 
 
 def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
@@ -762,6 +773,9 @@ def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
         raise SettingsError("suggest needs --base: task vectors are each source minus it")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    if "task_arithmetic" not in settings.methods:
+        raise SettingsError("suggest's rule merges with task_arithmetic (and ties where task "
+                            "vectors interfere): keep task_arithmetic in --methods")  # fmt: skip
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data),
                            settings.model_copy(update={"prior": True}))  # fmt: skip
     features, plans = predicted_plans(inputs, settings)
@@ -888,7 +902,8 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
     if settings.workers > 1 or settings.scheduler:
-        results = _parallel_search(optimizer, session, progress, finished)
+        results = _parallel_search(optimizer, session, progress, finished,
+                                   [space.plain_values(c) for c in prior.values()])  # fmt: skip
     else:
         runner = search.SerialRunner(objective)
         results = search.run_search(optimizer, runner, settings.trials, run.append_trial,
@@ -950,11 +965,12 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     return run.path
 
 
-def _parallel_search(optimizer, session: Session, progress: bool, finished):
+def _parallel_search(optimizer, session: Session, progress: bool, finished, prior: list):
     """Trials on Dask workers (--workers / --scheduler), each with its own resident sources."""
     from .search import parallel, run_search
 
     inputs, settings = session.inputs, session.settings
+    names = tuple(s.name for s in inputs.sources)
     target = parallel.WorkerTrial(
         worker_objective,
         [str(s.path) for s in inputs.sources],
@@ -962,6 +978,8 @@ def _parallel_search(optimizer, session: Session, progress: bool, finished):
         {k: str(v) for k, v in inputs.files.items()},
         # A warm start is told to SMAC in this process; workers only run trials.
         settings.model_copy(update={"warm_start": None}).model_dump(mode="json"),
+        prior,
+        objectives=names if settings.objective == "pareto" else (),
     )
     with parallel.dask_client(settings.workers, settings.scheduler, settings.device) as client:
         runner = parallel.DaskRunner(optimizer, target, client)
@@ -1101,6 +1119,9 @@ def _front_body(run_dir: Path, plot: Path) -> str:
         report.front_plot(shown, [at[t.trial] for t in points], marked, tasks, plot)
     left = len(trials) - len(pool)
     left_out = f" ({left} failed, stopped early by racing or at a lower budget)" if left else ""
+    scored = "all of the validation data"
+    if pool[0].budget is not None:  # a multi-fidelity search with no full evaluation yet
+        scored = f"its highest budget so far ({pool[0].budget} tokens per task)"
     volume = ""
     if len(groups) == len(tasks):  # every source scored: their point is the reference
         reference = front.nadir([p for (p,) in groups.values()])
@@ -1109,7 +1130,7 @@ def _front_body(run_dir: Path, plot: Path) -> str:
         volume = (f" Hypervolume over the sources' point ({corner}: per task, the least a "
                   f"source alone keeps of it): **{hv:.4f}**.")  # fmt: skip
     return "\n\n".join([
-        f"{len(pool)} of {len(trials)} trials were scored on all of the validation data"
+        f"{len(pool)} of {len(trials)} trials were scored on {scored}"
         f"{left_out}; **{len(points)}** of them are on the Pareto front: no other trial keeps "
         f"as much of every task and more of one.{volume}",
         report.front_table(points, tasks, marks),
@@ -1212,6 +1233,10 @@ def run_pick(
         raise SettingsError(f"--out {out} is the run itself; a pick goes into a new folder")
     RunDir.check_free(out, overwrite)
     source, stored = RunDir(run_dir), RunRecord.read(run_dir)
+    if not (run_dir / rundir.SOURCES).is_file():
+        raise RunDirectoryError(f"{run_dir} has no sources.json: its search has not started")
+    _, tasks, trials, _, points, _ = _front_points(run_dir)
+    on_front = chosen.trial in {t.trial for t in points}
     (model_refs, base_ref, data), settings = resume_arguments(run_dir)
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     if stored.fingerprints:
@@ -1220,7 +1245,11 @@ def run_pick(
     picked = RunDir.create(out, overwrite, _protected(inputs, settings) + [run_dir], "pick")
     try:
         picked.copy_from(source, rundir.PICKED_FROM_RUN)
-        origin = {"recipe": rundir.RECIPE, "picked_from": str(run_dir), "prefer": list(prefer)}
+        # A finished run of the trials it has (a pick of a running search is not resumed).
+        settings = settings.model_copy(update={"trials": len(trials)})
+        picked.write_record(stored.model_copy(update={"settings": settings}))
+        origin = {"recipe": rundir.RECIPE, "picked_from": str(run_dir), "prefer": list(prefer),
+                  "on_front": on_front}  # fmt: skip
         picked.write_json(rundir.BEST, chosen.model_dump(mode="json") | origin)
         plan = space.plan_from_record(stored, chosen.config)
         command = _write_and_build(picked, inputs, settings, plan)
@@ -1235,7 +1264,8 @@ def run_pick(
         picked.write_json(rundir.FINAL, report.scored_json(*final))
         if inputs.evals:
             built_evals = plugins.run_evals(inputs.evals, built, inputs.tokenizer)
-            picked.add_evals({"model/ (stock mergekit)": built_evals})
+            picked.add_evals({"search (best trial)": chosen.evals,
+                              "model/ (stock mergekit)": built_evals})  # fmt: skip
         best = best_trial(picked.trials())
         table = {
             f"picked: trial {chosen.trial} (search time)": (chosen.tasks, chosen.harmonic_mean),
@@ -1246,8 +1276,9 @@ def run_pick(
         why = f"preferring {', '.join(prefer)}" if trial is None else "chosen by number"
         summary = "\n\n".join([
             f"# automerge-mk pick: trial {chosen.trial} of {run_dir.name}",
-            f"A point of the Pareto front of {run_dir} ({why}), rebuilt by stock mergekit and "
-            f"scored again; the search's harmonic-mean pick is trial {best.trial}.",
+            f"{'A point of the Pareto front' if on_front else 'A trial (off the Pareto front)'}"
+            f" of {run_dir} ({why}), rebuilt by stock mergekit and scored again on every "
+            f"example in one pass; the search's harmonic-mean pick is trial {best.trial}.",
             "## Scores\n\n" + report.score_table(table),
             "## Recipe\n\n" + report.plan_table(plan),
             f"Rebuild with plain mergekit:\n\n```\n{command}\n```",

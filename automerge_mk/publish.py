@@ -68,7 +68,8 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     )
     best = _run_json(run_dir, rundir.BEST)
     picked = (
-        f"\n\nThis model is trial {best['trial']} of the search's Pareto front"
+        f"\n\nThis model is trial {best['trial']} of the search"
+        + ("'s Pareto front" if best.get("on_front", True) else " (off its Pareto front)")
         + (f" (preferring {', '.join(best['prefer'])})" if best.get("prefer") else "")
         + ", chosen with `automerge-mk pick` instead of the harmonic-mean pick."
         if "picked_from" in best

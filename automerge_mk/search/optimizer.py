@@ -86,9 +86,14 @@ def make_optimizer(
         objectives=list(objectives) if len(objectives) > 1 else "cost",
         **budgets,
     )
-    several = (
-        {"multi_objective_algorithm": ParEGO(scenario, seed=seed)} if len(objectives) > 1 else {}
-    )
+    several = {}
+    if len(objectives) > 1:  # ParEGO draws new task weights when the forest is retrained:
+        several = {  # after every trial, not SMAC's default of every 8 proposals
+            "multi_objective_algorithm": ParEGO(scenario, seed=seed),
+            "config_selector": HyperparameterOptimizationFacade.get_config_selector(
+                scenario, retrain_after=1
+            ),
+        }
     if kind == "random":
         return RandomFacade(
             scenario,

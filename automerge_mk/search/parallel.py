@@ -30,6 +30,7 @@ from smac.runner.target_function_runner import TargetFunctionRunner
 from ..errors import SettingsError
 from ..types import TrialResult, top_budget
 from .objective import WORST_COST, failed_result
+from .optimizer import trial_value
 
 # Per worker process: the objective (engine with resident sources, tasks, references) of each
 # search it has run trials for, and how many times it was built.
@@ -45,8 +46,9 @@ class WorkerTrial:
     the layer that wires a search together); `arguments` are JSON values, which key the cache.
     """
 
-    def __init__(self, build: Callable[..., Any], *arguments: Any):
-        self.build, self.arguments = build, arguments
+    def __init__(self, build: Callable[..., Any], *arguments: Any, objectives: tuple = ()):
+        # `objectives`: the tasks of a multi-objective search, whose SMAC wants a cost each
+        self.build, self.arguments, self.objectives = build, arguments, tuple(objectives)
         name = f"{build.__module__}.{build.__qualname__}"
         self.key = json.dumps([name, arguments], sort_keys=True)
 
@@ -67,7 +69,8 @@ class WorkerTrial:
             objective.observe(_incumbent(self.incumbent_name))
         result = objective(dict(config), -1, None if budget is None else round(budget))
         worker = {"host": socket.gethostname(), "pid": os.getpid(), "loads": _LOADS[self.key]}
-        return result.cost, {"result": result.model_dump(mode="json"), "worker": worker}
+        cost = trial_value(result, self.objectives).cost
+        return cost, {"result": result.model_dump(mode="json"), "worker": worker}
 
 
 def _incumbent(name: str) -> list[TrialResult]:
