@@ -119,3 +119,13 @@ def test_workers_and_scheduler_together_are_refused(demo_models, tmp_path):
     result = _search(demo_models, tmp_path / "run", "--scheduler", "tcp://127.0.0.1:1")
     assert result.exit_code != 0 and "give one of them" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pareto_search_on_two_workers_scores_every_trial(demo_models, tmp_path):
+    out = tmp_path / "run"
+    result = _search(demo_models, out, "--objective", "pareto")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    trials = _lines(out / "trials.jsonl")
+    assert len(trials) == TRIALS and all(t["status"] == "ok" for t in trials)
+    assert not any(t["partial"] for t in trials)  # pareto is never raced
+    assert len({t["worker"]["pid"] for t in trials}) == 2

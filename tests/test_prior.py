@@ -165,7 +165,9 @@ def test_prior_without_a_base_is_refused_before_anything_loads(demo_models, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_an_interrupted_prior_search_resumes_from_its_recorded_prediction(demo_models, tmp_path):
+def test_an_interrupted_prior_search_resumes_from_its_recorded_prediction(
+    demo_models, tmp_path, monkeypatch
+):
     out = tmp_path / "run"
     result = CliRunner().invoke(main, short_search_arguments(demo_models, out, 12) + ["--prior"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -174,6 +176,11 @@ def test_an_interrupted_prior_search_resumes_from_its_recorded_prediction(demo_m
     (out / "trials.jsonl").write_text("".join(lines[:8]))  # stopped inside the prior's trials
     shutil.rmtree(out / "model")
     (out / "summary.md").unlink()
+
+    def never(*args, **kwargs):
+        raise AssertionError("a resumed --prior search computed the features again")
+
+    monkeypatch.setattr("automerge_mk.features.model_features", never)  # prior.json is read
     resumed = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
     assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
     assert [t.config for t in RunDir(out).trials()] == [t.config for t in finished]
