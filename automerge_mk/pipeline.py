@@ -1160,13 +1160,16 @@ def run_front(run_dir: Path, out: Path | None = None) -> Path:
     return RunDir(out).write_text(rundir.FRONT, text + "\n")
 
 
-def _chosen_trial(run_dir: Path, trial: int | None, prefer: tuple[str, ...]) -> TrialResult:
-    """The trial `pick` rebuilds: `trial`, or the front's best under `prefer`'s weights."""
+def _chosen_trial(run_dir: Path, trial: int | None, prefer: tuple[str, ...]):
+    """The trial `pick` rebuilds (`trial`, or the front's best under `prefer`'s weights),
+    whether it is on the front, and how many trials the run has."""
     from . import front
 
     _, tasks, trials, pool, points, _ = _front_points(run_dir)
+    on_front = {t.trial for t in points}
     if trial is None:
-        return front.preferred(points, tasks, front.parse_preferences(prefer, tasks))
+        chosen = front.preferred(points, tasks, front.parse_preferences(prefer, tasks))
+        return chosen, True, len(trials)
     chosen = next((t for t in pool if t.trial == trial), None)
     if chosen is None:
         why = "it failed, was stopped early by racing or was scored on fewer tokens"
@@ -1176,7 +1179,7 @@ def _chosen_trial(run_dir: Path, trial: int | None, prefer: tuple[str, ...]) -> 
             f"--trial {trial}: {why}; pick one scored on all of the data "
             f"(`automerge-mk front {run_dir}` lists the front)"
         )
-    return chosen
+    return chosen, chosen.trial in on_front, len(trials)
 
 
 def _write_and_build(run: RunDir, inputs: Inputs, settings: SearchSettings, plan) -> str:
@@ -1227,7 +1230,7 @@ def run_pick(
 
     run_dir = run_dir.resolve()
     _quiet_libraries()
-    chosen = _chosen_trial(run_dir, trial, prefer)
+    chosen, on_front, finished_trials = _chosen_trial(run_dir, trial, prefer)
     out = (out or run_dir.parent / f"{run_dir.name}-trial-{chosen.trial}").resolve()
     if out == run_dir:
         raise SettingsError(f"--out {out} is the run itself; a pick goes into a new folder")
@@ -1235,8 +1238,6 @@ def run_pick(
     source, stored = RunDir(run_dir), RunRecord.read(run_dir)
     if not (run_dir / rundir.SOURCES).is_file():
         raise RunDirectoryError(f"{run_dir} has no sources.json: its search has not started")
-    _, tasks, trials, _, points, _ = _front_points(run_dir)
-    on_front = chosen.trial in {t.trial for t in points}
     (model_refs, base_ref, data), settings = resume_arguments(run_dir)
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     if stored.fingerprints:
@@ -1246,7 +1247,7 @@ def run_pick(
     try:
         picked.copy_from(source, rundir.PICKED_FROM_RUN)
         # A finished run of the trials it has (a pick of a running search is not resumed).
-        settings = settings.model_copy(update={"trials": len(trials)})
+        settings = settings.model_copy(update={"trials": finished_trials})
         picked.write_record(stored.model_copy(update={"settings": settings}))
         origin = {"recipe": rundir.RECIPE, "picked_from": str(run_dir), "prefer": list(prefer),
                   "on_front": on_front}  # fmt: skip
