@@ -139,7 +139,8 @@ EVALUATION_SETTINGS = ("seed", "eval_tokens", "max_length", "tokenizer_source", 
                        "allow_pickle_weights", "metrics", "evals", "eval_arguments", "eval_dtype",
                        "device", "tier", "rank_cache", "memory_limit")  # fmt: skip
 SEARCH_SETTINGS = ("methods", "strategy", "weighting", "weight_range", "density_range",
-                   "initial", "baselines_first", "prior", "warm_start", "fidelity", "racing",
+                   "initial", "baselines_first", "prior", "prior_acquisition", "prior_from",
+                   "warm_start", "fidelity", "racing",
                    "race_chunk", "race_confidence", "optimizer", "objective", "method_parameters",
                    "workers", "scheduler")  # fmt: skip
 
@@ -172,13 +173,14 @@ def _setting_option(name: str, default=None):
             return click.option(f"{flag}/--no-{flag[2:]}", name, default=True, show_default=True,
                                 **common)  # fmt: skip
         return click.option(flag, name, is_flag=True, **common)
+    folder = click.Path(path_type=Path, exists=True, file_okay=False)
     if cli.get("multiple"):
-        return click.option(flag, name, multiple=True, **common)
+        return click.option(flag, name, multiple=True, type=folder if cli.get("folder") else None,
+                            **common)  # fmt: skip
     if typing.get_origin(annotation) is typing.Literal:
         return click.option(flag, name, type=click.Choice(choices), default=value,
                             show_default=True, **common)  # fmt: skip
     if cli.get("folder"):
-        folder = click.Path(path_type=Path, exists=True, file_okay=False)
         return click.option(flag, name, type=folder, **common)
     if "shown" in cli:  # a tuple typed as text, e.g. MIN:MAX
         shown = cli["shown"]

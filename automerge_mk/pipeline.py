@@ -200,6 +200,8 @@ def _check_inputs(
             "--prior compares the sources token by token: their vocabularies differ "
             f"(--tokenizer-source {tokenizer_source}); drop --prior"
         )
+    for earlier in settings.prior_from:  # their records only: cheap, before any model loads
+        _learned_from(Path(earlier), len(sources))
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
     prints = Fingerprints(
@@ -678,6 +680,64 @@ def _features(inputs: Inputs, settings: SearchSettings):
                           _probe(inputs.tasks), settings.trust_remote_code)  # fmt: skip
 
 
+PRIOR_FROM_TRIALS = 3  # --prior-from learns from each earlier run's best trials
+
+
+def _learned_from(run_dir: Path, sources: int) -> RunRecord:
+    """An earlier run --prior-from can learn from: its record, checked.
+
+    Raises:
+        RunDirectoryError: when it is not a run, or merged another number of sources or
+            without a base (no task vectors).
+    """
+    record = RunRecord.read(run_dir)
+    if record.base is None or len(record.models) != sources:
+        why = "without a base (no task vectors)" if record.base is None else \
+            f"{len(record.models)} sources, this search {sources}"  # fmt: skip
+        raise RunDirectoryError(f"--prior-from {run_dir} merged {why}: give runs of "
+                                f"{sources} sources and a base")  # fmt: skip
+    return record
+
+
+def _examples(settings: SearchSettings, sources: int) -> list:
+    """--prior-from: (block features, best trial's merge of that block) pairs of the earlier
+    runs' PRIOR_FROM_TRIALS best trials scored on all of their data."""
+    from . import front, space
+    from .features import ModelFeatures, model_features
+
+    examples = []
+    for earlier in map(Path, settings.prior_from):
+        record = _learned_from(earlier, sources)
+        trials = front.candidates(RunDir(earlier).trials(), list(record.names))
+        best = sorted(trials, key=lambda t: -t.harmonic_mean)[:PRIOR_FROM_TRIALS]
+        if not best:
+            raise RunDirectoryError(f"--prior-from {earlier} has no trial scored on all of its "
+                                    "data yet")  # fmt: skip
+        if (earlier / rundir.PRIOR).is_file():  # a --prior run kept its features
+            features = ModelFeatures.model_validate(
+                RunDir(earlier).read_json(rundir.PRIOR)["features"]
+            )
+        else:
+            try:  # weights only: the features the neighbours are found by
+                models = [m.path for m in record.models]
+                features = model_features(models, record.base.path, record.blocks, None,
+                                          settings.trust_remote_code)  # fmt: skip
+            except (OSError, ValueError) as error:
+                raise RunDirectoryError(
+                    f"--prior-from {earlier}: its models are no longer readable where it found "
+                    f"them ({error}); only runs searched with --prior keep their features"
+                ) from None
+        by_block = {f.block: f for f in features.blocks}
+        for trial in best:
+            plan = space.plan_from_record(record, trial.config)
+            examples += [(by_block[b.name], c) for b, c in zip(plan.blocks, plan.choices)
+                         if b.name in by_block]  # fmt: skip
+    if settings.prior_from:
+        _note(f"--prior-from: {len(examples)} block merges from {len(settings.prior_from)} "
+              "earlier run(s)")  # fmt: skip
+    return examples
+
+
 def predicted_plans(inputs: Inputs, settings: SearchSettings):
     """The sources' features and the plans the prior's rule predicts from them (prior.py), by
     label: "prior" and its rescaled variants."""
@@ -688,14 +748,16 @@ def predicted_plans(inputs: Inputs, settings: SearchSettings):
     names = tuple(s.name for s in inputs.sources)
     tokenizer = vocab.plan_tokenizer(settings.tokenizer_source, sources, names,
                                      str(inputs.base.path))  # fmt: skip
+    examples = _examples(settings, len(sources))
     plans = prior.prior_plans(features, inputs.blocks, sources, str(inputs.base.path), settings,
-                              inputs.dtype)  # fmt: skip
+                              inputs.dtype, examples)  # fmt: skip
     return features, {k: p.model_copy(update={"tokenizer": tokenizer}) for k, p in plans.items()}
 
 
-def _prior_configs(session: Session, space_, known: dict) -> dict:
-    """--prior: the predicted configurations of the search's space (those not among the
-    baselines), computed once and kept in prior.json, from which a resumed run reads them."""
+def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
+    """--prior: the predicted configurations of the search's space, computed once and kept in
+    prior.json, from which a resumed run reads them: all of them (the first, "prior", is the
+    centre of --prior-acquisition's prior) and those the search adds after the baselines."""
     from ConfigSpace import Configuration
 
     from . import space
@@ -703,18 +765,20 @@ def _prior_configs(session: Session, space_, known: dict) -> dict:
     run, inputs, settings = session.run, session.inputs, session.settings
     if (run.path / rundir.PRIOR).is_file():
         stored = run.read_json(rundir.PRIOR)["configs"]
-        return {label: Configuration(space_, values=v) for label, v in stored.items()}
-    features, plans = predicted_plans(inputs, settings)
-    names = tuple(s.name for s in inputs.sources)
-    configs = {k: c for k, c in space.known_configs(plans, space_, names, settings).items()
-               if c not in known.values()}  # fmt: skip
-    run.write_json(rundir.PRIOR, {
-        "features": features.model_dump(mode="json"),
-        "configs": {label: space.plain_values(c) for label, c in configs.items()},
-    })  # fmt: skip
-    _note(f"--prior: {len(configs)} predicted configurations follow the baselines "
-          f"({', '.join(configs) or 'none in the searched space'})")  # fmt: skip
-    return configs
+        configs = {label: Configuration(space_, values=v) for label, v in stored.items()}
+    else:
+        features, plans = predicted_plans(inputs, settings)
+        names = tuple(s.name for s in inputs.sources)
+        configs = space.known_configs(plans, space_, names, settings)
+        run.write_json(rundir.PRIOR, {
+            "features": features.model_dump(mode="json"),
+            "configs": {label: space.plain_values(c) for label, c in configs.items()},
+            "learned_from": list(settings.prior_from),
+        })  # fmt: skip
+    added = {k: c for k, c in configs.items() if c not in known.values()}
+    among = ", ".join(added) or "none: they are among them or outside the space"
+    _note(f"--prior: {len(added)} predicted configurations follow the baselines ({among})")
+    return configs, added
 
 
 def _prior_sentence(results: list[TrialResult], prior: dict) -> str:
@@ -885,7 +949,10 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     to_plan = _to_plan(inputs, settings)
     space_ = space.build_space(inputs.blocks, names, settings)
     known = _known_configs(inputs, settings, space_)
-    prior = _prior_configs(session, space_, known) if settings.prior else {}
+    predicted, prior = _prior_configs(session, space_, known) if settings.prior else ({}, {})
+    believed = None
+    if "prior" in predicted and settings.prior_acquisition:  # πBO's belief: the space, a prior
+        believed = space.with_prior(space_, predicted["prior"], settings.seed)
     first = {**known, **prior}  # the baselines, then the prior's configurations
     objective = session.objective(to_plan, tuple(space.plain_values(c) for c in first.values()))
     optimizer = search.make_optimizer(
@@ -898,6 +965,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         inputs.fidelity,
         tuple(first.values()),
         names if settings.objective == "pareto" else (),
+        believed,
     )
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []

@@ -19,11 +19,19 @@ a selector, SIP-BMM a prior, from many merges):
   merged at weights 1 (scripts/results/space.md), the demo's specialists by 15-33 % and are
   best averaged (its baselines: task_arithmetic w=0.5 0.63, w=1 0.50).
 
+With `--prior-from RUN_DIR ...` the rule is replaced where earlier runs know better: a block's
+merge is that of the earlier runs' best trials in the NEIGHBOURS blocks with the nearest
+features (k-nearest neighbours, SimMerge's selector without its bandit): the method most of
+them (weighted by closeness) used, and the mean of its weights and densities. Earlier sources
+are matched to this block's by task-vector norm (largest first), since which source came first
+in another run says nothing.
+
 Weights and densities are clipped to the searched ranges and rounded to 2 decimals.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .features import BlockFeatures, ModelFeatures
@@ -34,6 +42,10 @@ CONFLICT = 0.6
 ORTHOGONAL = 0.1
 LINEAR, NONLINEAR = 0.05, 0.2  # relative_norm: task vectors add / overshoot
 SCALES = (0.75, 1.25)  # the perturbations the search evaluates beside the prior
+NEIGHBOURS = 3
+# --prior-from's distance between blocks: a difference of one unit here counts 1 (cosine and
+# the shares as they are, the relative norm in decades, since it spans 0.2 % to 30 %).
+UNITS = {"cosine": 0.2, "sign_conflict": 0.05, "relative_norm": 0.5, "density_90": 0.1}
 
 
 def _clip(value: float, bounds: tuple[float, float]) -> float:
@@ -56,6 +68,59 @@ def block_choice(features: BlockFeatures, sources: int, settings: SearchSettings
     return BlockChoice(method="task_arithmetic", weights=(weight,) * sources)
 
 
+def _position(features: BlockFeatures) -> tuple[float, ...]:
+    relative = math.log10(max(features.relative_norm, 1e-6))
+    values = (features.cosine, features.sign_conflict, relative, features.density_90)
+    return tuple(v / u for v, u in zip(values, UNITS.values()))
+
+
+def _by_norm(values: Sequence[float], norms: Sequence[float]) -> list[float]:
+    """`values` ordered by their sources' task-vector norms, largest first."""
+    order = sorted(range(len(norms)), key=lambda i: -norms[i])
+    return [values[i] for i in order]
+
+
+def learned_choice(
+    features: BlockFeatures,
+    examples: Sequence[tuple[BlockFeatures, BlockChoice]],
+    settings: SearchSettings,
+) -> BlockChoice | None:
+    """The merge of one block from earlier runs' (features, best trial's choice) pairs (see the
+    module docstring), or None when none of them used a method searched here."""
+    sources = len(features.norms)
+    usable = [(f, c) for f, c in examples
+              if c.method in settings.methods and len(c.weights) == sources]  # fmt: skip
+    if not usable:
+        return None
+    here = _position(features)
+    nearest = sorted(usable, key=lambda e: math.dist(_position(e[0]), here))[:NEIGHBOURS]
+    closeness = [1.0 / (0.1 + math.dist(_position(f), here)) for f, _ in nearest]
+    votes: dict[str, float] = {}
+    for (_, choice), weight in zip(nearest, closeness):
+        votes[choice.method] = votes.get(choice.method, 0.0) + weight
+    method = max(votes, key=votes.get)
+    chosen = [(f, c, w) for (f, c), w in zip(nearest, closeness) if c.method == method]
+    total = sum(w for *_, w in chosen)
+
+    def mean(values_of) -> list[float]:  # per source, largest task vector first
+        rows = [_by_norm(values_of(c), f.norms) for f, c, _ in chosen]
+        return [sum(r[i] * w for r, (*_, w) in zip(rows, chosen)) / total for i in range(sources)]
+
+    # back to this block's source order: its largest task vector gets the first value
+    order = sorted(range(sources), key=lambda i: -features.norms[i])
+    weights, densities = [0.0] * sources, [0.0] * sources
+    dense = (1.0,) * sources  # methods without densities: unused
+    for rank, (w, d) in enumerate(zip(mean(lambda c: c.weights),
+                                      mean(lambda c: c.densities or dense))):  # fmt: skip
+        weights[order[rank]], densities[order[rank]] = w, d
+    sparse = all(c.densities is not None for _, c, _ in chosen)
+    return BlockChoice(
+        method=method,
+        weights=tuple(_clip(w, settings.weight_range) for w in weights),
+        densities=tuple(_clip(d, settings.density_range) for d in densities) if sparse else None,
+    )
+
+
 def prior_plans(
     features: ModelFeatures,
     blocks: Sequence[Block],
@@ -63,10 +128,16 @@ def prior_plans(
     base: str,
     settings: SearchSettings,
     dtype: str,
+    examples: Sequence[tuple[BlockFeatures, BlockChoice]] = (),
 ) -> dict[str, MergePlan]:
-    """The prior plan and its perturbations (every weight scaled by SCALES), by label."""
+    """The prior plan and its perturbations (every weight scaled by SCALES), by label; with
+    `examples` (--prior-from), learned where they say something, the rule elsewhere."""
     by_name = {f.block: f for f in features.blocks}
-    choices = tuple(block_choice(by_name[b.name], len(sources), settings) for b in blocks)
+    choices = tuple(
+        learned_choice(by_name[b.name], examples, settings)
+        or block_choice(by_name[b.name], len(sources), settings)
+        for b in blocks
+    )
     plans = {}
     for scale in (1.0, *SCALES):
         scaled = tuple(

@@ -249,11 +249,17 @@ class RunRecord(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _older_space(cls, data):
-        """A run recorded before --weighting, --baselines-first and --racing searched the
-        convex space, started from the Sobol design and scored every trial on all of the data:
-        it resumes so."""
+        """A run recorded before --weighting, --baselines-first, --racing and
+        --prior-acquisition searched the convex space, started from the Sobol design, scored
+        every trial on all of the data and kept a --prior out of the acquisition: it resumes
+        so."""
         if isinstance(data, dict) and isinstance(data.get("settings"), dict):
-            older = {"weighting": "convex", "baselines_first": False, "racing": False}
+            older = {
+                "weighting": "convex",
+                "baselines_first": False,
+                "racing": False,
+                "prior_acquisition": False,
+            }
             data = {**data, "settings": older | data["settings"]}
         return data
 

@@ -100,6 +100,23 @@ class SearchSettings(Frozen):
         "right after the baselines. Needs --base. Off by default until scripts/results/"
         "prior.md shows it saves trials on the real benchmark.",
     )
+    prior_acquisition: bool = Field(
+        True,
+        description="With --prior, also weight SMAC's acquisition toward the predicted merge "
+        "(πBO: expected improvement times a prior centred on it, half the method choice and "
+        "a normal of 15 % of each range per value, fading as trials accumulate); off: the "
+        "prediction is only in the initial design.",
+    )
+    prior_from: tuple[str, ...] = Field(
+        (),
+        description="Learn the prior from earlier runs (implies --prior): per block, the "
+        "merges of the earlier runs' best trials in the blocks whose features are nearest "
+        "(k-nearest neighbours over task-vector cosine, sign conflicts, relative norm, "
+        "concentration) replace the hand rule. Runs of any models with the same number of "
+        "sources; their models must still be readable where the run found them, or the run "
+        "searched with --prior (prior.json keeps its features). Repeatable.",
+        json_schema_extra=_cli(metavar="RUN_DIR", multiple=True, folder=True),
+    )
     objective: Literal["harmonic", "pareto"] = Field(
         "harmonic",
         description="harmonic: minimise 1 - the harmonic mean of AP over tasks (one "
@@ -332,6 +349,22 @@ class SearchSettings(Frozen):
         from pathlib import Path
 
         return str(Path(value).resolve()) if isinstance(value, str | Path) else value
+
+    @field_validator("prior_from", mode="before")
+    @classmethod
+    def _absolutes(cls, value):
+        from pathlib import Path
+
+        if isinstance(value, list | tuple):
+            return tuple(str(Path(v).resolve()) if isinstance(v, str | Path) else v for v in value)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prior_from_implies_prior(cls, data):
+        if isinstance(data, dict) and data.get("prior_from"):
+            return {**data, "prior": True}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSettings:

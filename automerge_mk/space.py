@@ -22,7 +22,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ConfigSpace import Categorical, Configuration, ConfigurationSpace, Float, InCondition
+from ConfigSpace import (
+    Categorical,
+    CategoricalHyperparameter,
+    Configuration,
+    ConfigurationSpace,
+    Float,
+    InCondition,
+    Normal,
+    UniformFloatHyperparameter,
+)
 
 from .errors import AutomergeError
 from .methods import adds_weights, check_methods, is_sparsifying, takes_weights
@@ -91,6 +100,39 @@ def _add_weights(add, block: Block, source_names, settings: SearchSettings, weig
         if scaled:
             add(Float(_name(block, "scale"), (low, high), default=_clamped(1.0, (low, high))),
                 scaled)  # fmt: skip
+
+
+# --prior-acquisition's belief in the prior's configuration: per block, its method gets
+# PRIOR_METHOD of the method choice, and each of its values a normal with a standard deviation
+# of PRIOR_SPREAD of the parameter's range (wide enough that a neighbouring value keeps most
+# of the density: the rule is a guess, not a measurement).
+PRIOR_METHOD = 0.5
+PRIOR_SPREAD = 0.15
+
+
+def with_prior(space: ConfigurationSpace, believed: Configuration, seed: int) -> ConfigurationSpace:
+    """`space` with a prior over the optimum centred on `believed` (πBO, make_optimizer): the
+    same names, ranges, defaults and conditions, so a configuration of one is a configuration
+    of the other. Parameters `believed` leaves inactive stay uniform."""
+    values = dict(believed)
+    out = ConfigurationSpace(seed=seed)
+    for parameter in space.values():
+        name, value = parameter.name, values.get(parameter.name)
+        if isinstance(parameter, CategoricalHyperparameter) and value is not None:
+            rest = (1.0 - PRIOR_METHOD) / max(1, len(parameter.choices) - 1)
+            weights = [PRIOR_METHOD if c == value else rest for c in parameter.choices]
+            parameter = Categorical(name, list(parameter.choices), default=parameter.default_value,
+                                    weights=weights if len(weights) > 1 else None)  # fmt: skip
+        elif isinstance(parameter, UniformFloatHyperparameter) and value is not None:
+            low, high = parameter.lower, parameter.upper
+            belief = Normal(float(value), PRIOR_SPREAD * (high - low))
+            parameter = Float(name, (low, high), default=parameter.default_value,
+                              distribution=belief)  # fmt: skip
+        out.add(parameter)
+    for condition in space.conditions:  # build_space's conditions are all InConditions
+        out.add(InCondition(out[condition.child.name], out[condition.parent.name],
+                            list(condition.values)))  # fmt: skip
+    return out
 
 
 def _weights(

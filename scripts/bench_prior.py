@@ -5,12 +5,16 @@
     python scripts/bench_prior.py --pairs sentiment-wordnet,langid-digits   # hours per pair
 
 Per pair and seed, the default search (every default: baselines first, racing) at `--trials`
-(50, the issue's) and the same search with `--prior` (the rule's predicted configuration and
-two rescaled variants right after the baselines). Measured: the trials and the minutes
-(merge + scoring + optimiser, summed over trials) each search took to reach the default
-search's final best validation H, and each final best. Then `automerge-mk suggest`'s recipe
-(the prior alone, no evaluation) on the disjoint test split next to the five baselines and
-the default search's result.
+(50, the issue's) and three searches with a prior: `--prior --no-prior-acquisition` (the
+rule's predicted configuration and two rescaled variants right after the baselines, nothing
+else), `--prior` (the same, and SMAC's acquisition weighted toward the prediction: πBO), and
+`--prior-from` the default searches of the pair's other seeds (the rule learned from earlier
+runs: here of the same models, as for a user who merges a pair again, so an upper bound of
+what learning across pairs gives). Measured: the trials and the minutes (merge + scoring +
+optimiser, summed over trials) each search took to reach the default search's final best
+validation H, and each final best. Then `automerge-mk suggest`'s recipe (the prior alone, no
+evaluation) on the disjoint test split next to the five baselines and the default search's
+result.
 
 Pairs: `demo` (the demo's models, built here when missing) and scripts/bench_space.py's two
 SmolLM2-135M pairs. Each finished step is appended to scripts/results/prior-steps.jsonl with
@@ -38,14 +42,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "automerge-mk"
 DEMO = CACHE / "demo-models"
 PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchmark's
-MODES = {"default": {}, "prior": {"prior": True}}
+# mode -> (its settings, its column); "learned" adds --prior-from (see learned_from)
+MODES = {
+    "default": ({}, "default"),
+    "prior": ({"prior": True, "prior_acquisition": False}, "--prior, design only"),
+    "pibo": ({"prior": True}, "--prior (πBO)"),
+    "learned": ({"prior": True}, "--prior-from other seeds"),
+}
 BASELINES = ("linear w=0.5", "task_arithmetic w=0.5", "ties w=0.5 d=0.5",
              "dare_linear w=0.5 d=0.5", "dare_ties w=0.5 d=0.5")  # fmt: skip
 
 
-def search_step(pair: str, mode: str, trials: int, seed: int, work: Path) -> dict:
+def learned_from(pair: str, trials: int, seed: int, seeds, work: Path) -> list[str]:
+    """The default searches of the pair's other seeds (finished first: see main)."""
+    return [str(work / f"{pair}-default-{trials}-{other}") for other in seeds if other != seed]
+
+
+def search_step(pair: str, mode: str, trials: int, seed: int, work: Path, seeds) -> dict:
     """One search on the validation split (resumed when interrupted)."""
-    settings = SearchSettings(trials=trials, seed=seed, **MODES[mode])
+    extra = {"prior_from": learned_from(pair, trials, seed, seeds, work)} if mode == "learned" \
+        else {}  # fmt: skip
+    settings = SearchSettings(trials=trials, seed=seed, **MODES[mode][0], **extra)
     out = work / f"{pair}-{mode}-{trials}-{seed}"
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     if not pipeline.finished(out, settings):
@@ -100,39 +117,50 @@ def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
         + ". Seconds are the trials' own (merge, scoring, optimiser), summed; other work may "
         "have shared the 2 cores.",
     ]
+    others = [m for m in MODES if m != "default"]
     for pair in pairs:
-        rows = ["| seed | default best H | --prior best H | trials to reach it: default | "
-                "--prior | minutes: default | --prior |", "|---" * 7 + "|"]  # fmt: skip
-        ratios, finals, compared = [], [], 0
+        columns = [MODES[m][1] for m in others]
+        rows = ["| seed | default best H | trials to reach it: default | "
+                + " | ".join(columns) + " | minutes: default | " + " | ".join(columns)
+                + " | final best H − default's: " + " | ".join(columns) + " |"]  # fmt: skip
+        rows.append("|---" * (len(rows[0].split("|")) - 2) + "|")
+        ratios = {m: [] for m in others}
+        finals = {m: [] for m in others}
+        compared = {m: 0 for m in others}
         for seed in seeds:
             default = done.get(f"search:{pair}:default:{trials}:{seed}")
-            prior = done.get(f"search:{pair}:prior:{trials}:{seed}")
-            if not (default and prior):
-                rows.append(f"| {seed} | not finished yet |" + " |" * 5)
+            if not default:
+                rows.append(f"| {seed} | not finished yet |" + " |" * (len(rows[1]) // 4 - 2))
                 continue
             target = default["best_H"]
-            (n_default, s_default), (n_prior, s_prior) = (
-                reach(default, target),
-                reach(prior, target),
-            )
-            compared += 1
-            finals.append(prior["best_H"] - target)
-            if n_prior:
-                ratios.append(n_prior / n_default)
-            rows.append(
-                f"| {seed} | {target:.4f} | {prior['best_H']:.4f} | {n_default} | "
-                f"{n_prior or 'never'} | {s_default / 60:.1f} | {s_prior / 60:.1f} |"
-            )
+            n_default, s_default = reach(default, target)
+            counts, minutes, deltas = [], [], []
+            for mode in others:
+                found = done.get(f"search:{pair}:{mode}:{trials}:{seed}")
+                if not found:
+                    counts.append("-"), minutes.append("-"), deltas.append("-")
+                    continue
+                n, took = reach(found, target)
+                compared[mode] += 1
+                finals[mode].append(found["best_H"] - target)
+                if n:
+                    ratios[mode].append(n / n_default)
+                counts.append(str(n or "never"))
+                minutes.append(f"{took / 60:.1f}")
+                deltas.append(f"{found['best_H'] - target:+.4f}")
+            rows.append(f"| {seed} | {target:.4f} | {n_default} | " + " | ".join(counts)
+                        + f" | {s_default / 60:.1f} | " + " | ".join(minutes) + " | "
+                        + " | ".join(deltas) + " |")  # fmt: skip
         text = [f"## {pair}", "\n".join(rows)]
-        if compared:
-            share = f"{statistics.mean(ratios):.0%}" if ratios else "-"
-            text.append(
-                f"With the prior the default's best was reached in {len(ratios)} of {compared} "
-                f"seeds, with {share} of the default's trials on average where it was (the issue "
-                f"asks for at most 50 %); final best H minus the default's: "
-                + ", ".join(f"{d:+.4f}" for d in finals)
-                + "."
-            )
+        for mode in others:
+            if compared[mode]:
+                share = f"{statistics.mean(ratios[mode]):.0%}" if ratios[mode] else "-"
+                text.append(
+                    f"{MODES[mode][1]}: the default's best reached in {len(ratios[mode])} of "
+                    f"{compared[mode]} seeds, with {share} of the default's trials on average "
+                    f"where it was (the issue asks for at most 50 %); final best H minus the "
+                    f"default's, mean {statistics.mean(finals[mode]):+.4f}."
+                )
         suggested = done.get(f"suggest:{pair}")
         if suggested:
             table = [
@@ -158,6 +186,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="demo")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--modes", default=",".join(MODES), help="which searches to run")
     parser.add_argument("--work", type=Path, default=CACHE / "prior-runs")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only write prior.md")
@@ -177,12 +206,12 @@ def main() -> None:
         (args.results / "prior.md").write_text(render(done, pairs, seeds, args.trials, digests))
 
     for pair in [] if args.render else pairs:
-        for seed in seeds:
-            for mode in MODES:
-                step = f"search:{pair}:{mode}:{args.trials}:{seed}"
-                if step not in done:
-                    print(f"{step}: running", flush=True)
-                    record(step, pair, search_step(pair, mode, args.trials, seed, args.work))
+        # every seed's default first: the learned mode learns from the other seeds' defaults
+        for mode, seed in [(m, s) for m in MODES for s in seeds]:
+            step = f"search:{pair}:{mode}:{args.trials}:{seed}"
+            if step not in done and mode in args.modes.split(","):
+                print(f"{step}: running", flush=True)
+                record(step, pair, search_step(pair, mode, args.trials, seed, args.work, seeds))
         if f"test:{pair}:default:{args.trials}:0" not in done:
             searched = done[f"search:{pair}:default:{args.trials}:{seeds[0]}"]
             record(f"test:{pair}:default:{args.trials}:0", pair,

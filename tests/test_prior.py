@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,10 +18,11 @@ from safetensors.torch import load_file, save_file
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.features import BlockFeatures, model_features
-from automerge_mk.prior import block_choice, prior_plans
-from automerge_mk.rundir import RunDir
+from automerge_mk.prior import block_choice, learned_choice, prior_plans
+from automerge_mk.rundir import RunDir, RunRecord
 from automerge_mk.segment import segment_model
 from automerge_mk.settings import SearchSettings
+from automerge_mk.types import BlockChoice
 
 BIN = Path(sys.executable).parent
 
@@ -184,3 +186,105 @@ def test_an_interrupted_prior_search_resumes_from_its_recorded_prediction(
     resumed = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
     assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
     assert [t.config for t in RunDir(out).trials()] == [t.config for t in finished]
+
+
+def test_prior_acquisition_prefers_the_belief_and_counts_inactive_parameters_as_one():
+    from ConfigSpace import Configuration
+    from smac.acquisition.function import EI
+    from smac.model.random_forest import RandomForest
+
+    from automerge_mk.search.optimizer import _ConditionalPrior
+    from automerge_mk.space import build_space, with_prior
+    from automerge_mk.types import Block
+
+    settings = SearchSettings(methods=("task_arithmetic", "ties", "linear"))
+    blocks = (Block(name="L0", tensors=("w",), filters=("w",), parameters=1),)
+    space = build_space(blocks, ("a", "b"), settings)
+    believed = {"L0:method": "ties", "L0:mix": 0.5, "L0:density:a": 0.3, "L0:density:b": 0.3}
+    prior = _ConditionalPrior(EI(), 5.0, with_prior(space, Configuration(space, believed), 0))
+    prior.model = RandomForest(space, seed=0)
+    near = Configuration(space, believed | {"L0:mix": 0.55})
+    far = Configuration(space, believed | {"L0:mix": 0.05, "L0:density:a": 0.95})
+    other = Configuration(space, {"L0:method": "linear", "L0:mix": 0.5})  # densities inactive
+    near_v, far_v, other_v = prior._compute_prior(
+        numpy.array([c.get_array() for c in (near, far, other)])
+    ).ravel()
+    # far: below the smallest bin of SMAC's discretised density, so 0 (the floor is added
+    # later); SMAC's own gave the near one and the other method 0 too (inactive densities)
+    assert near_v > far_v >= 0 and other_v > 0
+    uniform = _ConditionalPrior(EI(), 5.0, space)
+    uniform.model = RandomForest(space, seed=0)
+    flat = uniform._compute_prior(numpy.array([c.get_array() for c in (near, other)])).ravel()
+    assert flat[0] < near_v and flat[1] > 0  # the belief raised its neighbourhood
+
+
+def test_prior_acquisition_changes_the_proposals_after_the_design(demo_models, tmp_path):
+    runs = {}
+    for name, extra in (("weighted", []), ("design-only", ["--no-prior-acquisition"])):
+        out = tmp_path / name
+        arguments = short_search_arguments(demo_models, out, 16) + ["--prior", *extra]
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        runs[name] = [t.config for t in RunDir(out).trials()]
+    baselines = json.loads((tmp_path / "weighted" / "baselines.json").read_text())
+    known = runs["weighted"][: len([b for b in baselines.values() if "trial" in b])]
+    prior = json.loads((tmp_path / "weighted" / "prior.json").read_text())["configs"].values()
+    design = len(known) + len([c for c in prior if c not in known]) + 4  # --initial 4
+    assert runs["weighted"][:design] == runs["design-only"][:design]  # the same start
+    assert runs["weighted"][design:] != runs["design-only"][design:]  # proposals differ
+
+
+def test_learned_choice_follows_the_nearest_blocks_and_matches_sources_by_norm():
+    settings = SearchSettings()
+    near = _features(block="x", norms=(2.0, 1.0), cosine=0.05)
+    far = _features(block="y", cosine=0.9, sign_conflict=0.1, relative_norm=0.3)
+    examples = [(near, BlockChoice(method="ties", weights=(1.2, 0.8), densities=(0.4, 0.6)))] * 2
+    examples += [(far, BlockChoice(method="linear", weights=(0.5, 0.5)))] * 2
+    here = _features(norms=(1.0, 3.0), cosine=0.06)  # the second source has the larger vector
+    found = learned_choice(here, examples, settings)
+    assert found.method == "ties"
+    assert found.weights == (0.8, 1.2) and found.densities == (0.6, 0.4)  # swapped by norm
+    assert learned_choice(far, examples, settings).method == "linear"
+    only_ta = SearchSettings(methods=("task_arithmetic",))
+    assert learned_choice(here, examples, only_ta) is None  # nothing it can use: the rule
+
+
+def test_prior_from_an_earlier_run_predicts_its_best_trials_merges(demo_models, demo_run, tmp_path):
+    from automerge_mk import front
+    from automerge_mk.space import plan_from_record
+
+    out = tmp_path / "learned"
+    arguments = short_search_arguments(demo_models, out, 12) + ["--prior-from", str(demo_run)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    prior = json.loads((out / "prior.json").read_text())
+    assert prior["learned_from"] == [str(demo_run.resolve())]
+    record = RunRecord.read(demo_run)
+    trials = front.candidates(RunDir(demo_run).trials(), list(record.names))
+    best = sorted(trials, key=lambda t: -t.harmonic_mean)[:3]
+    plans = [plan_from_record(record, t.config) for t in best]
+    predicted = plan_from_record(RunRecord.read(out), prior["configs"]["prior"])
+    for i, block in enumerate(predicted.blocks):
+        # Its own block's features are the nearest (distance 0): the majority of the best
+        # three trials' methods for it, unless another block of the same features ties.
+        methods = [p.choices[i].method for p in plans]
+        if max(map(methods.count, set(methods))) >= 2:
+            assert predicted.choices[i].method == max(set(methods), key=methods.count), block
+
+
+def test_prior_from_a_folder_that_is_no_run_or_of_other_sources_is_refused_before_loading(
+    demo_models, demo_run, tmp_path
+):
+    arguments = short_search_arguments(demo_models, tmp_path / "run", 12)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, arguments + ["--prior-from", str(empty)])
+    assert result.exit_code == 1 and "not an automerge-mk run directory" in result.output
+    three = tmp_path / "three"  # the demo run's record with a third source
+    three.mkdir()
+    record = json.loads((demo_run / "settings.json").read_text())
+    record["models"].append(record["models"][0] | {"name": "third"})
+    (three / "settings.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(main, arguments + ["--prior-from", str(three)])
+    assert result.exit_code == 1 and "merged 3 sources, this search 2" in result.output
+    assert not (tmp_path / "run").exists()

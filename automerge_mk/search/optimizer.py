@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 from ConfigSpace import Configuration, ConfigurationSpace
+from ConfigSpace.hyperparameters import FloatHyperparameter
 from smac import HyperparameterOptimizationFacade, MultiFidelityFacade, RandomFacade, Scenario
+from smac.acquisition.function import PriorAcquisitionFunction
 from smac.acquisition.maximizer.local_search import LocalSearch
 from smac.facade.abstract_facade import AbstractFacade
 from smac.initial_design import RandomInitialDesign, SobolInitialDesign
@@ -31,6 +33,48 @@ class _RepeatableLocalSearch(LocalSearch):
     def _get_initial_points(self, *args, **kwargs):
         points = super()._get_initial_points(*args, **kwargs)
         return sorted(points, key=lambda c: tuple(np.nan_to_num(c.get_array(), nan=-1.0)))
+
+
+class _ConditionalPrior(PriorAcquisitionFunction):
+    """SMAC's πBO (expected improvement times the prior's density, to the power
+    decay_beta / (trials since the design + 1)) for a conditional space. SMAC 2.4.1 takes the
+    density of every parameter, and an inactive one (NaN: a density under a method without
+    densities) has density 0, so every configuration with an inactive parameter, i.e. all of
+    ours, got the floor 1e-12 and the prior said nothing. Here an inactive parameter counts
+    1: a configuration's prior is that of the parameters it uses. The densities come from
+    `believed`, the searched space with priors (space.with_prior): SMAC's forest refuses
+    conditional normal parameters, so the forest and the maximiser keep the uniform space
+    (the two encode configurations alike: ConfigSpace maps every float to [0, 1])."""
+
+    def __init__(self, acquisition, decay_beta: float, believed: ConfigurationSpace):
+        super().__init__(acquisition, decay_beta)
+        self._believed = believed
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model, self._hyperparameters = model, dict(self._believed)
+        self._discretize = True  # as SMAC does for a forest (piecewise-constant acquisition)
+
+    def _compute_prior(self, X: np.ndarray) -> np.ndarray:
+        values = np.ones((len(X), 1))
+        bins = int(np.ceil(self._discrete_bins_factor * self._decay_beta
+                           / (self._iteration_number + 1)))  # fmt: skip
+        for parameter, column in zip(self._hyperparameters.values(), X.T):
+            active = ~np.isnan(column)
+            if not active.any():
+                continue
+            if self._discretize and isinstance(parameter, FloatHyperparameter):
+                with warnings.catch_warnings():  # SMAC 2.4.1 calls ConfigSpace's old _pdf
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    found = self._compute_discretized_pdf(parameter, column[active], bins)
+            else:
+                found = parameter.pdf_vector(column[active])
+            values[active] *= np.asarray(found, dtype=float).reshape(-1, 1)
+        return values
 
 
 class _KnownFirst:
@@ -60,6 +104,7 @@ def make_optimizer(
     fidelity: Fidelity | None = None,
     known: Sequence[Configuration] = (),
     objectives: Sequence[str] = (),
+    believed: ConfigurationSpace | None = None,
 ) -> AbstractFacade:
     """SMAC's HPO facade with an explicit Sobol initial design and a single-threaded forest.
 
@@ -72,7 +117,11 @@ def make_optimizer(
     the first trials, before the initial design; they count in `trials`, and the design
     shrinks to fit. `objectives` (task names; two or more): one cost per task, 1 - AP,
     scalarised by SMAC's ParEGO (random task weights per proposal), so that trials spread
-    along the Pareto front instead of crowding at one compromise.
+    along the Pareto front instead of crowding at one compromise. `believed`: `space` with a
+    prior over the optimum (space.with_prior, --prior-acquisition); the acquisition is then
+    SMAC's πBO (Hvarfner et al. 2022), expected improvement times the prior, whose weight
+    decays as decay_beta / (trials since the design + 1), decay_beta = trials / 10 (SMAC's
+    recommended value).
     """
     known = list(known)[:trials]
     initial = max(0, min(initial, trials - len(known))) if known else initial
@@ -107,6 +156,12 @@ def make_optimizer(
             **several,
         )
     maximizer = HyperparameterOptimizationFacade.get_acquisition_maximizer(scenario)
+    acquisition = {}
+    if believed is not None:
+        acquisition["acquisition_function"] = _ConditionalPrior(
+            HyperparameterOptimizationFacade.get_acquisition_function(scenario), trials / 10,
+            believed,
+        )  # fmt: skip
     maximizer._local_search.__class__ = _RepeatableLocalSearch
     if fidelity:
         facade = MultiFidelityFacade
@@ -128,6 +183,7 @@ def make_optimizer(
         overwrite=True,
         logging_level=40,
         **several,
+        **acquisition,
     )
 
 
