@@ -384,13 +384,14 @@ def baselines(models, base, data, overwrite, out, grid, **options) -> None:
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default="suggested.yaml",
               show_default=True, help="Where the recipe goes.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@setting_options(("strategy", "methods", "weight_range", "density_range", "seed", "max_length",
-                  "text_column", "dtype", "tokenizer_source", "trust_remote_code",
+@setting_options(("strategy", "methods", "weight_range", "density_range", "prior_from", "seed",
+                  "max_length", "text_column", "dtype", "tokenizer_source", "trust_remote_code",
                   "allow_pickle_weights"))  # fmt: skip
 def suggest(models, base, data, out, overwrite, **options) -> None:
     """Write the merge the similarity features predict for MODELS, with no evaluation at all:
     per block TIES where the task vectors interfere, task arithmetic where they do not (the
-    rule is in the README), as a recipe plain mergekit builds.
+    rule is in the README), or with --prior-from what earlier runs' best trials chose for the
+    blocks most alike, as a recipe plain mergekit builds.
 
     \b
     Example:

@@ -91,9 +91,9 @@ def reach(record: dict, target: float) -> tuple[int | None, float]:
     return None, seconds
 
 
-def suggest_step(pair: str, work: Path, scorer: TestScorer) -> dict:
+def suggest_step(pair: str, work: Path, scorer: TestScorer, learned: list[str]) -> dict:
     """suggest's recipe (validation probe, no evaluation) scored on the test split, with the
-    baselines beside it."""
+    baselines beside it; with `learned` runs, also `suggest --prior-from` them."""
     request = pair_inputs(pair, "validation")
     out = work / f"{pair}-suggested.yaml"
     settings = SearchSettings()
@@ -101,6 +101,11 @@ def suggest_step(pair: str, work: Path, scorer: TestScorer) -> dict:
     inputs = scorer.open().inputs
     _, plans = pipeline.predicted_plans(inputs, settings)  # the rule suggest applied
     rows = {"suggest": scorer.score_plan(plans["prior"], "suggest")}
+    if learned:
+        settings = SearchSettings(prior_from=learned)
+        _, plans = pipeline.predicted_plans(inputs, settings)
+        label = f"suggest --prior-from (seeds {', '.join(r.rsplit('-', 1)[1] for r in learned)})"
+        rows[label] = scorer.score_plan(plans["prior"], label)
     for label, plan in scorer.fixed_rows().items():
         if label in BASELINES:
             rows[label] = scorer.score_plan(plan, label)
@@ -161,6 +166,13 @@ def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
                     f"where it was (the issue asks for at most 50 %); final best H minus the "
                     f"default's, mean {statistics.mean(finals[mode]):+.4f}."
                 )
+        text.append(
+            "πBO multiplies the acquisition by the prior, so it is as good as the prediction: "
+            "compare the `suggest` rows below with the baselines (the prediction scored "
+            "alone). --prior-from learns from runs of the same models here, the most a user "
+            "who merges again can expect; from other pairs it can only be as good as their "
+            "blocks are alike."
+        )
         suggested = done.get(f"suggest:{pair}")
         if suggested:
             table = [
@@ -216,9 +228,12 @@ def main() -> None:
             searched = done[f"search:{pair}:default:{args.trials}:{seeds[0]}"]
             record(f"test:{pair}:default:{args.trials}:0", pair,
                    {"row": scorers[pair].score_search(searched)})  # fmt: skip
-        if f"suggest:{pair}" not in done:
+        others = [s for s in seeds[1:] if f"search:{pair}:default:{args.trials}:{s}" in done]
+        learned = learned_from(pair, args.trials, seeds[0], [seeds[0], *others], args.work)
+        rows = len(done.get(f"suggest:{pair}", {}).get("rows", ()))
+        if rows < 6 + bool(learned):  # suggest and the five baselines, and the learned one
             print(f"suggest:{pair}: running", flush=True)
-            record(f"suggest:{pair}", pair, suggest_step(pair, args.work, scorers[pair]))
+            record(f"suggest:{pair}", pair, suggest_step(pair, args.work, scorers[pair], learned))
     (args.results / "prior.md").write_text(render(done, pairs, seeds, args.trials, digests))
     print((args.results / "prior.md").read_text())
 
