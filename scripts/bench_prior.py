@@ -53,15 +53,17 @@ BASELINES = ("linear w=0.5", "task_arithmetic w=0.5", "ties w=0.5 d=0.5",
              "dare_linear w=0.5 d=0.5", "dare_ties w=0.5 d=0.5")  # fmt: skip
 
 
-def learned_from(pair: str, trials: int, seed: int, seeds, work: Path) -> list[str]:
-    """The default searches of the pair's other seeds (finished first: see main)."""
-    return [str(work / f"{pair}-default-{trials}-{other}") for other in seeds if other != seed]
+def learned_from(pair: str, trials: int, seed: int, work: Path) -> list[str]:
+    """The finished default searches of the pair's other seeds (main runs every default
+    first; with --seeds 0 after a --seeds 0,1 --modes default run, seed 1's)."""
+    runs = sorted(work.glob(f"{pair}-default-{trials}-*"))
+    return [str(r) for r in runs if r.name != f"{pair}-default-{trials}-{seed}"
+            and (r / rundir.BEST).is_file()]  # fmt: skip
 
 
-def search_step(pair: str, mode: str, trials: int, seed: int, work: Path, seeds) -> dict:
+def search_step(pair: str, mode: str, trials: int, seed: int, work: Path) -> dict:
     """One search on the validation split (resumed when interrupted)."""
-    extra = {"prior_from": learned_from(pair, trials, seed, seeds, work)} if mode == "learned" \
-        else {}  # fmt: skip
+    extra = {"prior_from": learned_from(pair, trials, seed, work)} if mode == "learned" else {}
     settings = SearchSettings(trials=trials, seed=seed, **MODES[mode][0], **extra)
     out = work / f"{pair}-{mode}-{trials}-{seed}"
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
@@ -223,13 +225,12 @@ def main() -> None:
             step = f"search:{pair}:{mode}:{args.trials}:{seed}"
             if step not in done and mode in args.modes.split(","):
                 print(f"{step}: running", flush=True)
-                record(step, pair, search_step(pair, mode, args.trials, seed, args.work, seeds))
+                record(step, pair, search_step(pair, mode, args.trials, seed, args.work))
         if f"test:{pair}:default:{args.trials}:0" not in done:
             searched = done[f"search:{pair}:default:{args.trials}:{seeds[0]}"]
             record(f"test:{pair}:default:{args.trials}:0", pair,
                    {"row": scorers[pair].score_search(searched)})  # fmt: skip
-        others = [s for s in seeds[1:] if f"search:{pair}:default:{args.trials}:{s}" in done]
-        learned = learned_from(pair, args.trials, seeds[0], [seeds[0], *others], args.work)
+        learned = learned_from(pair, args.trials, seeds[0], args.work)
         rows = len(done.get(f"suggest:{pair}", {}).get("rows", ()))
         if rows < 6 + bool(learned):  # suggest and the five baselines, and the learned one
             print(f"suggest:{pair}: running", flush=True)
