@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from . import rundir
 from .errors import (
+    AutomergeError,
     DataError,
     ModelReferenceError,
     NonFiniteError,
@@ -696,6 +697,13 @@ def _learned_from(run_dir: Path, sources: int) -> RunRecord:
             f"{len(record.models)} sources, this search {sources}"  # fmt: skip
         raise RunDirectoryError(f"--prior-from {run_dir} merged {why}: give runs of "
                                 f"{sources} sources and a base")  # fmt: skip
+    gone = [str(m.path) for m in [*record.models, record.base] if not Path(m.path).is_dir()]
+    if gone and not (run_dir / rundir.PRIOR).is_file():
+        raise RunDirectoryError(
+            f"--prior-from {run_dir}: its models are no longer where it found them "
+            f"({', '.join(gone)}), and it was searched without --prior, which keeps the "
+            "features in prior.json; give runs whose models are still there"
+        )
     return record
 
 
@@ -722,7 +730,7 @@ def _examples(settings: SearchSettings, sources: int) -> list:
                 models = [m.path for m in record.models]
                 features = model_features(models, record.base.path, record.blocks, None,
                                           settings.trust_remote_code)  # fmt: skip
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, AutomergeError) as error:
                 raise RunDirectoryError(
                     f"--prior-from {earlier}: its models are no longer readable where it found "
                     f"them ({error}); only runs searched with --prior keep their features"

@@ -287,4 +287,11 @@ def test_prior_from_a_folder_that_is_no_run_or_of_other_sources_is_refused_befor
     (three / "settings.json").write_text(json.dumps(record))
     result = CliRunner().invoke(main, arguments + ["--prior-from", str(three)])
     assert result.exit_code == 1 and "merged 3 sources, this search 2" in result.output
+    moved = tmp_path / "moved"  # its models gone, no prior.json: nothing to learn from
+    moved.mkdir()
+    record = json.loads((demo_run / "settings.json").read_text())
+    record["models"][0]["path"] = str(tmp_path / "gone")
+    (moved / "settings.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(main, arguments + ["--prior-from", str(moved)])
+    assert result.exit_code == 1 and "no longer where it found them" in result.output
     assert not (tmp_path / "run").exists()
