@@ -1429,24 +1429,54 @@ def segment_text(
     trust_remote_code: bool = False,
     allow_pickle_weights: bool = False,
 ) -> str:
-    """The blocks a model (folder or Hub id) is split into: a table with totals, or JSON."""
-    from .segment import blocks_to_json, describe_blocks, segment_model
+    """The blocks a model (folder or Hub id, or a raw PyTorch model's folder) is split into:
+    a table with totals, or JSON."""
+    from .modules import is_module_folder
+    from .segment import blocks_to_json, segment_model
     from .sources import resolve_model
-    from .vocab import read_vocabulary
 
-    resolved = resolve_model(model, trust_remote_code, allow_pickle_weights)
-    folder = resolved.model_folder
+    raw = is_module_folder(Path(model).expanduser())
+    resolved = None if raw else resolve_model(model, trust_remote_code, allow_pickle_weights)
+    folder = Path(model).expanduser().resolve() if raw else resolved.model_folder
     blocks = segment_model(folder, strategy, trust_remote_code)
     if as_json:
         return blocks_to_json(blocks)
+    lines = _blocks_table(blocks)
+    if raw:
+        return "\n".join(lines + [_module_trace_line(folder, trust_remote_code)])
+    from .vocab import read_vocabulary
+
+    lines.append(read_vocabulary(resolved.name, folder, trust_remote_code).summary())
+    if resolved.adapter_of:
+        lines.append(f"adapter: {resolved.name} (PEFT) applied to {resolved.adapter_of.name}; "
+                     f"merges read it as {resolved.pinned}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _module_trace_line(folder: Path, trust_remote_code: bool) -> str:
+    """`segment` of a raw PyTorch model: the trace it was split on, unit by unit."""
+    from .segment import module_trace
+
+    def shown(signature) -> str:
+        if signature is None:
+            return "not reached"
+        rank, rest = signature
+        return f"{rank}-D {tuple(rest)}"
+
+    trace = module_trace(folder, trust_remote_code)
+    return "trace (output rank and shape past the batch and first axes): " + " → ".join(
+        f"{path} {shown(signature)}" for path, signature in trace
+    )
+
+
+def _blocks_table(blocks) -> list[str]:
+    """`segment`'s table of blocks and its totals line."""
+    from .segment import describe_blocks
+
     rows = describe_blocks(blocks)
     widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
     lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
     lines += ["  ".join(row[k].ljust(w) for k, w in widths.items()) for row in rows]
     tensors, total = sum(len(b.tensors) for b in blocks), sum(b.parameters for b in blocks)
     lines.append(f"{len(blocks)} blocks, {tensors} tensors, {total:,} parameters")
-    lines.append(read_vocabulary(resolved.name, folder, trust_remote_code).summary())
-    if resolved.adapter_of:
-        lines.append(f"adapter: {resolved.name} (PEFT) applied to {resolved.adapter_of.name}; "
-                     f"merges read it as {resolved.pinned}")  # fmt: skip
-    return "\n".join(lines)
+    return lines

@@ -2,10 +2,14 @@
 
 The base segmentation traces one forward pass on the meta device (no weights are loaded) with
 hooks on the top-level sub-modules and starts a new block wherever the output's shape
-signature changes. Finer strategies split further: `layers:K` cuts the layer stack into K
-contiguous groups, `components` separates attention tensors from the rest; they combine as
-`layers:4+components`. Tensor names are mergekit's own (its architecture definitions decide
-what a merge touches), so every block is exactly a set of tensors mergekit will merge.
+signature changes (its rank and the sizes past the batch and sequence or channel axes): in a
+conv + transformer model such as CCT, the convolutional tokenizer's 4-D activations end where
+the transformer's 3-D ones begin. Finer strategies split further: `layers:K` cuts the layer
+stack into K contiguous groups, `components` separates attention tensors from the rest; they
+combine as `layers:4+components`. Tensor names are mergekit's own (its architecture
+definitions decide what a merge touches; of a raw PyTorch model, every tensor of its state
+dict, as `mergekit-pytorch` merges them), so every block is exactly a set of tensors mergekit
+will merge.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_con
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import ArchitectureMismatchError, ModelReferenceError, SettingsError
+from .modules import build_module, example_input, is_module_folder
 from .types import STRATEGY_HELP, Block, Component
 from .weights import open_weights, weight_files
 
@@ -169,18 +174,20 @@ class _Unit:
     tensors: list[str] = field(default_factory=list)
 
 
-def _top_level_units(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, object]]:
+def _top_level_units(
+    module: torch.nn.Module, prefix: str = ""
+) -> Iterator[tuple[str, object, int | None]]:
     # Descend through wrappers (LlamaForCausalLM.model, GPT2LMHeadModel.transformer) until the
-    # layer stack (a ModuleList) and its siblings are reached.
+    # layer stack (a ModuleList) and its siblings are reached; a stack's element has its index.
     for name, child in module.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, torch.nn.ModuleList):
             for index, element in child.named_children():
-                yield f"{path}.{index}", element
+                yield f"{path}.{index}", element, int(index)
         elif any(isinstance(m, torch.nn.ModuleList) for m in child.modules()):
             yield from _top_level_units(child, f"{path}.")
-        elif any(True for _ in child.parameters()):
-            yield path, child
+        elif any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+            yield path, child, None
 
 
 def _signature(output: object) -> tuple | None:
@@ -194,9 +201,10 @@ def _signature(output: object) -> tuple | None:
     return (output.dim(), tuple(output.shape[2:] if output.dim() >= 3 else output.shape[1:]))
 
 
-def _trace_units(config: PretrainedConfig, trust_remote_code: bool = False) -> list[_Unit]:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+def _traced(model: torch.nn.Module, run, stack_layers: bool = False) -> list[_Unit]:
+    """The model's top-level units in the order a forward pass (`run(model)`, on the meta
+    device) reaches them, each with its output's shape signature; with `stack_layers`, a
+    layer stack's elements are numbered by their index (for models mergekit does not know)."""
     units: list[_Unit] = []
     hooks = []
     calls = iter(range(1 << 30))
@@ -208,20 +216,57 @@ def _trace_units(config: PretrainedConfig, trust_remote_code: bool = False) -> l
 
         return hook
 
-    for path, module in _top_level_units(model):
-        unit = _Unit(path=path, layer=None)
+    for path, module, index in _top_level_units(model):
+        unit = _Unit(path=path, layer=index if stack_layers else None)
         units.append(unit)
         hooks.append(module.register_forward_hook(record(unit)))
     try:
         with torch.no_grad():
-            model(input_ids=torch.zeros((1, 4), dtype=torch.long, device="meta"))
+            run(model)
     except Exception:  # noqa: BLE001 - a model that cannot run on meta keeps module order
         pass
     for hook in hooks:
         hook.remove()
     units.sort(key=lambda u: u.order)  # stable: units that never ran keep module order
-    del model
     return units
+
+
+def _trace_units(config: PretrainedConfig, trust_remote_code: bool = False) -> list[_Unit]:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return _traced(model, lambda m: m(input_ids=torch.zeros((1, 4), dtype=torch.long,
+                                                            device="meta")))  # fmt: skip
+
+
+def _module_units(folder: Path, trust_remote_code: bool) -> tuple[list[_Unit], list[str]]:
+    """A raw PyTorch model's traced units and tensor names (modules.py), its state dict
+    checked against the module's.
+
+    Raises:
+        ModelReferenceError: as modules.build_module.
+        ArchitectureMismatchError: when the state dict does not fit the module.
+    """
+    module, spec = build_module(folder, trust_remote_code)
+    shapes = tensor_shapes(folder)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    wrong = sorted(set(expected) ^ set(shapes)) + sorted(
+        k for k in set(expected) & set(shapes) if expected[k] != shapes[k]
+    )
+    if wrong:
+        raise ArchitectureMismatchError(
+            f"the state dict of {folder} does not fit {spec.module}(**kwargs): "
+            f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''} missing, unexpected or "
+            "of another shape"
+        )
+    units = _traced(module, lambda m: m(example_input(spec)), stack_layers=True)
+    return units, list(expected)
+
+
+def module_trace(folder: Path, trust_remote_code: bool = False) -> list[tuple[str, tuple | None]]:
+    """A raw PyTorch model's top-level units and their output signatures (rank, shape past the
+    batch and first axes) in forward order: what segmentation splits on."""
+    units, _ = _module_units(folder, trust_remote_code)
+    return [(u.path, u.signature) for u in units]
 
 
 def _assign_tensors(units: list[_Unit], names: list[str], layer_of: dict[str, int]) -> list[_Unit]:
@@ -298,7 +343,8 @@ def segment_model(
     """Segment a model folder into blocks.
 
     Args:
-        folder: a transformers model folder (config.json + safetensors).
+        folder: a transformers model folder (config.json + safetensors), or a raw PyTorch
+            model's (module.json + model.safetensors: modules.py).
         strategy: see `STRATEGY_HELP`.
         trust_remote_code: trace the model class of the folder's own code (auto_map).
 
@@ -308,13 +354,19 @@ def segment_model(
     Raises:
         SettingsError: on an unknown strategy.
         ModelReferenceError: when the folder or its architecture cannot be read.
+        ArchitectureMismatchError: when a raw PyTorch model's state dict does not fit its
+            module.
     """
     groups, components = parse_strategy(strategy)
-    config = load_config(folder, trust_remote_code)
-    names = merge_tensor_names(folder, config)
     shapes = tensor_shapes(folder)
-    layer_of = _layer_index(config)
-    units = _assign_tensors(_trace_units(config, trust_remote_code), names, layer_of)
+    if is_module_folder(folder):  # a raw PyTorch model: its own module, every tensor merged
+        traced, names = _module_units(folder, trust_remote_code)
+        units = _assign_tensors(traced, names, {})
+    else:
+        config = load_config(folder, trust_remote_code)
+        names = merge_tensor_names(folder, config)
+        layer_of = _layer_index(config)
+        units = _assign_tensors(_trace_units(config, trust_remote_code), names, layer_of)
 
     trace_groups: list[list[_Unit]] = []
     for unit in units:

@@ -13,9 +13,11 @@
 - base: `scripts/cct.py`'s CCT trained on a few train images of every digit (see BASE);
 - specialists "low" and "high": the base fully fine-tuned on its task's train split.
 
-Each model is a folder `{name}/` with `model.safetensors` (the float32 state dict),
-`cct.json` ({"module": "cct:CCT", "kwargs": {...}}: the class, importable from scripts/, and
-its constructor arguments) and `training.json`. Everything is seeded and trained on --threads
+Each model is a raw PyTorch model folder (automerge_mk/modules.py) `{name}/`:
+`model.safetensors` (the float32 state dict), `module.json` ({"module": "cct:CCT", "kwargs":
+{...}, "input_shape": [1, 8, 8]}: the class, its constructor arguments and one image's
+shape), a copy of `cct.py` (the code comes with the model: automerge-mk runs it with
+--trust-remote-code), and `training.json`. Everything is seeded and trained on --threads
 torch threads (default 1); what exists with the same settings is reused, so a rerun only checks.
 The check scores every model on every task's validation and test split, prints a table and
 writes `{out}/build.json` (settings, accuracies, sha256 digests of weights and data); it exits
@@ -39,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for cct.py, named in cct.json
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for cct.py, named in module.json
 
 DEFAULT_DIR = Path.home() / ".cache" / "automerge-mk" / "cct"
 MODULE = "cct:CCT"  # import path relative to scripts/
@@ -120,8 +122,8 @@ def new_module(module: str, kwargs: dict) -> torch.nn.Module:
 
 
 def load_cct(folder: Path) -> torch.nn.Module:
-    """The model saved in `folder` (cct.json + model.safetensors), in eval mode."""
-    spec = json.loads((folder / "cct.json").read_text())
+    """The model saved in `folder` (module.json + model.safetensors), in eval mode."""
+    spec = json.loads((folder / "module.json").read_text())
     model = new_module(spec["module"], spec["kwargs"])
     model.load_state_dict(load_file(folder / "model.safetensors"))
     return model.eval()
@@ -178,7 +180,9 @@ def train(
     partial.mkdir(parents=True)
     weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(weights, partial / "model.safetensors")
-    (partial / "cct.json").write_text(json.dumps({"module": MODULE, "kwargs": MODEL_KWARGS}))
+    spec = {"module": MODULE, "kwargs": MODEL_KWARGS, "input_shape": [1, 8, 8]}
+    (partial / "module.json").write_text(json.dumps(spec, indent=2))
+    shutil.copy(Path(__file__).resolve().parent / "cct.py", partial / "cct.py")
     (partial / "training.json").write_text(json.dumps(record, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -1,0 +1,144 @@
+"""Raw PyTorch models: a folder with a state dict and the module class that holds it.
+
+Beside causal LMs (a transformers folder: config.json + weights), a model can be any
+`torch.nn.Module` (a CCT image classifier, a convolutional net): a folder with
+
+- `model.safetensors`: the module's state dict (`safetensors.torch.save_file`), the file
+  `mergekit-pytorch` merges as it is;
+- `module.json`: how to build the module, `{"module": "NAME:Class", "kwargs": {...},
+  "input_shape": [C, H, W], "input_dtype": "float32"}`. `NAME` is a Python file `NAME.py` in
+  the folder (code that comes with the model, run only with --trust-remote-code, as
+  transformers runs a repository's modelling code) or an importable module (`pkg.models`);
+  `kwargs` are the constructor's; `input_shape` is one example's shape (no batch axis),
+  which the trace of segment.py feeds zeros of on the meta device.
+
+transformers' `PreTrainedModel` needs a config class and a registered architecture per model
+and mergekit's architecture files describe transformers models only; timm and torchvision
+know their own zoos. None of them builds an arbitrary class from a name and keyword
+arguments, so this module does, in a few lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ModelReferenceError
+
+MODULE_SPEC = "module.json"
+STATE_DICT = "model.safetensors"
+
+
+class ModuleSpec(BaseModel):
+    """What module.json says (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    module: str
+    kwargs: dict[str, Any] = {}
+    input_shape: tuple[int, ...]
+    input_dtype: str = "float32"
+
+
+def is_module_folder(folder: Path) -> bool:
+    """Whether `folder` holds a raw PyTorch model (module.json) rather than a transformers one."""
+    return (Path(folder) / MODULE_SPEC).is_file() and not (Path(folder) / "config.json").is_file()
+
+
+def read_spec(folder: Path) -> ModuleSpec:
+    """The folder's module.json.
+
+    Raises:
+        ModelReferenceError: when it is unreadable or not a module spec, or the state dict
+            file is missing.
+    """
+    file = Path(folder) / MODULE_SPEC
+    try:
+        spec = ModuleSpec.model_validate(json.loads(file.read_text()))
+    except (OSError, ValueError, ValidationError) as error:
+        raise ModelReferenceError(
+            f'cannot read {file} ({error}); it needs {{"module": "NAME:Class", "kwargs": '
+            '{...}, "input_shape": [C, H, W]}'
+        ) from None
+    if ":" not in spec.module:
+        raise ModelReferenceError(f"{file}: module must be NAME:Class, not {spec.module!r}")
+    if not (Path(folder) / STATE_DICT).is_file():
+        raise ModelReferenceError(f"{folder} has {MODULE_SPEC} but no {STATE_DICT} state dict")
+    return spec
+
+
+def module_class(folder: Path, spec: ModuleSpec, trust_remote_code: bool = False) -> type:
+    """The class module.json names: from `NAME.py` in the folder, or an importable module.
+
+    Raises:
+        ModelReferenceError: when the code is the folder's own and trust_remote_code is off,
+            the module cannot be imported, or the name is not a torch.nn.Module class.
+    """
+    name, _, attribute = spec.module.partition(":")
+    local = Path(folder) / f"{name}.py"
+    if local.is_file():
+        if not trust_remote_code:
+            raise ModelReferenceError(
+                f"{folder} brings its own code ({local.name}); run it with --trust-remote-code "
+                "if you trust it"
+            )
+        # One module per file content: two folders with different NAME.py never share one.
+        digest = hashlib.sha256(local.read_bytes()).hexdigest()[:16]
+        key = f"automerge_mk_module_{name}_{digest}"
+        if key not in sys.modules:
+            loader = importlib.util.spec_from_file_location(key, local)
+            loaded = importlib.util.module_from_spec(loader)
+            sys.modules[key] = loaded
+            try:
+                loader.loader.exec_module(loaded)
+            except Exception as error:
+                del sys.modules[key]
+                raise ModelReferenceError(f"cannot run {local}: {error!r}") from None
+        code = sys.modules[key]
+    else:
+        try:
+            code = importlib.import_module(name)
+        except ImportError as error:
+            raise ModelReferenceError(
+                f"{folder / MODULE_SPEC} names module {name!r}, which is neither {local.name} "
+                f"in the folder nor importable ({error})"
+            ) from None
+    found = getattr(code, attribute, None)
+    if not (isinstance(found, type) and issubclass(found, torch.nn.Module)):
+        raise ModelReferenceError(f"{spec.module} is not a torch.nn.Module class")
+    return found
+
+
+def build_module(
+    folder: Path, trust_remote_code: bool = False, device: str | torch.device = "meta"
+) -> tuple[torch.nn.Module, ModuleSpec]:
+    """The folder's module, built (not loaded) on `device`, and its spec.
+
+    Raises:
+        ModelReferenceError: as read_spec and module_class, or when the constructor refuses
+            the kwargs.
+    """
+    spec = read_spec(folder)
+    cls = module_class(folder, spec, trust_remote_code)
+    try:
+        with torch.device(device):
+            return cls(**spec.kwargs), spec
+    except Exception as error:  # the user's constructor: anything it raises
+        raise ModelReferenceError(
+            f"{spec.module}(**kwargs of {folder / MODULE_SPEC}) failed: {error!r}"
+        ) from None
+
+
+def example_input(spec: ModuleSpec, device: str | torch.device = "meta") -> torch.Tensor:
+    """A batch of two zero examples of the spec's input shape (two: a batch axis that a
+    squeeze cannot remove)."""
+    return torch.zeros((2, *spec.input_shape), dtype=getattr(torch, spec.input_dtype),
+                       device=device)  # fmt: skip
