@@ -1207,8 +1207,9 @@ def _front_body(run_dir: Path, plot: Path) -> str:
                   f"source alone keeps of it): **{hv:.4f}**.")  # fmt: skip
     return "\n\n".join([
         f"{len(pool)} of {len(trials)} trials were scored on {scored}"
-        f"{left_out}; **{len(points)}** of them are on the Pareto front: no other trial keeps "
-        f"as much of every task and more of one.{volume}",
+        f"{left_out}; **{len(points)}** of them {'is' if len(points) == 1 else 'are'} on the "
+        "Pareto front: no other trial keeps as much of every task and more of one."
+        f"{volume}",
         report.front_table(points, tasks, marks),
         f"![AP per task: every trial, the Pareto front, the sources, the picks]({plot.name})",
     ])  # fmt: skip

@@ -129,7 +129,7 @@ def test_front_of_the_demo_run_matches_a_brute_force_and_holds_the_search_result
     expected = [full[i].trial for i in _brute_force_front(points)]
     assert [t.trial for t in front.pareto_front(trials, names)] == expected
     text = written.read_text()
-    assert f"**{len(expected)}** of them are on the Pareto front" in text
+    assert f"**{len(expected)}** of them {'is' if len(expected) == 1 else 'are'} on the" in text
     for number in expected:
         assert f"\n| {number} | " in text
     assert f"| {best_trial(trials).trial} | " in text and "H pick (the search's result)" in text

@@ -69,6 +69,6 @@ def test_front_of_three_tasks_is_drawn_as_parallel_coordinates(three_run, tmp_pa
     text = run_front(three_run, tmp_path).read_text()
     trials = RunDir(three_run).trials()
     points = front.pareto_front(trials, ["arith", "reverse", "third"])
-    assert f"**{len(points)}** of them are on the Pareto front" in text
+    assert f"**{len(points)}** of them {'is' if len(points) == 1 else 'are'} on the" in text
     assert "| trial | arith AP | reverse AP | third AP | H (AP) |" in text
     assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
