@@ -10,7 +10,8 @@ Beside causal LMs (a transformers folder: config.json + weights), a model can be
   the folder (code that comes with the model, run only with --trust-remote-code, as
   transformers runs a repository's modelling code) or an importable module (`pkg.models`);
   `kwargs` are the constructor's; `input_shape` is one example's shape (no batch axis),
-  which the trace of segment.py feeds zeros of on the meta device.
+  which the trace of segment.py feeds zeros of on the meta device. An importable module is
+  imported without --trust-remote-code, like any package the user installed and names.
 
 transformers' `PreTrainedModel` needs a config class and a registered architecture per model
 and mergekit's architecture files describe transformers models only; timm and torchvision
@@ -24,14 +25,17 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ModelReferenceError
+
+if TYPE_CHECKING:  # torch is imported where a module is built: `search`'s cheap checks run first
+    import torch
 
 MODULE_SPEC = "module.json"
 STATE_DICT = "model.safetensors"
@@ -46,6 +50,26 @@ class ModuleSpec(BaseModel):
     kwargs: dict[str, Any] = {}
     input_shape: tuple[int, ...]
     input_dtype: str = "float32"
+
+    @field_validator("module")
+    @classmethod
+    def _module(cls, value: str) -> str:
+        if not _MODULE.match(value):
+            raise ValueError(f"module must be NAME:Class (NAME a dotted module name): {value!r}")
+        return value
+
+    @field_validator("input_dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        import torch
+
+        if not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ValueError(f"input_dtype must be a torch dtype such as float32, not {value!r}")
+        return value
+
+
+# A dotted module name and a class: no path separators, so a folder's NAME.py stays in it.
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 def is_module_folder(folder: Path) -> bool:
@@ -68,8 +92,6 @@ def read_spec(folder: Path) -> ModuleSpec:
             f'cannot read {file} ({error}); it needs {{"module": "NAME:Class", "kwargs": '
             '{...}, "input_shape": [C, H, W]}'
         ) from None
-    if ":" not in spec.module:
-        raise ModelReferenceError(f"{file}: module must be NAME:Class, not {spec.module!r}")
     if not (Path(folder) / STATE_DICT).is_file():
         raise ModelReferenceError(f"{folder} has {MODULE_SPEC} but no {STATE_DICT} state dict")
     return spec
@@ -103,14 +125,16 @@ def module_class(folder: Path, spec: ModuleSpec, trust_remote_code: bool = False
                 del sys.modules[key]
                 raise ModelReferenceError(f"cannot run {local}: {error!r}") from None
         code = sys.modules[key]
-    else:
+    else:  # an installed module: code the user has already chosen to install
         try:
             code = importlib.import_module(name)
-        except ImportError as error:
+        except Exception as error:  # ImportError, or whatever the module raises on import
             raise ModelReferenceError(
                 f"{folder / MODULE_SPEC} names module {name!r}, which is neither {local.name} "
-                f"in the folder nor importable ({error})"
+                f"in the folder nor importable ({error!r})"
             ) from None
+    import torch
+
     found = getattr(code, attribute, None)
     if not (isinstance(found, type) and issubclass(found, torch.nn.Module)):
         raise ModelReferenceError(f"{spec.module} is not a torch.nn.Module class")
@@ -126,6 +150,8 @@ def build_module(
         ModelReferenceError: as read_spec and module_class, or when the constructor refuses
             the kwargs.
     """
+    import torch
+
     spec = read_spec(folder)
     cls = module_class(folder, spec, trust_remote_code)
     try:
@@ -140,5 +166,7 @@ def build_module(
 def example_input(spec: ModuleSpec, device: str | torch.device = "meta") -> torch.Tensor:
     """A batch of two zero examples of the spec's input shape (two: a batch axis that a
     squeeze cannot remove)."""
+    import torch
+
     return torch.zeros((2, *spec.input_shape), dtype=getattr(torch, spec.input_dtype),
                        device=device)  # fmt: skip

@@ -201,7 +201,7 @@ def _check_inputs(
             "--prior compares the sources token by token: their vocabularies differ "
             f"(--tokenizer-source {tokenizer_source}); drop --prior"
         )
-    for earlier in settings.prior_from:  # their records only: cheap, before any model loads
+    for earlier in settings.prior_from:  # records, trials, prior.json: before any model loads
         _learned_from(Path(earlier), len(sources))
     fidelity = Fidelity.resolve(settings.fidelity, tasks)
     blocks = segment.segment_model(reference_model, settings.strategy, trust)  # meta: cheap
@@ -508,11 +508,13 @@ def worker_objective(model_refs, base_ref, data, settings: dict, prior: tuple = 
 
 def _protected(inputs: Inputs, settings: SearchSettings) -> list[Path]:
     """What --out must keep apart from: the model folders and every file in them (a Hub
-    snapshot's files resolve into the cache), the data files, a --warm-start run."""
+    snapshot's files resolve into the cache), the data files, --warm-start and --prior-from
+    runs."""
     models = [m.path for m in inputs.sources + ([inputs.base] if inputs.base else [])]
     paths = models + [file for folder in models for file in folder.iterdir()]
     paths += list(inputs.files.values())
-    return paths + ([Path(settings.warm_start)] if settings.warm_start else [])
+    earlier = [settings.warm_start] if settings.warm_start else []
+    return paths + [Path(p) for p in earlier + list(settings.prior_from)]
 
 
 def open_session(
@@ -536,7 +538,11 @@ def open_session(
         run = recorded = None
     try:
         _quiet_libraries()
-        inputs = _check_inputs(model_refs, base_ref, files, data_sha, settings)
+        # A resumed --prior-from run has its prediction in prior.json: the earlier runs it
+        # learned from need not be there any more.
+        predicted = resume and (out / rundir.PRIOR).is_file()
+        checked = settings.model_copy(update={"prior_from": ()}) if predicted else settings
+        inputs = _check_inputs(model_refs, base_ref, files, data_sha, checked)
         _check_space(inputs, out, overwrite and not resume)
         _note(inputs.memory.describe())
         if recorded:
@@ -684,48 +690,60 @@ def _features(inputs: Inputs, settings: SearchSettings):
 PRIOR_FROM_TRIALS = 3  # --prior-from learns from each earlier run's best trials
 
 
-def _learned_from(run_dir: Path, sources: int) -> RunRecord:
-    """An earlier run --prior-from can learn from: its record, checked.
+def _learned_from(run_dir: Path, sources: int) -> tuple:
+    """An earlier run --prior-from learns from, checked: its record, its PRIOR_FROM_TRIALS best
+    trials scored on all of its data, and the features it kept (None: computed later from
+    its models' weights). Reads records, trials and prior.json only.
 
     Raises:
-        RunDirectoryError: when it is not a run, or merged another number of sources or
-            without a base (no task vectors).
+        RunDirectoryError: when it is not a run, merged another number of sources or without
+            a base (no task vectors), has no full trial yet, or neither kept its features nor
+            has its models where it found them.
     """
+    from . import front
+    from .features import ModelFeatures
+
     record = RunRecord.read(run_dir)
     if record.base is None or len(record.models) != sources:
         why = "without a base (no task vectors)" if record.base is None else \
             f"{len(record.models)} sources, this search {sources}"  # fmt: skip
         raise RunDirectoryError(f"--prior-from {run_dir} merged {why}: give runs of "
                                 f"{sources} sources and a base")  # fmt: skip
+    trials = front.candidates(RunDir(run_dir).trials(), list(record.names))
+    best = sorted(trials, key=lambda t: -t.harmonic_mean)[:PRIOR_FROM_TRIALS]
+    if not best:
+        raise RunDirectoryError(f"--prior-from {run_dir} has no trial scored on all of its "
+                                "data yet")  # fmt: skip
+    features = None
+    if (run_dir / rundir.PRIOR).is_file():  # a --prior run kept its features
+        try:
+            features = ModelFeatures.model_validate(
+                RunDir(run_dir).read_json(rundir.PRIOR)["features"]
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise RunDirectoryError(
+                f"--prior-from {run_dir}: unreadable prior.json ({error!r})"
+            ) from None
     gone = [str(m.path) for m in [*record.models, record.base] if not Path(m.path).is_dir()]
-    if gone and not (run_dir / rundir.PRIOR).is_file():
+    if gone and features is None:
         raise RunDirectoryError(
             f"--prior-from {run_dir}: its models are no longer where it found them "
             f"({', '.join(gone)}), and it was searched without --prior, which keeps the "
             "features in prior.json; give runs whose models are still there"
         )
-    return record
+    return record, best, features
 
 
 def _examples(settings: SearchSettings, sources: int) -> list:
     """--prior-from: (block features, best trial's merge of that block) pairs of the earlier
     runs' PRIOR_FROM_TRIALS best trials scored on all of their data."""
-    from . import front, space
-    from .features import ModelFeatures, model_features
+    from . import space
+    from .features import model_features
 
     examples = []
     for earlier in map(Path, settings.prior_from):
-        record = _learned_from(earlier, sources)
-        trials = front.candidates(RunDir(earlier).trials(), list(record.names))
-        best = sorted(trials, key=lambda t: -t.harmonic_mean)[:PRIOR_FROM_TRIALS]
-        if not best:
-            raise RunDirectoryError(f"--prior-from {earlier} has no trial scored on all of its "
-                                    "data yet")  # fmt: skip
-        if (earlier / rundir.PRIOR).is_file():  # a --prior run kept its features
-            features = ModelFeatures.model_validate(
-                RunDir(earlier).read_json(rundir.PRIOR)["features"]
-            )
-        else:
+        record, best, features = _learned_from(earlier, sources)
+        if features is None:
             try:  # weights only: the features the neighbours are found by
                 models = [m.path for m in record.models]
                 features = model_features(models, record.base.path, record.blocks, None,
@@ -787,6 +805,26 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     among = ", ".join(added) or "none: they are among them or outside the space"
     _note(f"--prior: {len(added)} predicted configurations follow the baselines ({among})")
     return configs, added
+
+
+def _belief(space_, predicted: dict, settings: SearchSettings):
+    """--prior-acquisition's belief (πBO): the space with a prior at the predicted
+    configuration, or None (said why) where the acquisition cannot take it."""
+    from . import space
+
+    why = None
+    if not settings.prior_acquisition:
+        return None
+    if settings.optimizer == "random":
+        why = "random search has no acquisition"
+    elif settings.fidelity:  # SMAC counts πBO's trials at the highest budget only
+        why = "with --fidelity, Hyperband's budgets would keep the prior from fading"
+    elif "prior" not in predicted:
+        why = "the prediction is outside the searched space"
+    if why:
+        _note(f"--prior-acquisition is off: {why}; the prediction only starts the search")
+        return None
+    return space.with_prior(space_, predicted["prior"], settings.seed)
 
 
 def _prior_sentence(results: list[TrialResult], prior: dict) -> str:
@@ -958,9 +996,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     space_ = space.build_space(inputs.blocks, names, settings)
     known = _known_configs(inputs, settings, space_)
     predicted, prior = _prior_configs(session, space_, known) if settings.prior else ({}, {})
-    believed = None
-    if "prior" in predicted and settings.prior_acquisition:  # πBO's belief: the space, a prior
-        believed = space.with_prior(space_, predicted["prior"], settings.seed)
+    believed = _belief(space_, predicted, settings) if settings.prior else None
     first = {**known, **prior}  # the baselines, then the prior's configurations
     objective = session.objective(to_plan, tuple(space.plain_values(c) for c in first.values()))
     optimizer = search.make_optimizer(
@@ -1053,7 +1089,8 @@ def _parallel_search(optimizer, session: Session, progress: bool, finished, prio
         str(inputs.base.path) if inputs.base else None,
         {k: str(v) for k, v in inputs.files.items()},
         # A warm start is told to SMAC in this process; workers only run trials.
-        settings.model_copy(update={"warm_start": None}).model_dump(mode="json"),
+        # So is the prior (`prior`, predicted here): workers need no --prior-from runs.
+        settings.model_copy(update={"warm_start": None, "prior_from": ()}).model_dump(mode="json"),
         prior,
         objectives=names if settings.objective == "pareto" else (),
     )

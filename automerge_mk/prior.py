@@ -24,7 +24,7 @@ merge is that of the earlier runs' best trials in the NEIGHBOURS blocks with the
 features (k-nearest neighbours, SimMerge's selector without its bandit): the method most of
 them (weighted by closeness) used, and the mean of its weights and densities. Earlier sources
 are matched to this block's by task-vector norm (largest first), since which source came first
-in another run says nothing.
+in another run says nothing. A block no earlier block is near (FARTHEST) keeps the rule.
 
 Weights and densities are clipped to the searched ranges and rounded to 2 decimals.
 """
@@ -43,6 +43,7 @@ ORTHOGONAL = 0.1
 LINEAR, NONLINEAR = 0.05, 0.2  # relative_norm: task vectors add / overshoot
 SCALES = (0.75, 1.25)  # the perturbations the search evaluates beside the prior
 NEIGHBOURS = 3
+FARTHEST = 2.0  # a block no earlier block is this near to (in UNITS) keeps the hand rule
 # --prior-from's distance between blocks: a difference of one unit here counts 1 (cosine and
 # the shares as they are, the relative norm in decades, since it spans 0.2 % to 30 %).
 UNITS = {"cosine": 0.2, "sign_conflict": 0.05, "relative_norm": 0.5, "density_90": 0.1}
@@ -86,7 +87,8 @@ def learned_choice(
     settings: SearchSettings,
 ) -> BlockChoice | None:
     """The merge of one block from earlier runs' (features, best trial's choice) pairs (see the
-    module docstring), or None when none of them used a method searched here."""
+    module docstring), or None when none of them used a method searched here or none is
+    within FARTHEST of it (then the rule decides)."""
     sources = len(features.norms)
     usable = [(f, c) for f, c in examples
               if c.method in settings.methods and len(c.weights) == sources]  # fmt: skip
@@ -94,6 +96,9 @@ def learned_choice(
         return None
     here = _position(features)
     nearest = sorted(usable, key=lambda e: math.dist(_position(e[0]), here))[:NEIGHBOURS]
+    nearest = [(f, c) for f, c in nearest if math.dist(_position(f), here) <= FARTHEST]
+    if not nearest:
+        return None
     closeness = [1.0 / (0.1 + math.dist(_position(f), here)) for f, _ in nearest]
     votes: dict[str, float] = {}
     for (_, choice), weight in zip(nearest, closeness):
@@ -121,6 +126,16 @@ def learned_choice(
     )
 
 
+def _expressible(choice: BlockChoice, settings: SearchSettings) -> BlockChoice:
+    """`choice` in a form the searched space can hold: --weighting convex gives two sources
+    w and 1 - w, so their weights are normalised to that (the balance kept, the scale lost)."""
+    total = sum(choice.weights)
+    if settings.weighting != "convex" or len(choice.weights) != 2 or not total:
+        return choice
+    first = _clip(choice.weights[0] / total, settings.weight_range)
+    return choice.model_copy(update={"weights": (first, round(1.0 - first, 12))})
+
+
 def prior_plans(
     features: ModelFeatures,
     blocks: Sequence[Block],
@@ -134,8 +149,11 @@ def prior_plans(
     `examples` (--prior-from), learned where they say something, the rule elsewhere."""
     by_name = {f.block: f for f in features.blocks}
     choices = tuple(
-        learned_choice(by_name[b.name], examples, settings)
-        or block_choice(by_name[b.name], len(sources), settings)
+        _expressible(
+            learned_choice(by_name[b.name], examples, settings)
+            or block_choice(by_name[b.name], len(sources), settings),
+            settings,
+        )
         for b in blocks
     )
     plans = {}

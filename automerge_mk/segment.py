@@ -169,6 +169,7 @@ class _Unit:
 
     path: str
     layer: int | None
+    stack: str | None = None  # a raw PyTorch model's layer stack (ModuleList) it belongs to
     signature: tuple | None = None
     order: int = 1 << 30
     tensors: list[str] = field(default_factory=list)
@@ -203,8 +204,13 @@ def _signature(output: object) -> tuple | None:
 
 def _traced(model: torch.nn.Module, run, stack_layers: bool = False) -> list[_Unit]:
     """The model's top-level units in the order a forward pass (`run(model)`, on the meta
-    device) reaches them, each with its output's shape signature; with `stack_layers`, a
-    layer stack's elements are numbered by their index (for models mergekit does not know)."""
+    device) reaches them, each with its output's shape signature; with `stack_layers` (raw
+    PyTorch models, which mergekit does not describe), a layer stack's elements are numbered
+    by their index and a forward that fails is an error rather than module order.
+
+    Raises:
+        ModelReferenceError: with `stack_layers`, when the forward pass fails.
+    """
     units: list[_Unit] = []
     hooks = []
     calls = iter(range(1 << 30))
@@ -217,16 +223,22 @@ def _traced(model: torch.nn.Module, run, stack_layers: bool = False) -> list[_Un
         return hook
 
     for path, module, index in _top_level_units(model):
-        unit = _Unit(path=path, layer=index if stack_layers else None)
+        stack = path.rsplit(".", 1)[0] if stack_layers and index is not None else None
+        unit = _Unit(path=path, layer=index if stack_layers else None, stack=stack)
         units.append(unit)
         hooks.append(module.register_forward_hook(record(unit)))
     try:
         with torch.no_grad():
             run(model)
-    except Exception:  # noqa: BLE001 - a model that cannot run on meta keeps module order
-        pass
-    for hook in hooks:
-        hook.remove()
+    except Exception as error:  # noqa: BLE001 - a model that cannot run on meta keeps module order
+        if stack_layers:
+            raise ModelReferenceError(
+                f"the forward pass of {type(model).__name__} on zeros of module.json's "
+                f"input_shape failed ({error!r}); check input_shape and input_dtype"
+            ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
     units.sort(key=lambda u: u.order)  # stable: units that never ran keep module order
     return units
 
@@ -328,10 +340,13 @@ def _filters(tensors: set[str], all_names: list[str]) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def _block_name(units: list[_Unit], component: Component) -> str:
+def _block_name(units: list[_Unit], component: Component, stacks: int = 1) -> str:
     layers = [u.layer for u in units if u.layer is not None]
     if layers:
         name = f"L{min(layers)}-{max(layers)}" if len(set(layers)) > 1 else f"L{layers[0]}"
+        if stacks > 1:  # a raw model with several layer stacks: "convs.0-1", "blocks.0-1"
+            named = next(u.stack for u in units if u.layer is not None)
+            name = f"{named}.{name[1:]}"
     else:
         name = "+".join(u.path.rsplit(".", 1)[-1] for u in units)
     return name if component == "all" else f"{name}_{'attn' if component == 'attention' else 'mlp'}"
@@ -387,6 +402,7 @@ def segment_model(
             total += size
         return total
 
+    stacks = len({u.stack for u in units if u.stack})
     blocks: list[Block] = []
     for group in trace_groups:
         tensors = [t for u in group for t in u.tensors]
@@ -401,7 +417,7 @@ def segment_model(
         for component, part in parts:
             blocks.append(
                 Block(
-                    name=_block_name(group, component),
+                    name=_block_name(group, component, stacks),
                     tensors=tuple(part),
                     filters=_filters(set(part), names),
                     layers=span,
@@ -409,6 +425,13 @@ def segment_model(
                     parameters=count(part),
                 )
             )
+    names_seen = [b.name for b in blocks]
+    if len(set(names_seen)) < len(names_seen):  # block names key the search space
+        raise SettingsError(
+            f"segmenting {folder} with {strategy!r} gives blocks of one name "
+            f"({', '.join(sorted({n for n in names_seen if names_seen.count(n) > 1}))}); "
+            "try another --strategy"
+        )
     return tuple(blocks)
 
 

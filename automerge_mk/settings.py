@@ -104,8 +104,9 @@ class SearchSettings(Frozen):
         True,
         description="With --prior, also weight SMAC's acquisition toward the predicted merge "
         "(πBO: expected improvement times a prior centred on it, half the method choice and "
-        "a normal of 15 % of each range per value, fading as trials accumulate); off: the "
-        "prediction is only in the initial design.",
+        "a normal of 15 % of each range per value, fading as trials accumulate); off (and "
+        "with --optimizer random or --fidelity): the prediction is only in the initial "
+        "design.",
     )
     prior_from: tuple[str, ...] = Field(
         (),

@@ -43,17 +43,37 @@ CONVFORMER = textwrap.dedent("""
 """)
 
 
-def _module_folder(folder: Path, kwargs: dict | None = None, state: dict | None = None) -> Path:
-    """A raw PyTorch model folder: ConvFormer's code, module.json, its state dict."""
+# Two layer stacks (convolutions, then transformer layers): blocks are named per stack.
+TWO_STACKS = CONVFORMER.replace("class ConvFormer", "class _One") + textwrap.dedent("""
+
+    class TwoStacks(_One):
+        def __init__(self, dim=16):
+            super().__init__(dim=dim)
+            self.convs = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(2))
+
+        def forward(self, pixel_values):
+            images = self.tokenizer(pixel_values)
+            for conv in self.convs:
+                images = conv(images)
+            tokens = images.flatten(2).transpose(1, 2)
+            for block in self.blocks:
+                tokens = block(tokens)
+            return self.head(tokens.mean(1))
+""")
+
+
+def _module_folder(folder: Path, kwargs: dict | None = None, state: dict | None = None,
+                   code: str = CONVFORMER, cls: str = "ConvFormer") -> Path:  # fmt: skip
+    """A raw PyTorch model folder: the module's code, module.json, its state dict."""
     folder.mkdir(parents=True)
-    (folder / "convformer.py").write_text(CONVFORMER)
-    spec = {"module": "convformer:ConvFormer", "kwargs": kwargs or {}, "input_shape": [1, 8, 8]}
+    (folder / "convformer.py").write_text(code)
+    spec = {"module": f"convformer:{cls}", "kwargs": kwargs or {}, "input_shape": [1, 8, 8]}
     (folder / "module.json").write_text(json.dumps(spec))
     if state is None:
         namespace: dict = {}
-        exec(CONVFORMER, namespace)  # noqa: S102 - the test's own module source
+        exec(code, namespace)  # noqa: S102 - the test's own module source
         torch.manual_seed(0)
-        state = namespace["ConvFormer"](**(kwargs or {})).state_dict()
+        state = namespace[cls](**(kwargs or {})).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     return folder
 
@@ -107,3 +127,19 @@ def test_search_refuses_a_raw_pytorch_model_before_anything_loads(demo_models, t
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 1 and "raw PyTorch model" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_two_layer_stacks_are_named_by_stack_and_a_failing_trace_is_an_error(tmp_path):
+    folder = _module_folder(tmp_path / "two", code=TWO_STACKS, cls="TwoStacks")
+    blocks = segment_model(folder, "layers:4", trust_remote_code=True)
+    # The tokenizer's output has the convolutions' shape: it joins the first of them.
+    assert [b.name for b in blocks] == ["convs.0", "convs.1", "blocks.0", "blocks.1", "head"]
+    assert any(t.startswith("tokenizer.") for t in blocks[0].tensors)
+    spec = json.loads((folder / "module.json").read_text())
+    (folder / "module.json").write_text(json.dumps(spec | {"input_shape": [8, 8]}))  # no channel
+    with pytest.raises(ModelReferenceError, match="forward pass of TwoStacks"):
+        segment_model(folder, "trace", trust_remote_code=True)
+    for wrong in ({"module": "../elsewhere:Net"}, {"input_dtype": "nonsense"}):
+        (folder / "module.json").write_text(json.dumps(spec | wrong))
+        with pytest.raises(ModelReferenceError, match="module.json"):
+            segment_model(folder, "trace", trust_remote_code=True)

@@ -46,9 +46,20 @@ class _ConditionalPrior(PriorAcquisitionFunction):
     conditional normal parameters, so the forest and the maximiser keep the uniform space
     (the two encode configurations alike: ConfigSpace maps every float to [0, 1])."""
 
-    def __init__(self, acquisition, decay_beta: float, believed: ConfigurationSpace):
+    def __init__(
+        self, acquisition, decay_beta: float, believed: ConfigurationSpace, design: int = 0
+    ):
         super().__init__(acquisition, decay_beta)
-        self._believed = believed
+        self._believed, self._design = believed, design
+
+    def _update(self, **kwargs) -> None:
+        # SMAC counts trials from the data the forest first saw, which on Dask workers (or a
+        # resumed run told its finished trials first) is not the design's end: count them
+        # from the design's size, fixed here.
+        self._eta = kwargs["eta"]
+        self._initial_design_size = self._design
+        self._iteration_number = max(0, kwargs["num_data"] - self._design)
+        self._acquisition_function.update(model=self.model, **kwargs)
 
     @property
     def model(self):
@@ -160,7 +171,7 @@ def make_optimizer(
     if believed is not None:
         acquisition["acquisition_function"] = _ConditionalPrior(
             HyperparameterOptimizationFacade.get_acquisition_function(scenario), trials / 10,
-            believed,
+            believed, len(known) + initial,
         )  # fmt: skip
     maximizer._local_search.__class__ = _RepeatableLocalSearch
     if fidelity:
