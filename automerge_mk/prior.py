@@ -58,15 +58,14 @@ def block_choice(features: BlockFeatures, sources: int, settings: SearchSettings
     interfere = features.sign_conflict > CONFLICT or features.cosine < -ORTHOGONAL
     if interfere and "ties" in settings.methods:
         density = _clip(features.density_90, settings.density_range)
-        weight = _clip(1.0, settings.weight_range)
-        return BlockChoice(method="ties", weights=(weight,) * sources,
+        return BlockChoice(method="ties", weights=_in_space((1.0,) * sources, settings),
                            densities=(density,) * sources)  # fmt: skip
     aligned = features.cosine > ORTHOGONAL
     overlap = 1.0 / (1.0 + (sources - 1) * features.cosine) if aligned else 1.0
     far = min(max((features.relative_norm - LINEAR) / (NONLINEAR - LINEAR), 0.0), 1.0)
     regime = 1.0 - far * (1.0 - 1.0 / sources)  # 1 in the linear regime, 1 / N far from it
-    weight = _clip(min(overlap, regime), settings.weight_range)
-    return BlockChoice(method="task_arithmetic", weights=(weight,) * sources)
+    weights = _in_space((min(overlap, regime),) * sources, settings)
+    return BlockChoice(method="task_arithmetic", weights=weights)
 
 
 def _position(features: BlockFeatures) -> tuple[float, ...]:
@@ -121,19 +120,20 @@ def learned_choice(
     sparse = all(c.densities is not None for _, c, _ in chosen)
     return BlockChoice(
         method=method,
-        weights=tuple(_clip(w, settings.weight_range) for w in weights),
+        weights=_in_space(weights, settings),
         densities=tuple(_clip(d, settings.density_range) for d in densities) if sparse else None,
     )
 
 
-def _expressible(choice: BlockChoice, settings: SearchSettings) -> BlockChoice:
-    """`choice` in a form the searched space can hold: --weighting convex gives two sources
-    w and 1 - w, so their weights are normalised to that (the balance kept, the scale lost)."""
-    total = sum(choice.weights)
-    if settings.weighting != "convex" or len(choice.weights) != 2 or not total:
-        return choice
-    first = _clip(choice.weights[0] / total, settings.weight_range)
-    return choice.model_copy(update={"weights": (first, round(1.0 - first, 12))})
+def _in_space(weights: Sequence[float], settings: SearchSettings) -> tuple[float, ...]:
+    """Weights the searched space can hold: clipped to --weight-range; with --weighting convex
+    (two sources get w and 1 - w) first normalised to a sum of 1 (the balance kept, the scale
+    lost)."""
+    total = sum(weights)
+    if settings.weighting == "convex" and len(weights) == 2 and total > 0:
+        first = _clip(weights[0] / total, settings.weight_range)
+        return first, round(1.0 - first, 12)
+    return tuple(_clip(w, settings.weight_range) for w in weights)
 
 
 def prior_plans(
@@ -149,11 +149,8 @@ def prior_plans(
     `examples` (--prior-from), learned where they say something, the rule elsewhere."""
     by_name = {f.block: f for f in features.blocks}
     choices = tuple(
-        _expressible(
-            learned_choice(by_name[b.name], examples, settings)
-            or block_choice(by_name[b.name], len(sources), settings),
-            settings,
-        )
+        learned_choice(by_name[b.name], examples, settings)
+        or block_choice(by_name[b.name], len(sources), settings)
         for b in blocks
     )
     plans = {}
