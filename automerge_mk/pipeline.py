@@ -812,9 +812,9 @@ def _belief(space_, predicted: dict, settings: SearchSettings):
     configuration, or None (said why) where the acquisition cannot take it."""
     from . import space
 
-    why = None
-    if not settings.prior_acquisition:
+    if not (settings.prior and settings.prior_acquisition):
         return None
+    why = None
     if settings.optimizer == "random":
         why = "random search has no acquisition"
     elif settings.fidelity:  # SMAC counts πBO's trials at the highest budget only
@@ -996,7 +996,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     space_ = space.build_space(inputs.blocks, names, settings)
     known = _known_configs(inputs, settings, space_)
     predicted, prior = _prior_configs(session, space_, known) if settings.prior else ({}, {})
-    believed = _belief(space_, predicted, settings) if settings.prior else None
+    believed = _belief(space_, predicted, settings)
     first = {**known, **prior}  # the baselines, then the prior's configurations
     objective = session.objective(to_plan, tuple(space.plain_values(c) for c in first.values()))
     optimizer = search.make_optimizer(
