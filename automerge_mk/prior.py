@@ -94,11 +94,12 @@ def learned_choice(
     if not usable:
         return None
     here = _position(features)
-    nearest = sorted(usable, key=lambda e: math.dist(_position(e[0]), here))[:NEIGHBOURS]
-    nearest = [(f, c) for f, c in nearest if math.dist(_position(f), here) <= FARTHEST]
+    ranked = sorted(((math.dist(_position(f), here), f, c) for f, c in usable),
+                    key=lambda e: e[0])[:NEIGHBOURS]  # fmt: skip
+    nearest = [(f, c) for d, f, c in ranked if d <= FARTHEST]
     if not nearest:
         return None
-    closeness = [1.0 / (0.1 + math.dist(_position(f), here)) for f, _ in nearest]
+    closeness = [1.0 / (0.1 + d) for d, _, _ in ranked if d <= FARTHEST]
     votes: dict[str, float] = {}
     for (_, choice), weight in zip(nearest, closeness):
         votes[choice.method] = votes.get(choice.method, 0.0) + weight
