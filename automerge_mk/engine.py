@@ -48,7 +48,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .errors import AdapterError, ModelReferenceError, SettingsError
 from .memory import HostTensors, MappedModel
 from .methods import SOURCE_AS_BASE, is_random, method_accepts, uses_base
-from .recipe import plan_documents
+from .modules import is_module_folder, live_module, merged_names
+from .recipe import plan_documents, pytorch_documents
 from .segment import load_config, merge_tensor_keys, vocabulary_axes
 from .types import BlockChoice, MergePlan
 from .vocab import permuted_inputs
@@ -257,6 +258,43 @@ class RankedMagnitudeMerge(GeneralizedTaskArithmeticMerge):
         return (base + mixed_delta).to(base.dtype)
 
 
+# What mergekit-pytorch runs, in a fresh interpreter with the string hash seed a recipe of
+# random methods pins (PYTHONHASHSEED=0): it plans tensors in `list(set(names))` order, which
+# that seed decides, and this process's own seed is whatever it started with.
+_PYTORCH_SCHEDULE = """
+import json, sys
+from mergekit.graph import Executor
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.options import MergeOptions
+from mergekit.scripts.merge_raw_pytorch import RawPyTorchMergeConfig, plan_flat_merge
+config = RawPyTorchMergeConfig.model_validate(json.load(sys.stdin))
+tasks = plan_flat_merge(config, "unused", False, False, MergeOptions(quiet=True))
+print(json.dumps([h.task().output_weight.name for h in Executor(tasks).schedule.tasks
+                  if isinstance(h.task(), ExecuteMergeMethodTask)]))
+"""
+
+
+def pytorch_schedule(document: dict[str, Any]) -> list[str]:
+    """Tensor names in the order stock mergekit-pytorch executes a document, under
+    PYTHONHASHSEED=0 (one interpreter start and mergekit import, about 3 s).
+
+    Raises:
+        RuntimeError: with mergekit's message, when it cannot plan the document.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONHASHSEED="0", TQDM_DISABLE="1")
+    result = subprocess.run([sys.executable, "-c", _PYTORCH_SCHEDULE], input=json.dumps(document),
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"mergekit-pytorch cannot plan {document['merge_method']}: "
+                           f"{result.stderr.strip().splitlines()[-1:]}")  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 class MergeEngine:
     """Resident sources on a device, per-trial merges with mergekit's kernels, a live model.
 
@@ -297,19 +335,32 @@ class MergeEngine:
         self.adapters = {Path(a): Path(m) for a, m in (adapters or {}).items()}
         # How the documents the engine plans name the adapters: mergekit's model+adapter.
         self.references = {str(a): f"{m}+{a}" for a, m in self.adapters.items()}
-        config = load_config(live_model, trust_remote_code)
-        self.keys = merge_tensor_keys(live_model, config)
-        self.vocabulary = {n: a for n, a in vocabulary_axes(config).items() if n in self.keys}
+        # A raw PyTorch model (modules.py) merges every floating tensor of its state dict
+        # and is recipe'd for mergekit-pytorch; a transformers model merges what mergekit's
+        # architecture definition names.
+        self.raw_module = is_module_folder(live_model)
+        if self.raw_module:
+            self.keys, self.vocabulary = merged_names(live_model), {}
+        else:
+            config = load_config(live_model, trust_remote_code)
+            self.keys = merge_tensor_keys(live_model, config)
+            self.vocabulary = {n: a for n, a in vocabulary_axes(config).items() if n in self.keys}
         merge_dtype = dtype_from_name(dtype)
         self.resident: dict[Path, Mapping[str, torch.Tensor]] = {
             folder: self._read(folder, merge_dtype)
             for folder in dict.fromkeys(self.source_folders + [self.base_folder] * bool(base))
         }
-        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            str(live_model), dtype=eval_dtype, trust_remote_code=trust_remote_code
-        ).to(self.device)
-        self.model.eval()
-        self._parameters = dict(self.model.named_parameters())
+        self.eval_dtype = eval_dtype
+        if self.raw_module:
+            self.model = live_module(live_model, eval_dtype, self.device, trust_remote_code)
+            # Floating buffers (BatchNorm's running statistics) are merged like parameters.
+            self._parameters = dict(self.model.state_dict(keep_vars=True))
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(live_model), dtype=eval_dtype, trust_remote_code=trust_remote_code
+            ).to(self.device)
+            self.model.eval()
+            self._parameters = dict(self.model.named_parameters())
         unknown = set(self.keys) - set(self._parameters)
         if unknown:
             raise ModelReferenceError(
@@ -370,6 +421,8 @@ class MergeEngine:
         """The recipe document of `method` for a plan whose every block uses it."""
         choice = next(c for c in plan.choices if c.method == method)
         uniform = plan.model_copy(update={"choices": (choice,) * len(plan.blocks)})
+        if self.raw_module:
+            return pytorch_documents(uniform, Path("intermediate"))[0][1]
         return plan_documents(uniform, self.references)[0]
 
     def _vocabulary_inputs(self, plan: MergePlan, method: str) -> dict[str, dict[Path, Any]]:
@@ -385,6 +438,8 @@ class MergeEngine:
 
     def _stock_schedule(self, plan: MergePlan, method: str) -> list[str]:
         """Tensor names in the order stock mergekit executes a document of `method`."""
+        if method not in self._schedules and self.raw_module:
+            self._schedules[method] = pytorch_schedule(self._document(plan, method))
         if method not in self._schedules:
             config = MergeConfiguration.model_validate(self._document(plan, method))
             for model in config.referenced_models():
@@ -500,7 +555,7 @@ class MergeEngine:
         if all(self._parameters[n].shape == t.shape for n, t in tensors.items()):
             return self.load(tensors)
         own = AutoModelForCausalLM.from_pretrained(
-            str(self.adapters.get(Path(folder), Path(folder))), dtype=self.model.dtype,
+            str(self.adapters.get(Path(folder), Path(folder))), dtype=self.eval_dtype,
             trust_remote_code=self.trust_remote_code,
         ).to(self.device)  # fmt: skip
         parameters = dict(own.named_parameters())

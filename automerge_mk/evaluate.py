@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import DataError, MetricError, SettingsError
-from .inputs import DATA_BUILDERS, check_data_file
+from .images import ImageTask, score_images
+from .inputs import ARRAY_FORMATS, DATA_BUILDERS, check_data_file
 from .types import BUILT_IN_METRICS, TaskScore, harmonic_mean
 
 
@@ -129,6 +130,11 @@ def load_rows(path: Path, text_column: str = "text") -> list[dict[str, Any]]:
     import datasets  # deferred: importing datasets costs seconds and only searches need it
 
     check_data_file(path)
+    if path.suffix.lower() in ARRAY_FORMATS:
+        raise DataError(
+            f"{path} is an image task (.npz): it goes with raw PyTorch models (module.json); "
+            "give a causal LM texts or prompt/label rows (jsonl, json, csv, parquet, txt)"
+        )
     builder = DATA_BUILDERS[path.suffix.lower()]
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -482,8 +488,11 @@ def score_task(
 
     Label accuracy is computed for prompt/label tasks; each user metric is called as
     `function(model, tokenizer, rows)` on the task's rows. `keep_examples`: the score carries
-    each example's summed loss too (what racing compares).
+    each example's summed loss too (what racing compares). An image task (images.py) is
+    scored by cross-entropy and top-1 accuracy instead.
     """
+    if isinstance(task, ImageTask):
+        return score_images(model, task, keep_examples)
     starts = task.starts or (1,) * len(task.sequences)
     found = _score_sequences(
         model, task.sequences, starts, task.pad_id, batch_tokens, chunk_rows, task.label_tokens

@@ -23,6 +23,7 @@ DATA_BUILDERS = {
     ".txt": "text",
 }
 _TEXT_FORMATS = {".jsonl", ".json", ".csv", ".txt"}  # read as UTF-8 text by `datasets`
+ARRAY_FORMATS = {".npz"}  # image tasks of raw PyTorch models (images.py), read by numpy
 
 
 def source_name(reference: str) -> str:
@@ -52,8 +53,11 @@ def check_data_file(path: Path) -> str:
         raise DataError(f"data path {path} is a directory; give the data file itself")
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
-    if path.suffix.lower() not in DATA_BUILDERS:
-        raise DataError(f"{path}: unsupported data format; use {', '.join(DATA_BUILDERS)}")
+    if path.suffix.lower() not in DATA_BUILDERS.keys() | ARRAY_FORMATS:
+        raise DataError(
+            f"{path}: unsupported data format; use {', '.join(DATA_BUILDERS)} (texts), or .npz "
+            "(images, for raw PyTorch models)"
+        )
     try:
         content = path.read_bytes()
     except OSError as error:

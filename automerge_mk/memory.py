@@ -189,11 +189,15 @@ def measure_needs(
     eval_dtype: torch.dtype,
     methods: Sequence[str],
     batch: tuple[int, int, int],
+    activations: int | None = None,
 ) -> MemoryNeeds:
     """The bytes of a search's parts, from the weight headers of `models` (the folders whose
     tensors are merged: a PEFT source counts as its model's shapes) and `live_model`, and
-    scoring's largest `batch` (padded positions, width, positions per vocabulary chunk)."""
+    scoring's largest `batch` (padded positions, width, positions per vocabulary chunk) of a
+    causal LM's `config`; or, for another model, the elements its scoring holds at once
+    (`activations`)."""
     merge_size = torch.empty((), dtype=merge_dtype).element_size()
+    eval_size = torch.empty((), dtype=eval_dtype).element_size()
     live = tensor_elements(live_model, keys)
     per_model = [sum(tensor_elements(folder, keys).values()) for folder in dict.fromkeys(models)]
     ranked = any(is_ranked(m) for m in methods)
@@ -201,9 +205,11 @@ def measure_needs(
     return MemoryNeeds(
         models=sum(per_model) * merge_size,
         largest_model=max(per_model) * merge_size,
-        live=sum(live.values()) * torch.empty((), dtype=eval_dtype).element_size(),
+        live=sum(live.values()) * eval_size,
         rank_cache=4 * sum(live.values()) * sources if ranked else 0,
-        activations=_activations(config, torch.empty((), dtype=eval_dtype).element_size(), batch),
+        activations=activations * eval_size
+        if activations is not None
+        else _activations(config, eval_size, batch),
         # A task-vector merge holds the inputs' deltas, their masks and the result at once;
         # ranking magnitudes (TIES, with or without the cache) sorts one task vector as
         # float32 values and int64 indices (mergekit.sparsify.magnitude): 16 bytes an element.

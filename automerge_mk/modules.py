@@ -170,3 +170,94 @@ def example_input(spec: ModuleSpec, device: str | torch.device = "meta") -> torc
 
     return torch.zeros((2, *spec.input_shape), dtype=getattr(torch, spec.input_dtype),
                        device=device)  # fmt: skip
+
+
+def stored_dtype(folder: Path) -> str:
+    """The dtype of the folder's first floating tensor, as a mergekit dtype name (float32 ...),
+    read from the safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / STATE_DICT), framework="pt") as weights:
+        for name in weights.keys():
+            dtype = weights.get_slice(name).get_dtype()  # "F32", "BF16", "I64" ...
+            if dtype.startswith(("F", "BF")):
+                return {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                        "F64": "float64"}.get(dtype, "float32")  # fmt: skip
+    return "float32"
+
+
+def merged_names(folder: Path) -> dict[str, str]:
+    """Name -> key of every floating tensor of the state dict, in file order: what a merge
+    merges (a non-floating buffer such as BatchNorm's `num_batches_tracked` is copied from the
+    live model's own folder; mergekit-pytorch refuses to merge one that differs)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / STATE_DICT), framework="pt") as weights:
+        return {
+            name: name
+            for name in weights.keys()
+            if weights.get_slice(name).get_dtype().startswith(("F", "BF"))
+        }
+
+
+def live_module(
+    folder: Path, dtype: torch.dtype, device: str, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """The folder's module with its state dict loaded, in `dtype` on `device`, in eval mode.
+
+    Raises:
+        ModelReferenceError: as build_module, or when the state dict does not fit the module.
+    """
+    from safetensors.torch import load_file
+
+    module, spec = build_module(folder, trust_remote_code, device="cpu")
+    try:
+        module.load_state_dict(load_file(str(Path(folder) / STATE_DICT)))
+    except RuntimeError as error:
+        raise ModelReferenceError(
+            f"the state dict of {folder} does not fit {spec.module}: {error}"
+        ) from None
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def output_classes(folder: Path, trust_remote_code: bool = False) -> int:
+    """How many logits the module gives per example (its output's last axis), from a forward
+    pass on the meta device.
+
+    Raises:
+        ModelReferenceError: when the output is not a (batch, classes) tensor.
+    """
+    import torch
+
+    module, spec = build_module(folder, trust_remote_code)
+    output = module(example_input(spec))
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelReferenceError(
+            f"{spec.module} returns {shape}; a classifier's forward returns logits (batch, classes)"
+        )
+    return int(output.shape[-1])
+
+
+def activation_elements(folder: Path, trust_remote_code: bool = False) -> int:
+    """Elements per example that a forward pass holds at its peak, estimated on the meta
+    device as the two largest outputs of its submodules (an input and an output alive at
+    once). A rough figure: what a module computes inside its forward (attention scores) is
+    not an output and is not seen."""
+    import torch
+
+    module, spec = build_module(folder, trust_remote_code)
+    sizes: list[int] = []
+
+    def record(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() // output.shape[0] if output.dim() else 1)
+
+    hooks = [m.register_forward_hook(record) for m in module.modules()]
+    try:
+        module(example_input(spec))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    largest = sorted(sizes, reverse=True)[:2] or [0]
+    return sum(largest)

@@ -68,6 +68,10 @@ class MergeRequest(NamedTuple):
 
 
 def _model_dtype(folder: Path) -> str:
+    from . import modules
+
+    if modules.is_module_folder(folder):
+        return modules.stored_dtype(folder)
     config = json.loads((folder / "config.json").read_text())
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
@@ -83,7 +87,7 @@ class Inputs:
     blocks: tuple[Block, ...]
     dtype: str
     metrics: tuple[Metric, ...]
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None: raw PyTorch models' image tasks
     fingerprints: Fingerprints
     warm_start: tuple[TrialResult, ...] = ()
     fidelity: Fidelity | None = None
@@ -96,6 +100,11 @@ class Inputs:
     @property
     def reference_model(self) -> Path:
         return (self.base or self.sources[0]).model_folder
+
+    @property
+    def raw_module(self) -> bool:
+        """Raw PyTorch models (modules.py) with image tasks (images.py), not causal LMs."""
+        return self.tokenizer is None
 
     @property
     def adapters(self) -> dict[Path, Path]:
@@ -130,7 +139,7 @@ def _check_inputs(
 
     `files` and `data_sha` are what `_check_paths` found, by source name.
     """
-    from . import evaluate, methods, plugins, segment, sources, vocab
+    from . import evaluate, methods, modules, plugins, segment, sources, vocab
     from .engine import check_device, check_dtype
     from .search import Fidelity
 
@@ -148,6 +157,8 @@ def _check_inputs(
     )
     base = resolve(base_ref) if base_ref else None
     sources = [resolve(ref, base=base) for ref in model_refs]
+    if any(modules.is_module_folder(m.path) for m in sources + ([base] if base else [])):
+        return _module_inputs(sources, base, files, data_sha, settings, metrics, evals)
     rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).model_folder
     folders = [s.model_folder for s in sources] + ([base.path] if base else [])
@@ -217,6 +228,51 @@ def _check_inputs(
                    fidelity, evals, own, memory)  # fmt: skip
 
 
+def _module_inputs(sources, base, files, data_sha, settings: SearchSettings, metrics, evals):
+    """`_check_inputs` for raw PyTorch models (modules.py) and their image tasks (images.py):
+    every model a module folder of one state dict layout, every task's images of the module's
+    input shape with labels among its logits."""
+    from . import images, modules, segment
+    from .engine import check_dtype
+
+    models = sources + ([base] if base else [])
+    others = [m.name for m in models if not modules.is_module_folder(m.path)]
+    if others:
+        raise ModelReferenceError(
+            f"{', '.join(others)}: transformers models, merged here with raw PyTorch models "
+            "(module.json); merge raw PyTorch models only with raw PyTorch models of one module"
+        )
+    given = {"--fidelity": settings.fidelity, "--prior / --prior-from": settings.prior,
+             "--tokenizer-source": settings.tokenizer_source, "--metric": metrics,
+             "--eval": evals, "--objective pareto": settings.objective == "pareto"}  # fmt: skip
+    if named := [option for option, value in given.items() if value]:
+        raise SettingsError(
+            f"{', '.join(named)}: not available for raw PyTorch models yet, whose image tasks "
+            "are scored by cross-entropy (AP) and top-1 accuracy (PR); drop them"
+        )
+    reference = (base or sources[0]).path
+    segment.check_compatible([m.path for m in models])
+    dtype = settings.dtype or modules.stored_dtype(reference)
+    check_dtype(dtype)
+    spec = modules.read_spec(reference)
+    classes = modules.output_classes(reference, settings.trust_remote_code)
+    tasks = []
+    for source in sources:
+        task = images.load_image_task(source.name, files[source.name], spec.input_shape)
+        images.check_classes(task, classes, files[source.name])
+        tasks.append(task)
+    blocks = segment.segment_model(reference, settings.strategy, settings.trust_remote_code)
+    prints = Fingerprints(
+        models={s.name: model_print(s) for s in sources},
+        base=model_print(base) if base else None,
+        data={n: DataPrint(path=str(files[n]), sha256=data_sha[n]) for n in files},
+    )
+    warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
+    memory = _plan_memory(sources, base, reference, dtype, (images.BATCH, 0, 0), settings)
+    return Inputs(sources, base, files, tasks, blocks, dtype, (), None, prints, warm,
+                  memory=memory)  # fmt: skip
+
+
 def _plan_memory(sources, base, reference_model: Path, dtype: str, batch: tuple[int, int, int],
                  settings: SearchSettings):  # fmt: skip
     """The memory plan (memory.py) from the models' headers: raises MemoryPlanError, naming
@@ -224,21 +280,31 @@ def _plan_memory(sources, base, reference_model: Path, dtype: str, batch: tuple[
     --workers on a CPU, every worker holds an engine of its own beside this process's."""
     from mergekit.common import dtype_from_name
 
+    from . import modules
     from .engine import eval_dtype, resolve_device
     from .memory import measure_needs, plan_memory
     from .segment import load_config, merge_tensor_keys
 
-    config = load_config(reference_model, settings.trust_remote_code)
+    activations = None
+    if modules.is_module_folder(reference_model):  # a batch of images through the module
+        config, keys = None, modules.merged_names(reference_model)
+        activations = batch[0] * modules.activation_elements(
+            reference_model, settings.trust_remote_code
+        )
+    else:
+        config = load_config(reference_model, settings.trust_remote_code)
+        keys = merge_tensor_keys(reference_model, config)
     needs = measure_needs(
         [s.model_folder for s in sources] + ([base.path] if base else []),
         len(sources),
         reference_model,
-        merge_tensor_keys(reference_model, config),
+        keys,
         config,
         dtype_from_name(dtype),
         eval_dtype(settings.eval_dtype, settings.device),
         settings.methods,
         batch,
+        activations,
     )
     device = resolve_device(settings.device)
     local = device == "cpu" and settings.workers > 1 and not settings.scheduler
@@ -392,6 +458,8 @@ def _race(inputs: Inputs, settings: SearchSettings):
     from .search import Race
 
     if not settings.racing or inputs.fidelity or settings.objective == "pareto":
+        return None
+    if inputs.raw_module:  # image tasks are scored in one batched pass: nothing to save
         return None
     return Race(settings.race_chunk, settings.race_confidence, settings.seed)
 
@@ -592,7 +660,7 @@ def _session_eval_dtype(inputs: Inputs, settings: SearchSettings, out: Path, res
     if resume and (out / rundir.MEMORY).is_file():
         chosen = json.loads((out / rundir.MEMORY).read_text()).get("eval_dtype")
     device = resolve_device(settings.device)
-    if chosen is None and device == "cpu":
+    if chosen is None and device == "cpu" and not inputs.raw_module:
         config = load_config(inputs.reference_model, settings.trust_remote_code)
         positions = min(512, evaluate.largest_batch(inputs.tasks)[0])
         timed = {name: evaluate.forward_seconds(config, positions, dtype_from_name(name), device)
@@ -1038,7 +1106,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     run.write_json(rundir.BEST, best.model_dump(mode="json") | {"recipe": rundir.RECIPE})
     command = _write_and_build(run, inputs, settings, plan)
     # Scored in the live model's dtype, so the only difference to the trial could be the merge.
-    built = _built_model(run, engine.model.dtype, engine.device, settings.trust_remote_code)
+    built = _built_model(run, engine.eval_dtype, engine.device, settings.trust_remote_code)
     final = objective.score(built)
     run.write_json(rundir.FINAL, report.scored_json(*final))
     if inputs.evals:
@@ -1102,7 +1170,7 @@ def _parallel_search(optimizer, session: Session, progress: bool, finished, prio
 
 def _full_tokens(session: Session) -> int | None:
     """Forward positions of one trial on all of the data, when trials may compute fewer."""
-    if session.settings.racing or session.inputs.fidelity:
+    if (session.settings.racing and not session.inputs.raw_module) or session.inputs.fidelity:
         return sum(task.computed_tokens for task in session.inputs.tasks)
     return None
 
@@ -1301,6 +1369,8 @@ def _write_and_build(run: RunDir, inputs: Inputs, settings: SearchSettings, plan
     command that rebuilds it."""
     from . import recipe
 
+    if inputs.raw_module:
+        return _write_and_build_module(run, inputs, settings, plan)
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base] if m}
     command = recipe.reproduce_command(
         run.path / rundir.RECIPE, run.path / rundir.MODEL, len(plan.methods) > 1, plan.seed,
@@ -1313,10 +1383,30 @@ def _write_and_build(run: RunDir, inputs: Inputs, settings: SearchSettings, plan
     return command
 
 
+def _write_and_build_module(run: RunDir, inputs: Inputs, settings: SearchSettings, plan) -> str:
+    """`_write_and_build` for raw PyTorch models: recipe.yaml and one recipe-METHOD_part.yaml
+    per method of a mixed plan, built with stock mergekit-pytorch."""
+    from . import recipe
+
+    target, model = run.path / rundir.RECIPE, run.path / rundir.MODEL
+    for stale in run.path.glob(f"{target.stem}-*{recipe.PART_SUFFIX}{target.suffix}"):
+        stale.unlink()  # a stage of an earlier plan (a resumed or re-picked run)
+    texts, command = recipe.pytorch_recipe_texts(plan, target, model)
+    for file, text in texts.items():
+        run.write_text(file.name, text)
+    recipe.build_with_mergekit_pytorch(target, model, plan.seed, settings.device,
+                                       inputs.reference_model)  # fmt: skip
+    return command
+
+
 def _built_model(run: RunDir, dtype, device: str, trust: bool):
     """model/ loaded in the live model's dtype, on `device`."""
     from transformers import AutoModelForCausalLM
 
+    from . import modules
+
+    if modules.is_module_folder(run.path / rundir.MODEL):
+        return modules.live_module(run.path / rundir.MODEL, dtype, device, trust)
     return AutoModelForCausalLM.from_pretrained(
         str(run.path / rundir.MODEL), dtype=dtype, trust_remote_code=trust
     ).to(device)

@@ -318,3 +318,140 @@ def build_with_mergekit(
         if out.exists():
             shutil.rmtree(out)
         os.replace(partial, out)
+
+
+# --- raw PyTorch models (modules.py): mergekit-pytorch, one run per method ---
+#
+# mergekit-pytorch (mergekit.scripts.merge_raw_pytorch) merges state-dict files with one
+# merge_method per run and has no multi-document form, so a plan that mixes methods is one
+# run per method into an intermediate folder, then the same 0/1 linear selection as
+# mergekit-multi's last document, each run its own file: recipe-<method>_part.yaml beside
+# recipe.yaml (docs/design/raw-pytorch-merges.md has the facts this rests on).
+
+
+def _state_dict(reference: str, intermediate: Path) -> str:
+    """A model reference of a mergekit-yaml document as a mergekit-pytorch input: a model
+    folder's state dict file, an intermediate merge's output file (absolute paths: it
+    resolves relative ones against the working directory)."""
+    if reference.endswith(PART_SUFFIX):
+        return str(Path(intermediate).absolute() / reference / "model.safetensors")
+    return str(Path(reference).absolute() / "model.safetensors")
+
+
+def pytorch_documents(plan: MergePlan, intermediate: Path) -> list[tuple[str | None, dict]]:
+    """(stage name, mergekit-pytorch document) per run of a raw PyTorch plan, the unnamed
+    final one last; a stage writes `intermediate/<name>/model.safetensors`."""
+    stages = []
+    for document in plan_documents(plan):
+        converted = {k: v for k, v in document.items()
+                     if k not in ("name", "tokenizer_source", "chat_template")}  # fmt: skip
+        if "base_model" in converted:
+            converted["base_model"] = _state_dict(converted["base_model"], intermediate)
+        converted["models"] = [
+            m | {"model": _state_dict(m["model"], intermediate)} for m in document["models"]
+        ]
+        stages.append((document.get("name"), converted))
+    return stages
+
+
+def stage_file(recipe: Path, stage: str) -> Path:
+    """Where a raw PyTorch recipe's intermediate run is written: beside recipe.yaml."""
+    return recipe.with_name(f"{recipe.stem}-{stage}{recipe.suffix}")
+
+
+def pytorch_command(recipe: Path, out: Path, stages: list[str], seed: int | None,
+                    random_methods: bool) -> str:  # fmt: skip
+    """The plain mergekit-pytorch command lines (joined by &&) that rebuild a raw PyTorch
+    recipe. DARE/DELLA draw tensors in set order, which Python's string hash decides: they
+    need PYTHONHASHSEED=0 as well as --random-seed to draw the same masks."""
+    prefix = "PYTHONHASHSEED=0 " if random_methods and seed is not None else ""
+    seed_option = f" --random-seed {seed}" if seed is not None else ""
+    intermediate = out.parent / (out.name + "-intermediate")
+    runs = [f"{prefix}mergekit-pytorch {stage_file(recipe, s)} {intermediate / s}{seed_option}"
+            for s in stages]  # fmt: skip
+    return " && ".join(runs + [f"{prefix}mergekit-pytorch {recipe} {out}{seed_option}"])
+
+
+def pytorch_recipe_texts(
+    plan: MergePlan, recipe: Path, out: Path, header: str = ""
+) -> tuple[dict[Path, str], str]:
+    """File -> text of a raw PyTorch plan's recipe: recipe.yaml (the final run) and one
+    recipe-<method>_part.yaml per method when it mixes them; and the commands that build it
+    into `out`."""
+    intermediate = out.parent / (out.name + "-intermediate")
+    stages = pytorch_documents(plan, intermediate)
+    random_methods = any(is_random(m) for m in plan.methods)
+    command = pytorch_command(recipe, out, [s for s, _ in stages if s], plan.seed, random_methods)
+    lines = ["# automerge-mk recipe for a raw PyTorch model: run with plain mergekit-pytorch:",
+             f"#   {command}"]  # fmt: skip
+    if plan.seed is not None and random_methods:
+        lines.append(f"# random seed {plan.seed} and PYTHONHASHSEED=0: DARE/DELLA draws depend "
+                     "on both")  # fmt: skip
+    lines += [f"# {line}" for line in header.splitlines() if line]
+    texts = {}
+    for stage, document in stages:
+        file = stage_file(recipe, stage) if stage else recipe
+        texts[file] = "\n".join(lines) + "\n" + yaml.safe_dump(document, sort_keys=False)
+    return texts, command
+
+
+def build_with_mergekit_pytorch(
+    recipe: Path, out: Path, seed: int | None, device: str, model_folder: Path
+) -> None:
+    """Build a raw PyTorch recipe (recipe.yaml and its stage files) with stock
+    mergekit-pytorch in subprocesses, into `out` through a temporary sibling renamed at the
+    end; the module's module.json and code are copied from `model_folder`, so that `out` is a
+    model folder of its own.
+
+    Raises:
+        StorageError, RecipeError: as build_with_mergekit.
+    """
+    from mergekit.scripts.merge_raw_pytorch import RawPyTorchMergeConfig
+    from pydantic import ValidationError
+
+    partial = out.parent / (out.name + ".partial")
+    intermediate = out.parent / (out.name + "-intermediate")
+    runs = []
+    for file in [*sorted(recipe.parent.glob(f"{recipe.stem}-*{PART_SUFFIX}{recipe.suffix}")),
+                 recipe]:  # fmt: skip
+        try:
+            document = yaml.safe_load(file.read_text())
+            config = RawPyTorchMergeConfig.model_validate(document)
+        except (OSError, yaml.YAMLError, ValidationError) as error:
+            raise RecipeError(f"{file} is not a mergekit-pytorch configuration: {error}") from None
+        check_document_parameters(document)
+        stage = file.stem.removeprefix(recipe.stem + "-")
+        runs.append((file, partial if file == recipe else intermediate / stage, config))
+    for stale in (partial, intermediate):
+        shutil.rmtree(stale, ignore_errors=True)
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if any(is_random(config.merge_method) for *_, config in runs):
+        env["PYTHONHASHSEED"] = "0"
+    common = ["--quiet", "--device", device] + (["--random-seed", str(seed)] if seed is not None
+                                                 else [])  # fmt: skip
+    try:
+        for file, target, _ in runs:
+            command = [_mergekit_script("mergekit-pytorch"), str(file), str(target), *common]
+            result = subprocess.run(command, capture_output=True, text=True, env=env)
+            if result.returncode != 0:
+                output = result.stdout + result.stderr
+                tail = "\n".join(output.splitlines()[-15:])
+                if _NO_SPACE.search(output):
+                    raise StorageError(
+                        f"out of disk space while mergekit-pytorch wrote to {target.parent} "
+                        f"({out} is unchanged):\n{tail}"
+                    )
+                raise RecipeError(
+                    f"mergekit-pytorch failed on {file} ({' '.join(command)}):\n{tail}"
+                )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # never leave half a model behind
+        raise
+    finally:
+        shutil.rmtree(intermediate, ignore_errors=True)
+    with writing(out):
+        for extra in [model_folder / "module.json", *sorted(model_folder.glob("*.py"))]:
+            shutil.copy2(extra, partial / extra.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)

@@ -25,7 +25,7 @@ from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_con
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import ArchitectureMismatchError, ModelReferenceError, SettingsError
-from .modules import build_module, example_input, is_module_folder
+from .modules import build_module, example_input, is_module_folder, read_spec
 from .types import STRATEGY_HELP, Block, Component
 from .weights import open_weights, weight_files
 
@@ -35,24 +35,28 @@ from .weights import open_weights, weight_files
 _ATTENTION = re.compile(r"(^|\.)(?!\w*norm)\w*(attn|attention)\w*\.")
 
 
-def parse_strategy(strategy: str) -> tuple[int | None, bool]:
-    """Parse a strategy string into (layer groups or None, split components).
+def parse_strategy(strategy: str) -> tuple[int | None, bool, bool]:
+    """Parse a strategy string into (layer groups or None, split components, whole model).
 
     Raises:
         SettingsError: on an unknown term or a non-positive K.
     """
     groups: int | None = None
-    components = False
+    components = whole = False
     for term in filter(None, (t.strip() for t in strategy.split("+"))):
         if term == "trace":
             continue
-        if term == "components":
+        if term == "whole":
+            whole = True
+        elif term == "components":
             components = True
         elif term.startswith("layers:") and term[7:].isdigit() and int(term[7:]) > 0:
             groups = int(term[7:])
         else:
             raise SettingsError(f"unknown segmentation strategy {term!r}; use {STRATEGY_HELP}")
-    return groups, components
+    if whole and groups:
+        raise SettingsError(f"strategy {strategy!r}: 'whole' is one block; drop 'layers:K'")
+    return groups, components, whole
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -136,11 +140,20 @@ def check_compatible(folders: list[Path], vocabularies_differ: bool = False) -> 
         ArchitectureMismatchError: naming the first model and tensor that differ.
     """
     first = folders[0]
-    first_config = load_config(first)
-    first_arch = first_config.architectures
+
+    def architecture(folder: Path):  # a raw PyTorch model's is its class and kwargs
+        if is_module_folder(folder):
+            spec = read_spec(folder)
+            return f"{spec.module}(**{spec.kwargs})"
+        return load_config(folder).architectures
+
+    first_arch = architecture(first)
     first_shapes = tensor_shapes(first)
-    keys = merge_tensor_keys(first, first_config) if vocabularies_differ else {}
-    axes = {keys[n]: axis for n, axis in vocabulary_axes(first_config).items() if n in keys}
+    axes = {}
+    if vocabularies_differ and not is_module_folder(first):
+        first_config = load_config(first)
+        keys = merge_tensor_keys(first, first_config)
+        axes = {keys[n]: axis for n, axis in vocabulary_axes(first_config).items() if n in keys}
 
     def shape(shapes: dict, name: str):
         found = shapes.get(name)
@@ -149,7 +162,7 @@ def check_compatible(folders: list[Path], vocabularies_differ: bool = False) -> 
         return found[: axes[name]] + found[axes[name] + 1 :]  # without the token axis
 
     for other in folders[1:]:
-        arch = load_config(other).architectures
+        arch = architecture(other)
         if arch != first_arch:
             raise ArchitectureMismatchError(
                 f"{other} is {arch} but {first} is {first_arch}: merge models of one architecture"
@@ -372,7 +385,7 @@ def segment_model(
         ArchitectureMismatchError: when a raw PyTorch model's state dict does not fit its
             module.
     """
-    groups, components = parse_strategy(strategy)
+    groups, components, whole = parse_strategy(strategy)
     shapes = tensor_shapes(folder)
     if is_module_folder(folder):  # a raw PyTorch model: its own module, every tensor merged
         traced, names = _module_units(folder, trust_remote_code)
@@ -391,6 +404,8 @@ def segment_model(
             trace_groups.append([unit])
     if groups:
         trace_groups = [chunk for g in trace_groups for chunk in _split_layers(g, groups)]
+    if whole:  # one block: one method and one set of weights for the whole model
+        trace_groups = [[unit for group in trace_groups for unit in group]]
 
     def count(tensors: list[str]) -> int:
         total = 0
@@ -417,7 +432,9 @@ def segment_model(
         for component, part in parts:
             blocks.append(
                 Block(
-                    name=_block_name(group, component, stacks),
+                    name="model"
+                    if whole and component == "all"
+                    else _block_name(group, component, stacks),
                     tensors=tuple(part),
                     filters=_filters(set(part), names),
                     layers=span,

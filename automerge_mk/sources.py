@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from .errors import AdapterError, ModelReferenceError
-from .modules import is_module_folder
+from .modules import is_module_folder, read_spec
 from .types import SourceModel
 from .weights import PICKLED_WEIGHTS, check_index, check_weights, index_shards, weight_files
 
@@ -57,12 +57,10 @@ def resolve_model(
         AdapterError: when an adapter is unreadable, has no model to apply to, or was made
             for a model of another name than the one it is applied to.
     """
-    if is_module_folder(Path(reference).expanduser()):
-        raise ModelReferenceError(
-            f"{reference} is a raw PyTorch model (module.json): `automerge-mk segment` shows "
-            "its blocks, but searching and merging raw PyTorch models is not supported yet; "
-            "give transformers model folders or Hub ids"
-        )
+    folder = Path(reference).expanduser()
+    if is_module_folder(folder):  # a raw PyTorch model (modules.py): a local folder only
+        read_spec(folder)
+        return _resolve(reference, trust_remote_code, allow_pickle)
     model_ref, plus, adapter_ref = reference.partition("+")
     if plus and not Path(reference).expanduser().is_dir():
         applied_to = resolve_model(model_ref, trust_remote_code, allow_pickle)

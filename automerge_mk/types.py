@@ -12,7 +12,8 @@ Component = Literal["all", "attention", "mlp"]
 STRATEGY_HELP = (
     "'trace' (shape-signature blocks of one forward pass), 'layers:K' (K contiguous layer "
     "groups), 'components' (attention vs the rest: MLP, norms, embeddings); combine with '+', "
-    "e.g. 'layers:4+components'. The trace is always applied first."
+    "e.g. 'layers:4+components'; 'whole' (one block: the whole model, as a fixed recipe "
+    "merges it). The trace is always applied first."
 )
 
 BUILT_IN_METRICS = ("label_accuracy", "token_accuracy")
