@@ -7,6 +7,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -143,3 +144,142 @@ def test_two_layer_stacks_are_named_by_stack_and_a_failing_trace_is_an_error(tmp
         (folder / "module.json").write_text(json.dumps(spec | wrong))
         with pytest.raises(ModelReferenceError, match="module.json"):
             segment_model(folder, "trace", trust_remote_code=True)
+
+
+# --- searching and merging raw PyTorch models ---
+
+
+def _family(root: Path) -> dict[str, Path]:
+    """A base ConvFormer and two "specialists" (the base plus a task vector each), with image
+    tasks: validation .npz files of random 8x8 images, labelled by the specialist itself."""
+    base = _module_folder(root / "base")
+    state = load_file(str(base / "model.safetensors"))
+    folders = {"base": base}
+    for seed, name in enumerate(("even", "odd"), 1):
+        generator = torch.Generator().manual_seed(seed)
+        tuned = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+        folders[name] = _module_folder(root / name, state=tuned)
+        images = torch.rand((24, 1, 8, 8), generator=generator)
+        namespace: dict = {}
+        exec(CONVFORMER, namespace)  # noqa: S102 - the test's own module source
+        model = namespace["ConvFormer"]().eval()
+        model.load_state_dict(tuned)
+        with torch.no_grad():
+            labels = model(images).argmax(dim=1)
+        np.savez(root / f"{name}.npz", pixel_values=images.numpy(), labels=labels.numpy())
+    return folders
+
+
+def _search_arguments(root: Path, folders: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["search", str(folders["even"]), str(folders["odd"]), "--base", str(folders["base"]),
+            "--data", f"even={root / 'even.npz'}", "--data", f"odd={root / 'odd.npz'}",
+            "--out", str(out), "--trust-remote-code", "--quiet", "--seed", "0", *extra]  # fmt: skip
+
+
+def test_a_mixed_method_plan_is_rebuilt_by_stock_mergekit_pytorch_bit_for_bit(tmp_path):
+    from automerge_mk.engine import MergeEngine
+    from automerge_mk.recipe import build_with_mergekit_pytorch, pytorch_recipe_texts
+    from automerge_mk.types import BlockChoice, MergePlan
+
+    folders = _family(tmp_path)
+    blocks = segment_model(folders["base"], "trace", trust_remote_code=True)
+    engine = MergeEngine([folders["even"], folders["odd"]], folders["base"], folders["base"],
+                         trust_remote_code=True)  # fmt: skip
+    # DARE's masks are drawn in mergekit-pytorch's tensor order (PYTHONHASHSEED=0), task
+    # arithmetic's tensors come from the other run: the selection picks each block's.
+    choices = (
+        BlockChoice(method="dare_ties", weights=(0.7, 0.9), densities=(0.4, 0.6)),
+        BlockChoice(method="task_arithmetic", weights=(1.1, 0.3)),
+        BlockChoice(method="dare_ties", weights=(0.5, 0.5), densities=(0.8, 0.3)),
+    )
+    plan = MergePlan(sources=(str(folders["even"]), str(folders["odd"])), base=str(folders["base"]),
+                     blocks=blocks, choices=choices, seed=5)  # fmt: skip
+    merged = engine.merge(plan)
+    recipe, out = tmp_path / "run" / "recipe.yaml", tmp_path / "run" / "model"
+    recipe.parent.mkdir()
+    texts, command = pytorch_recipe_texts(plan, recipe, out)
+    assert set(texts) == {recipe, tmp_path / "run" / "recipe-dare_ties_part.yaml",
+                          tmp_path / "run" / "recipe-task_arithmetic_part.yaml"}  # fmt: skip
+    assert command.count("mergekit-pytorch") == 3 and "PYTHONHASHSEED=0" in command
+    for file, text in texts.items():
+        file.write_text(text)
+    build_with_mergekit_pytorch(recipe, out, plan.seed, "cpu", folders["base"])
+    stock = load_file(str(out / "model.safetensors"))
+    assert set(stock) == set(merged)
+    for name, tensor in merged.items():
+        assert torch.equal(tensor.view(torch.int32), stock[name].view(torch.int32)), name
+    assert (out / "module.json").is_file() and (out / "convformer.py").is_file()
+    base = load_file(str(folders["base"] / "model.safetensors"))
+    assert not torch.equal(stock["blocks.0.linear1.weight"], base["blocks.0.linear1.weight"])
+
+
+def test_a_raw_pytorch_search_builds_its_best_trial_with_mergekit_pytorch(tmp_path):
+    folders = _family(tmp_path)
+    out = tmp_path / "run"
+    arguments = _search_arguments(tmp_path, folders, out, "--trials", "5", "--initial", "3",
+                                  "--methods", "linear,ties,task_arithmetic")  # fmt: skip
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    best = json.loads((out / "best.json").read_text())
+    final = json.loads((out / "final.json").read_text())
+    # model/ is stock mergekit-pytorch's build of the best trial's recipe: the same scores.
+    for task in ("even", "odd"):
+        assert final["tasks"][task]["loss"] == pytest.approx(best["tasks"][task]["loss"], 1e-6)
+        accuracy = best["tasks"][task]["metrics"]["label_accuracy"]
+        assert final["tasks"][task]["metrics"]["label_accuracy"] == accuracy
+    sources = json.loads((out / "sources.json").read_text())
+    assert sources["even"]["tasks"]["even"]["metrics"]["label_accuracy"] == 1.0  # its labels
+    assert "mergekit-pytorch" in (out / "recipe.yaml").read_text()
+    assert "mergekit-pytorch" in (out / "summary.md").read_text()
+    assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "convformer.py", "model.safetensors", "module.json"]  # fmt: skip
+
+
+def test_bad_image_tasks_are_refused_before_the_run_directory_exists(tmp_path):
+    folders = _family(tmp_path)
+    out = tmp_path / "run"
+    np.savez(tmp_path / "flat.npz", pixel_values=np.zeros((4, 64), np.float32),
+             labels=np.zeros(4, np.int64))  # fmt: skip
+    np.savez(tmp_path / "eleven.npz", pixel_values=np.zeros((4, 1, 8, 8), np.float32),
+             labels=np.full(4, 11))  # fmt: skip
+    np.savez(tmp_path / "unlabelled.npz", pixel_values=np.zeros((4, 1, 8, 8), np.float32))
+    (tmp_path / "texts.jsonl").write_text('{"text": "a"}\n')
+    for data, expected in (("flat.npz", "shape"), ("eleven.npz", "10 logits"),
+                           ("unlabelled.npz", "lacks array"), ("texts.jsonl", ".npz")):  # fmt: skip
+        arguments = _search_arguments(tmp_path, folders, out, "--trials", "5", "--initial", "3")
+        arguments[arguments.index(f"even={tmp_path / 'even.npz'}")] = f"even={tmp_path / data}"
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 1 and "DataError" in result.output, result.output
+        assert expected in result.output, result.output
+        assert not out.exists()
+    arguments = _search_arguments(tmp_path, folders, out, "--fidelity", "tokens")
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 1 and "--fidelity" in result.output and not out.exists()
+
+
+def test_image_scores_are_the_cross_entropy_and_top1_accuracy(tmp_path):
+    from automerge_mk.evaluate import score_task
+    from automerge_mk.images import load_image_task
+    from automerge_mk.modules import live_module
+
+    folders = _family(tmp_path)
+    model = live_module(folders["base"], torch.float32, "cpu", trust_remote_code=True)
+    task = load_image_task("even", tmp_path / "even.npz", (1, 8, 8), examples=10, seed=1)
+    assert len(task.indices) == 10 == task.tokens
+    with np.load(tmp_path / "even.npz") as arrays:
+        images = torch.from_numpy(arrays["pixel_values"][list(task.indices)])
+        labels = torch.from_numpy(arrays["labels"][list(task.indices)])
+    with torch.no_grad():
+        logits = model(images)
+    score = score_task(model, task, keep_examples=True)
+    assert score.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    expected = (logits.argmax(1) == labels).float().mean().item()
+    assert score.metrics["label_accuracy"] == pytest.approx(expected)
+    assert len(score.example_losses) == 10
+
+
+def test_the_whole_strategy_is_one_block_of_every_tensor(tmp_path):
+    folder = _module_folder(tmp_path / "model")
+    (block,) = segment_model(folder, "whole", trust_remote_code=True)
+    assert block.name == "model"
+    assert sorted(block.tensors) == sorted(load_file(str(folder / "model.safetensors")))
