@@ -43,12 +43,13 @@ from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, rescaled_masked_tensor
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .errors import AdapterError, ModelReferenceError, SettingsError
+from .kinds import RAW_MODULE, kind_of
 from .memory import HostTensors, MappedModel
 from .methods import SOURCE_AS_BASE, is_random, method_accepts, uses_base
-from .modules import is_module_folder, live_module, merged_names
+from .modules import merged_names
 from .recipe import plan_documents, pytorch_documents
 from .segment import load_config, merge_tensor_keys, vocabulary_axes
 from .types import BlockChoice, MergePlan
@@ -338,7 +339,8 @@ class MergeEngine:
         # A raw PyTorch model (modules.py) merges every floating tensor of its state dict
         # and is recipe'd for mergekit-pytorch; a transformers model merges what mergekit's
         # architecture definition names.
-        self.raw_module = is_module_folder(live_model)
+        self.kind = kind_of(live_model)
+        self.raw_module = self.kind.name == RAW_MODULE
         if self.raw_module:
             self.keys, self.vocabulary = merged_names(live_model), {}
         else:
@@ -351,15 +353,10 @@ class MergeEngine:
             for folder in dict.fromkeys(self.source_folders + [self.base_folder] * bool(base))
         }
         self.eval_dtype = eval_dtype
-        if self.raw_module:
-            self.model = live_module(live_model, eval_dtype, self.device, trust_remote_code)
-            # Floating buffers (BatchNorm's running statistics) are merged like parameters.
+        self.model = self.kind.load(live_model, eval_dtype, self.device, trust_remote_code)
+        if self.raw_module:  # floating buffers (BatchNorm's statistics) merge like parameters
             self._parameters = dict(self.model.state_dict(keep_vars=True))
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(live_model), dtype=eval_dtype, trust_remote_code=trust_remote_code
-            ).to(self.device)
-            self.model.eval()
             self._parameters = dict(self.model.named_parameters())
         unknown = set(self.keys) - set(self._parameters)
         if unknown:
@@ -554,10 +551,8 @@ class MergeEngine:
         tensors = self.resident[Path(folder)]
         if all(self._parameters[n].shape == t.shape for n, t in tensors.items()):
             return self.load(tensors)
-        own = AutoModelForCausalLM.from_pretrained(
-            str(self.adapters.get(Path(folder), Path(folder))), dtype=self.eval_dtype,
-            trust_remote_code=self.trust_remote_code,
-        ).to(self.device)  # fmt: skip
+        own = self.kind.load(self.adapters.get(Path(folder), Path(folder)), self.eval_dtype,
+                             self.device, self.trust_remote_code)  # fmt: skip
         parameters = dict(own.named_parameters())
         with torch.no_grad():
             for name, tensor in tensors.items():

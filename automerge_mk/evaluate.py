@@ -23,8 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .classify import ClassTask, score_classes
 from .errors import DataError, MetricError, SettingsError
-from .images import ImageTask, score_images
 from .inputs import ARRAY_FORMATS, DATA_BUILDERS, check_data_file
 from .types import BUILT_IN_METRICS, TaskScore, harmonic_mean
 
@@ -488,11 +488,11 @@ def score_task(
 
     Label accuracy is computed for prompt/label tasks; each user metric is called as
     `function(model, tokenizer, rows)` on the task's rows. `keep_examples`: the score carries
-    each example's summed loss too (what racing compares). An image task (images.py) is
+    each example's summed loss too (what racing compares). A classification task (classify.py) is
     scored by cross-entropy and top-1 accuracy instead.
     """
-    if isinstance(task, ImageTask):
-        return score_images(model, task, keep_examples)
+    if isinstance(task, ClassTask):
+        return score_classes(model, task, keep_examples)
     starts = task.starts or (1,) * len(task.sequences)
     found = _score_sequences(
         model, task.sequences, starts, task.pad_id, batch_tokens, chunk_rows, task.label_tokens

@@ -23,7 +23,7 @@ DATA_BUILDERS = {
     ".txt": "text",
 }
 _TEXT_FORMATS = {".jsonl", ".json", ".csv", ".txt"}  # read as UTF-8 text by `datasets`
-ARRAY_FORMATS = {".npz"}  # image tasks of raw PyTorch models (images.py), read by numpy
+ARRAY_FORMATS = {".npz"}  # image tasks of raw PyTorch models (classify.py), read by numpy
 
 
 def source_name(reference: str) -> str:

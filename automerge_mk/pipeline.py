@@ -96,6 +96,7 @@ class Inputs:
     # own tokenizer and every task tokenised with it, for its reference scores.
     own: dict[str, tuple[PreTrainedTokenizerBase, list[TaskData]]] | None = None
     memory: MemoryPlan | None = None  # where the engine keeps what (memory.py)
+    kind: str = "causal-lm"  # kinds.py: causal-lm, sequence-classifier or raw-module
 
     @property
     def reference_model(self) -> Path:
@@ -103,8 +104,13 @@ class Inputs:
 
     @property
     def raw_module(self) -> bool:
-        """Raw PyTorch models (modules.py) with image tasks (images.py), not causal LMs."""
-        return self.tokenizer is None
+        """Raw PyTorch models (modules.py) with image tasks (classify.py)."""
+        return self.kind == "raw-module"
+
+    @property
+    def classifies(self) -> bool:
+        """Classifiers scored on class labels (classify.py), not causal LMs on tokens."""
+        return self.kind != "causal-lm"
 
     @property
     def adapters(self) -> dict[Path, Path]:
@@ -139,7 +145,7 @@ def _check_inputs(
 
     `files` and `data_sha` are what `_check_paths` found, by source name.
     """
-    from . import evaluate, methods, modules, plugins, segment, sources, vocab
+    from . import evaluate, kinds, methods, plugins, segment, sources, vocab
     from .engine import check_device, check_dtype
     from .search import Fidelity
 
@@ -157,8 +163,9 @@ def _check_inputs(
     )
     base = resolve(base_ref) if base_ref else None
     sources = [resolve(ref, base=base) for ref in model_refs]
-    if any(modules.is_module_folder(m.path) for m in sources + ([base] if base else [])):
-        return _module_inputs(sources, base, files, data_sha, settings, metrics, evals)
+    kind = kinds.kind_of((base or sources[0]).model_folder)
+    if kind.classifies or any(kinds.kind_of(m.path).classifies for m in sources):
+        return _class_inputs(kind, sources, base, files, data_sha, settings, metrics, evals)
     rows = {name: evaluate.load_rows(path, settings.text_column) for name, path in files.items()}
     reference_model = (base or sources[0]).model_folder
     folders = [s.model_folder for s in sources] + ([base.path] if base else [])
@@ -228,49 +235,69 @@ def _check_inputs(
                    fidelity, evals, own, memory)  # fmt: skip
 
 
-def _module_inputs(sources, base, files, data_sha, settings: SearchSettings, metrics, evals):
-    """`_check_inputs` for raw PyTorch models (modules.py) and their image tasks (images.py):
-    every model a module folder of one state dict layout, every task's images of the module's
-    input shape with labels among its logits."""
-    from . import images, modules, segment
+_KIND_WORDS = {"raw-module": "raw PyTorch models (module.json)",
+               "sequence-classifier": "transformers sequence classifiers",
+               "causal-lm": "transformers causal LMs"}  # fmt: skip
+
+
+def _class_inputs(kind, sources, base, files, data_sha, settings: SearchSettings, metrics, evals):
+    """`_check_inputs` for classifiers (kinds.py) and their tasks (classify.py): every model
+    of one kind and one layout; a raw PyTorch model's tasks are images of its module's input
+    shape, a sequence classifier's texts with labels of its id2label; labels among the
+    model's logits."""
+    from . import classify, kinds, modules, segment
     from .engine import check_dtype
 
     models = sources + ([base] if base else [])
-    others = [m.name for m in models if not modules.is_module_folder(m.path)]
-    if others:
+    if others := [m.name for m in models if kinds.kind_of(m.path).name != kind.name]:
         raise ModelReferenceError(
-            f"{', '.join(others)}: transformers models, merged here with raw PyTorch models "
-            "(module.json); merge raw PyTorch models only with raw PyTorch models of one module"
+            f"{', '.join(others)}: not {_KIND_WORDS[kind.name]}, merged here with "
+            f"{_KIND_WORDS[kind.name]} such as {(base or sources[0]).name}; merge models of one "
+            "kind (raw PyTorch models only with raw PyTorch models of one module)"
         )
     given = {"--fidelity": settings.fidelity, "--prior / --prior-from": settings.prior,
              "--tokenizer-source": settings.tokenizer_source, "--metric": metrics,
-             "--eval": evals, "--objective pareto": settings.objective == "pareto"}  # fmt: skip
+             "--eval": evals, "--objective pareto": settings.objective == "pareto",
+             "adapters": any(s.adapter_of for s in sources)}  # fmt: skip
     if named := [option for option, value in given.items() if value]:
         raise SettingsError(
-            f"{', '.join(named)}: not available for raw PyTorch models yet, whose image tasks "
-            "are scored by cross-entropy (AP) and top-1 accuracy (PR); drop them"
+            f"{', '.join(named)}: not available for {_KIND_WORDS[kind.name]} yet, whose tasks "
+            "are scored by cross-entropy over classes (AP) and top-1 accuracy (PR); drop them"
         )
     reference = (base or sources[0]).path
+    trust = settings.trust_remote_code
     segment.check_compatible([m.path for m in models])
-    dtype = settings.dtype or modules.stored_dtype(reference)
+    dtype = settings.dtype or _model_dtype(reference)
     check_dtype(dtype)
-    spec = modules.read_spec(reference)
-    classes = modules.output_classes(reference, settings.trust_remote_code)
-    tasks = []
-    for source in sources:
-        task = images.load_image_task(source.name, files[source.name], spec.input_shape)
-        images.check_classes(task, classes, files[source.name])
-        tasks.append(task)
-    blocks = segment.segment_model(reference, settings.strategy, settings.trust_remote_code)
+    tokenizer, tasks = None, []
+    if kind.name == kinds.RAW_MODULE:
+        spec = modules.read_spec(reference)
+        classes = modules.output_classes(reference, trust)
+        for source in sources:
+            task = classify.load_image_task(source.name, files[source.name], spec.input_shape)
+            classify.check_classes(task, classes, files[source.name])
+            tasks.append(task)
+        batch = (classify.BATCH, 0, 0)  # images per forward (_plan_memory measures the rest)
+    else:
+        _check_vocabularies(sources, base, settings)  # one vocabulary: no tokenizer to choose
+        tokenizer = _tokenizer(reference, trust)
+        config = segment.load_config(reference, trust)
+        for source in sources:
+            tasks.append(classify.load_text_task(source.name, files[source.name], tokenizer,
+                                                 dict(config.label2id), settings.max_length,
+                                                 settings.text_column))  # fmt: skip
+        width = max(next(iter(t.inputs.values())).shape[1] for t in tasks)
+        batch = (classify.BATCH * width, width, 0)  # padded positions, width, no vocab logits
+    blocks = segment.segment_model(reference, settings.strategy, trust)
     prints = Fingerprints(
         models={s.name: model_print(s) for s in sources},
         base=model_print(base) if base else None,
         data={n: DataPrint(path=str(files[n]), sha256=data_sha[n]) for n in files},
     )
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
-    memory = _plan_memory(sources, base, reference, dtype, (images.BATCH, 0, 0), settings)
-    return Inputs(sources, base, files, tasks, blocks, dtype, (), None, prints, warm,
-                  memory=memory)  # fmt: skip
+    memory = _plan_memory(sources, base, reference, dtype, batch, settings)
+    return Inputs(sources, base, files, tasks, blocks, dtype, (), tokenizer, prints, warm,
+                  memory=memory, kind=kind.name)  # fmt: skip
 
 
 def _plan_memory(sources, base, reference_model: Path, dtype: str, batch: tuple[int, int, int],
@@ -459,7 +486,7 @@ def _race(inputs: Inputs, settings: SearchSettings):
 
     if not settings.racing or inputs.fidelity or settings.objective == "pareto":
         return None
-    if inputs.raw_module:  # image tasks are scored in one batched pass: nothing to save
+    if inputs.classifies:  # class tasks are scored in a few batched passes: little to save
         return None
     return Race(settings.race_chunk, settings.race_confidence, settings.seed)
 
@@ -660,7 +687,7 @@ def _session_eval_dtype(inputs: Inputs, settings: SearchSettings, out: Path, res
     if resume and (out / rundir.MEMORY).is_file():
         chosen = json.loads((out / rundir.MEMORY).read_text()).get("eval_dtype")
     device = resolve_device(settings.device)
-    if chosen is None and device == "cpu" and not inputs.raw_module:
+    if chosen is None and device == "cpu" and not inputs.classifies:
         config = load_config(inputs.reference_model, settings.trust_remote_code)
         positions = min(512, evaluate.largest_batch(inputs.tasks)[0])
         timed = {name: evaluate.forward_seconds(config, positions, dtype_from_name(name), device)
@@ -1170,7 +1197,7 @@ def _parallel_search(optimizer, session: Session, progress: bool, finished, prio
 
 def _full_tokens(session: Session) -> int | None:
     """Forward positions of one trial on all of the data, when trials may compute fewer."""
-    if (session.settings.racing and not session.inputs.raw_module) or session.inputs.fidelity:
+    if (session.settings.racing and not session.inputs.classifies) or session.inputs.fidelity:
         return sum(task.computed_tokens for task in session.inputs.tasks)
     return None
 
@@ -1401,15 +1428,10 @@ def _write_and_build_module(run: RunDir, inputs: Inputs, settings: SearchSetting
 
 def _built_model(run: RunDir, dtype, device: str, trust: bool):
     """model/ loaded in the live model's dtype, on `device`."""
-    from transformers import AutoModelForCausalLM
+    from . import kinds
 
-    from . import modules
-
-    if modules.is_module_folder(run.path / rundir.MODEL):
-        return modules.live_module(run.path / rundir.MODEL, dtype, device, trust)
-    return AutoModelForCausalLM.from_pretrained(
-        str(run.path / rundir.MODEL), dtype=dtype, trust_remote_code=trust
-    ).to(device)
+    model = run.path / rundir.MODEL
+    return kinds.kind_of(model).load(model, dtype, device, trust)
 
 
 def run_pick(

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .errors import ArchitectureMismatchError, ModelReferenceError, SettingsError
+from .kinds import kind_of
 from .modules import build_module, example_input, is_module_folder, read_spec
 from .types import STRATEGY_HELP, Block, Component
 from .weights import open_weights, weight_files
@@ -256,11 +257,9 @@ def _traced(model: torch.nn.Module, run, stack_layers: bool = False) -> list[_Un
     return units
 
 
-def _trace_units(config: PretrainedConfig, trust_remote_code: bool = False) -> list[_Unit]:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return _traced(model, lambda m: m(input_ids=torch.zeros((1, 4), dtype=torch.long,
-                                                            device="meta")))  # fmt: skip
+def _trace_units(folder: Path, trust_remote_code: bool = False) -> list[_Unit]:
+    """A transformers model's traced units (its kind's model on the meta device: kinds.py)."""
+    return _traced(*kind_of(folder).traced(folder, trust_remote_code))
 
 
 def _module_units(folder: Path, trust_remote_code: bool) -> tuple[list[_Unit], list[str]]:
@@ -394,7 +393,7 @@ def segment_model(
         config = load_config(folder, trust_remote_code)
         names = merge_tensor_names(folder, config)
         layer_of = _layer_index(config)
-        units = _assign_tensors(_trace_units(config, trust_remote_code), names, layer_of)
+        units = _assign_tensors(_trace_units(folder, trust_remote_code), names, layer_of)
 
     trace_groups: list[list[_Unit]] = []
     for unit in units:

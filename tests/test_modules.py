@@ -258,8 +258,8 @@ def test_bad_image_tasks_are_refused_before_the_run_directory_exists(tmp_path):
 
 
 def test_image_scores_are_the_cross_entropy_and_top1_accuracy(tmp_path):
+    from automerge_mk.classify import load_image_task
     from automerge_mk.evaluate import score_task
-    from automerge_mk.images import load_image_task
     from automerge_mk.modules import live_module
 
     folders = _family(tmp_path)
