@@ -8,7 +8,9 @@ from pathlib import Path
 
 from . import report, rundir
 from .errors import PublishError, RunDirectoryError
-from .recipe import reproduce_command
+from .kinds import RAW_MODULE, SEQUENCE_CLASSIFIER, kind_of
+from .methods import is_random
+from .recipe import PART_SUFFIX, pytorch_command, reproduce_command
 from .rundir import RunRecord
 from .sources import redact
 
@@ -33,6 +35,13 @@ REPORT_PLOTS = {
 }
 
 
+def recipe_files(run_dir: Path) -> list[Path]:
+    """recipe.yaml, after the mergekit-pytorch runs it selects from (recipe-METHOD_part.yaml,
+    a raw PyTorch model's) when there are any."""
+    stages = sorted(run_dir.glob(f"recipe-*{PART_SUFFIX}.yaml"))
+    return [*stages, run_dir / rundir.RECIPE]
+
+
 def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     """The model card (README.md) of a run: metadata, scores, plot, recipe, how to rebuild it.
 
@@ -46,7 +55,8 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
     final = report.scored_from_json(_run_json(run_dir, rundir.FINAL), stored_sources)
     sources = {n: report.scored_from_json(v, stored_sources) for n, v in stored_sources.items()}
     trials = (run_dir / rundir.TRIALS).read_text().count("\n")
-    recipe = (run_dir / rundir.RECIPE).read_text()
+    kind = kind_of(run_dir / rundir.MODEL)
+    recipe = "\n---\n".join(p.read_text() for p in recipe_files(run_dir))
     models, base = record.models, record.base
     pinned = [m.pinned for m in models + ([base] if base else [])]
     discrepancy = report.discrepancy(final[0])
@@ -76,16 +86,25 @@ def card_text(run_dir: Path, repo_id: str, plots: Path | None = None) -> str:
         else ""
     )
     multi = "\n---\n" in recipe
+    tool = "mergekit-pytorch" if kind.name == RAW_MODULE else "mergekit"
     merged = Path("$PWD/merged")  # mergekit-multi's --intermediate-dir must be absolute
     adapters = any(m.adapter_of for m in record.models)
     rebuild = reproduce_command(Path(rundir.RECIPE), merged, multi, record.settings.seed, adapters)
+    if kind.name == RAW_MODULE:  # its runs name the run's absolute intermediate folders
+        stages = [p.stem.removeprefix("recipe-") for p in recipe_files(run_dir)[:-1]]
+        random = any(is_random(s.removesuffix(PART_SUFFIX)) for s in stages)
+        rebuild = pytorch_command(run_dir / rundir.RECIPE, run_dir / rundir.MODEL, stages,
+                                  record.settings.seed, random)  # fmt: skip
+        rebuild = rebuild.replace(" && ", " \\\n  && ")
+        local_note += (" The runs name the intermediate folders of the run that made them "
+                       f"({run_dir}); edit both paths to rebuild elsewhere.")  # fmt: skip
     body = f"""# {repo_id.split("/")[-1]}
 
 A merge of {", ".join(f"`{p}`" for p in pinned[: len(models)])}
 {f"(base `{pinned[-1]}`) " if base else ""}found by automerge-mk on top of
 [mergekit](https://github.com/arcee-ai/mergekit):
 SMAC's Bayesian optimisation chose a merge method, weights and densities for every block of the
-network over {trials} trials, and stock mergekit built this model from the recipe below.{picked}
+network over {trials} trials, and stock {tool} built this model from the recipe below.{picked}
 
 ## Preservation on the validation data
 
@@ -114,8 +133,11 @@ pip install mergekit
         # Hub metadata names repos; local folders are named in the text instead.
         base_model=[m.pinned for m in models + ([base] if base else []) if m.repo_id] or None,
         tags=["merge", "mergekit", "automerge-mk"],
-        library_name="transformers",
-        pipeline_tag="text-generation",
+        library_name="pytorch" if kind.name == RAW_MODULE else "transformers",
+        pipeline_tag={
+            RAW_MODULE: "image-classification",
+            SEQUENCE_CLASSIFIER: "text-classification",
+        }.get(kind.name, "text-generation"),
         base_model_relation="merge",
     )
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
@@ -153,7 +175,8 @@ def publish(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     model = run_dir / rundir.MODEL
-    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+    described = (model / "config.json").is_file() or (model / "module.json").is_file()
+    if not described or not any(model.glob("*.safetensors")):
         raise RunDirectoryError(f"{model} holds no built model; finish `automerge-mk search` first")
     card = card_text(run_dir, repo_id, plots).encode()
     operations = [
@@ -161,9 +184,10 @@ def publish(
         for path in sorted(model.iterdir())
         if path.is_file() and path.name not in ("README.md", "mergekit_config.yml")
     ]
+    stages = [p.name for p in recipe_files(run_dir)[:-1]]  # a raw PyTorch recipe's runs
     operations += [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(run_dir / name))
-        for name in RUN_FILES
+        for name in [*RUN_FILES, *stages]
         if (run_dir / name).is_file()
     ]
     operations += [
