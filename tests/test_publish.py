@@ -286,3 +286,29 @@ def test_unreachable_hub_is_a_clear_error_with_the_retry_command(demo_run, monke
     assert result.exit_code == 1 and "PublishError" in result.output
     assert f"automerge-mk push {demo_run} me/unreachable" in result.output
     assert TOKEN not in result.output and _digests(demo_run) == before
+
+
+def test_a_raw_pytorch_run_publishes_its_module_its_runs_and_a_mergekit_pytorch_rebuild(
+    hub_env, tmp_path
+):
+    from test_modules import _family, _search_arguments
+
+    folders = _family(tmp_path)
+    run = tmp_path / "run"
+    arguments = _search_arguments(tmp_path, folders, run, "--trials", "5", "--initial", "3",
+                                  "--methods", "ties,task_arithmetic")  # fmt: skip
+    assert CliRunner().invoke(main, arguments).exit_code == 0
+    result = _push(run, "me/raw-merge")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    files = hub_env.files("me/raw-merge")
+    for name in ["model.safetensors", "module.json", "convformer.py", "recipe.yaml"]:
+        assert name in files, name
+    stages = sorted(p.name for p in run.glob("recipe-*_part.yaml"))
+    assert all(files[name] == (run / name).read_bytes() for name in stages)
+    assert files["model.safetensors"] == (run / "model" / "model.safetensors").read_bytes()
+    readme = tmp_path / "README.md"
+    readme.write_bytes(files["README.md"])
+    card = ModelCard.load(readme)
+    assert card.data.to_dict()["library_name"] == "pytorch"
+    assert f"mergekit-pytorch {run / 'recipe.yaml'} {run / 'model'}" in card.text
+    assert "stock mergekit-pytorch built this model" in card.text
