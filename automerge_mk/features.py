@@ -14,8 +14,9 @@ Per block, over its tensors (task vector τ_i = source_i − base, in float32):
 - `density_90`: the fraction of a tensor's largest-magnitude entries that holds 90 % of its
   task vector's L1 mass (what a density can drop; mergekit sparsifies per tensor), averaged
   over tensors weighted by mass, then over sources;
-- `activation_distance`: on a probe of a few hundred tokens, ‖h_i − h_j‖ / mean(‖h_i‖, ‖h_j‖) of
-  the hidden states after the block's last layer (blocks of layers only), pairs averaged;
+- `activation_distance` (causal LMs only): on a probe of a few hundred tokens,
+  ‖h_i − h_j‖ / mean(‖h_i‖, ‖h_j‖) of the hidden states after the block's last layer (blocks
+  of layers only), pairs averaged;
 
 and for the whole model, `kl`: the symmetric KL divergence between the sources' next-token
 distributions on the probe, per token, pairs averaged.
@@ -36,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from .memory import MappedModel
+from .modules import is_module_folder, merged_names
 from .segment import load_config, merge_tensor_keys
 from .types import Block
 
@@ -134,7 +136,10 @@ def weight_features(
     """Each block's running sums over its tensors, read memory-mapped one tensor at a time
     (tensors whose shapes differ between the models, e.g. token-indexed ones of different
     vocabularies, are left out)."""
-    keys = merge_tensor_keys(base, load_config(base, trust_remote_code))
+    if is_module_folder(base):  # a raw PyTorch model merges every floating tensor
+        keys = merged_names(base)
+    else:
+        keys = merge_tensor_keys(base, load_config(base, trust_remote_code))
     with ExitStack() as stack:
         models = []
         for folder in (base, *sources):

@@ -255,15 +255,22 @@ def _class_inputs(kind, sources, base, files, data_sha, settings: SearchSettings
             f"{_KIND_WORDS[kind.name]} such as {(base or sources[0]).name}; merge models of one "
             "kind (raw PyTorch models only with raw PyTorch models of one module)"
         )
-    given = {"--fidelity": settings.fidelity, "--prior / --prior-from": settings.prior,
-             "--tokenizer-source": settings.tokenizer_source, "--metric": metrics,
-             "--eval": evals, "--objective pareto": settings.objective == "pareto",
+    given = {"--fidelity": settings.fidelity, "--tokenizer-source": settings.tokenizer_source,
+             "--metric": metrics, "--eval": evals,
+             "--objective pareto": settings.objective == "pareto",
              "adapters": any(s.adapter_of for s in sources)}  # fmt: skip
     if named := [option for option, value in given.items() if value]:
         raise SettingsError(
             f"{', '.join(named)}: not available for {_KIND_WORDS[kind.name]} yet, whose tasks "
             "are scored by cross-entropy over classes (AP) and top-1 accuracy (PR); drop them"
         )
+    if settings.prior and base is None:
+        raise SettingsError(
+            "--prior (and suggest, segment --features) reads task vectors (each source minus "
+            "--base): give --base"
+        )
+    for earlier in settings.prior_from:  # records, trials, prior.json: before any model loads
+        _learned_from(Path(earlier), len(sources))
     reference = (base or sources[0]).path
     trust = settings.trust_remote_code
     segment.check_compatible([m.path for m in models])
@@ -778,8 +785,10 @@ def _features(inputs: Inputs, settings: SearchSettings):
     """The sources' per-block similarity features (features.py) with the validation probe."""
     from .features import model_features
 
+    # A classifier's features are its weights' alone: the probe runs a causal LM on tokens.
+    probe = None if inputs.classifies else _probe(inputs.tasks)
     return model_features([s.path for s in inputs.sources], inputs.base.path, inputs.blocks,
-                          _probe(inputs.tasks), settings.trust_remote_code)  # fmt: skip
+                          probe, settings.trust_remote_code)  # fmt: skip
 
 
 PRIOR_FROM_TRIALS = 3  # --prior-from learns from each earlier run's best trials
@@ -985,12 +994,18 @@ def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
                            settings.model_copy(update={"prior": True}))  # fmt: skip
     features, plans = predicted_plans(inputs, settings)
     plan = plans["prior"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = features_table(features, [s.name for s in inputs.sources])
+    if inputs.raw_module:  # mergekit-pytorch runs: OUT and OUT-METHOD_part.yaml beside it
+        texts, _ = recipe.pytorch_recipe_texts(plan, out, out.parent / "merged")
+        for file, text in texts.items():
+            file.write_text(text)
+        return out, table
     pinned = {str(m.path): m.pinned for m in inputs.sources + [inputs.base]}
     command = recipe.reproduce_command(out, out.parent / "merged", len(plan.methods) > 1,
                                        plan.seed, False)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(recipe.recipe_text(plan, pinned, command))
-    return out, features_table(features, [s.name for s in inputs.sources])
+    return out, table
 
 
 def _score_baselines(

@@ -383,7 +383,9 @@ def pytorch_recipe_texts(
     random_methods = any(is_random(m) for m in plan.methods)
     command = pytorch_command(recipe, out, [s for s, _ in stages if s], plan.seed, random_methods)
     lines = ["# automerge-mk recipe for a raw PyTorch model: run with plain mergekit-pytorch:",
-             f"#   {command}"]  # fmt: skip
+             f"#   {command}",
+             "# (it writes the state dict only: copy module.json and the module's code from a "
+             "source beside it)"]  # fmt: skip
     if plan.seed is not None and random_methods:
         lines.append(f"# random seed {plan.seed} and PYTHONHASHSEED=0: DARE/DELLA draws depend "
                      "on both")  # fmt: skip

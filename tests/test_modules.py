@@ -283,3 +283,21 @@ def test_the_whole_strategy_is_one_block_of_every_tensor(tmp_path):
     (block,) = segment_model(folder, "whole", trust_remote_code=True)
     assert block.name == "model"
     assert sorted(block.tensors) == sorted(load_file(str(folder / "model.safetensors")))
+
+
+def test_suggest_writes_mergekit_pytorch_runs_for_a_raw_model(tmp_path):
+    from automerge_mk.recipe import build_with_mergekit_pytorch
+
+    folders = _family(tmp_path)
+    out = tmp_path / "suggested.yaml"
+    arguments = ["suggest", str(folders["even"]), str(folders["odd"]), "--base",
+                 str(folders["base"]), "--data", f"even={tmp_path / 'even.npz'}", "--data",
+                 f"odd={tmp_path / 'odd.npz'}", "--trust-remote-code",
+                 "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "sign conflict" in result.output and "tokenizer" in result.output  # the features
+    assert "mergekit-pytorch" in out.read_text()
+    build_with_mergekit_pytorch(out, tmp_path / "merged", 0, "cpu", folders["base"])
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(merged) == set(load_file(str(folders["base"] / "model.safetensors")))
