@@ -125,5 +125,5 @@ def test_classifier_data_with_unknown_labels_or_no_text_is_refused_early(tmp_pat
         result = CliRunner().invoke(main, arguments)
         assert result.exit_code == 1 and "DataError" in result.output, result.output
         assert expected in result.output and not out.exists()
-    result = CliRunner().invoke(main, _arguments(tmp_path, folders, out, "--prior"))
-    assert result.exit_code == 1 and "--prior" in result.output and not out.exists()
+    result = CliRunner().invoke(main, _arguments(tmp_path, folders, out, "--fidelity", "tokens"))
+    assert result.exit_code == 1 and "--fidelity" in result.output and not out.exists()

@@ -168,7 +168,10 @@ def test_baselines_command_scores_the_usual_merges_and_the_hand_grid_like_trials
 ):
     names = list(demo_models.specialists)
     arguments = ["baselines", *(str(demo_models.specialists[n]) for n in names)]
-    arguments += ["--base", str(demo_models.base), "--out", str(tmp_path / "b"), "--grid"]
+    # float32 as `measured` scores (auto times bfloat16 against float32 on this machine, and
+    # under load that timing can choose either).
+    arguments += ["--base", str(demo_models.base), "--out", str(tmp_path / "b"), "--grid",
+                  "--eval-dtype", "float32"]  # fmt: skip
     for name in names:
         arguments += ["--data", f"{name}={demo_models.validation[name]}"]
     result = CliRunner().invoke(main, arguments)
