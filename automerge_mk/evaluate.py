@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import random
@@ -613,3 +614,51 @@ def forward_seconds(config, positions: int, dtype: torch.dtype, device: str) -> 
         started = time.perf_counter()
         model(input_ids=ids)
         return time.perf_counter() - started
+
+
+def timed_eval_dtype(config, positions: int, device: str, faster: float) -> tuple[str | None, str]:
+    """bfloat16 when one forward pass of this architecture over `positions` tokens is `faster`
+    times faster in it than in float32 here, else float32; and a note saying why. Timed once
+    per machine, torch version, thread count and architecture, then reused from
+    eval-dtype.json in $AUTOMERGE_MK_CACHE (default ~/.cache/automerge-mk): a timing under load
+    could choose either, and one machine's searches of one seed would score in different
+    dtypes (delete the file to time again). None: the timing failed."""
+    import os
+    import platform
+
+    cache = Path(os.environ.get("AUTOMERGE_MK_CACHE", "~/.cache/automerge-mk")).expanduser()
+    record = cache / "eval-dtype.json"
+    text = getattr(config, "text_config", None) or config
+    shape = [getattr(text, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                              "intermediate_size", "vocab_size")]  # fmt: skip
+    processor = platform.processor() or platform.machine()
+    key = (f"{processor} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+           f"{' '.join(map(str, shape))} | {positions} positions")  # fmt: skip
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    found = known.get(key) if isinstance(known, dict) else None
+    if isinstance(found, dict) and found.get("chosen") in ("float32", "bfloat16"):
+        return found["chosen"], (
+            f"--eval-dtype auto: {found['chosen']} (timed earlier on this machine: float32 "
+            f"{found.get('float32', 0):.3f} s, bfloat16 {found.get('bfloat16', 0):.3f} s; "
+            f"{record})"
+        )
+    timed = {name: forward_seconds(config, positions, getattr(torch, name), device)
+             for name in ("float32", "bfloat16")}  # fmt: skip
+    if None in timed.values():
+        return None, "--eval-dtype auto: the timing failed"
+    chosen = "bfloat16" if timed["bfloat16"] * faster < timed["float32"] else "float32"
+    try:  # written whole through a temporary file; a failure only means timing again
+        cache.mkdir(parents=True, exist_ok=True)
+        temporary = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        known = known if isinstance(known, dict) else {}
+        temporary.write_text(json.dumps(known | {key: {"chosen": chosen, **timed}}, indent=1))
+        os.replace(temporary, record)
+    except OSError:
+        pass
+    return chosen, (
+        f"--eval-dtype auto: {chosen} (one forward pass of {positions} tokens: "
+        f"float32 {timed['float32']:.3f} s, bfloat16 {timed['bfloat16']:.3f} s)"
+    )

@@ -681,9 +681,8 @@ def _session_eval_dtype(inputs: Inputs, settings: SearchSettings, out: Path, res
     pass of this architecture on one batch of the data is FASTER times faster in it here
     than in float32 (on some CPUs it is 2x faster, on others several times slower:
     scripts/results/racing.md measures how well it ranks merges), else float32; on a GPU,
-    bfloat16. A resumed run keeps the dtype it recorded in memory.json."""
-    from mergekit.common import dtype_from_name
-
+    bfloat16. A resumed run keeps the dtype it recorded in memory.json, and the timing is
+    done once per machine and architecture (evaluate.timed_eval_dtype)."""
     from . import evaluate
     from .engine import eval_dtype, resolve_device
     from .segment import load_config
@@ -697,13 +696,8 @@ def _session_eval_dtype(inputs: Inputs, settings: SearchSettings, out: Path, res
     if chosen is None and device == "cpu" and not inputs.classifies:
         config = load_config(inputs.reference_model, settings.trust_remote_code)
         positions = min(512, evaluate.largest_batch(inputs.tasks)[0])
-        timed = {name: evaluate.forward_seconds(config, positions, dtype_from_name(name), device)
-                 for name in ("float32", "bfloat16")}  # fmt: skip
-        if None not in timed.values():
-            chosen = "bfloat16" if timed["bfloat16"] * FASTER < timed["float32"] else "float32"
-            fp32, bf16 = timed["float32"], timed["bfloat16"]
-            _note(f"--eval-dtype auto: {chosen} (one forward pass of {positions} tokens: "
-                  f"float32 {fp32:.3f} s, bfloat16 {bf16:.3f} s)")  # fmt: skip
+        chosen, note = evaluate.timed_eval_dtype(config, positions, device, FASTER)
+        _note(note)
     if chosen is None:
         chosen = str(eval_dtype("auto", device)).removeprefix("torch.")
     return settings.model_copy(update={"eval_dtype": chosen})

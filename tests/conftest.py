@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from automerge_mk.demo import DemoModels, build_demo_models
+
+# The timing --eval-dtype auto keeps per machine (evaluate.timed_eval_dtype): per test process,
+# not in the user's cache.
+os.environ["AUTOMERGE_MK_CACHE"] = tempfile.mkdtemp(prefix="automerge-mk-cache-")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)

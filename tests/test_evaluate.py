@@ -79,3 +79,29 @@ def test_forward_seconds_times_a_small_model_of_the_architecture_in_each_dtype(t
         seconds = forward_seconds(config, 256, dtype, "cpu")
         assert seconds is not None and 0 < seconds < 5
     assert config.num_hidden_layers == 4  # the caller's config is left as it was
+
+
+def test_auto_eval_dtype_is_timed_once_per_machine_and_architecture(tiny_llama, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    import json
+
+    from transformers import AutoConfig
+
+    from automerge_mk.evaluate import timed_eval_dtype
+
+    monkeypatch.setenv("AUTOMERGE_MK_CACHE", str(tmp_path / "cache"))
+    config = AutoConfig.from_pretrained(tiny_llama)
+    chosen, note = timed_eval_dtype(config, 128, "cpu", 1.5)
+    assert chosen in ("float32", "bfloat16") and "one forward pass of 128 tokens" in note
+    record = tmp_path / "cache" / "eval-dtype.json"
+    ((key, timed),) = json.loads(record.read_text()).items()
+    assert timed["chosen"] == chosen and timed["float32"] > 0 and "128 positions" in key
+    other = "float32" if chosen == "bfloat16" else "bfloat16"
+    record.write_text(json.dumps({key: timed | {"chosen": other}}))  # as if timed otherwise
+    again, note = timed_eval_dtype(config, 128, "cpu", 1.5)
+    assert again == other and "timed earlier" in note  # reused, not timed again
+    assert timed_eval_dtype(config, 64, "cpu", 1.5)[1].startswith("--eval-dtype auto: ")
+    assert len(json.loads(record.read_text())) == 2  # another batch size is another entry
+    record.write_text("{not json")
+    assert timed_eval_dtype(config, 128, "cpu", 1.5)[0] in ("float32", "bfloat16")
+    assert len(json.loads(record.read_text())) == 1  # a damaged record is timed again
