@@ -179,12 +179,14 @@ NOTES = "## Reading"  # a hand-written section at the end of the results, kept o
 def write_markdown(steps: dict, pair: str, seeds: list[int], trials: int, out: Path,
                    build: str) -> None:  # fmt: skip
     _, names, _, title, builder = PAIRS[pair]
+    counts = sorted({str(r["threads"]) for r in steps.values() if "threads" in r})
+    threads = f"torch threads: {', '.join(counts)}" if counts else "threads not recorded"
     columns = [f"{t} acc" for t in names] + [f"{t} AP" for t in names]
     columns += [f"{t} PR" for t in names] + ["H (AP)", "PD"]
     header = f"| model | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}"
     lines = [f"# {title}: per-block search vs baselines vs whole-model search", "",
-             f"Made by `OMP_NUM_THREADS=1 python scripts/bench_classifiers.py --pair {pair} "
-             f"--seeds {','.join(map(str, seeds))} --trials {trials}` on the models of "
+             f"Made by `python scripts/bench_classifiers.py --pair {pair} "
+             f"--seeds {','.join(map(str, seeds))} --trials {trials}` ({threads}) on the models of "
              f"`{builder}` (digest {build}). Accuracy is top-1 on each task's test split "
              "(disjoint from the validation split the searches scored); AP = the specialist's "
              "test loss / the model's, PR = accuracy / the specialist's, both against each "
@@ -259,7 +261,8 @@ def main() -> None:
             continue
         print(f"{step} ...", flush=True)
         record = run_step(step, args.pair, work, args.trials, args.initial)
-        record |= {"models": build, "trials_asked": args.trials}
+        record |= {"models": build, "trials_asked": args.trials,
+                   "threads": torch.get_num_threads()}  # fmt: skip
         append_step(steps_file, record)
         steps[step] = record
         print(f"{step}: {record.get('validation_h', '')} in {record['seconds']:.0f} s", flush=True)
