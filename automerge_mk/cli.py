@@ -121,7 +121,10 @@ def source_options(function, required: bool = True):
                 help="Validation data of the source model NAME (its folder or repo name): "
                 "jsonl, json, csv, parquet or txt, holding texts (--text-column) or prompt/label "
                 "pairs (columns prompt and label; scored on the label only, as "
-                "prompt + ' ' + label). Repeat per model.",
+                "prompt + ' ' + label). A sequence classifier's: text (--text-column) and "
+                "label columns; a raw PyTorch model's: .npz with pixel_values and labels "
+                "arrays (every example scored; --eval-tokens is for causal LMs). Repeat per "
+                "model.",
             ),
             click.option(
                 "--overwrite",
