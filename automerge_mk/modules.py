@@ -220,30 +220,17 @@ def live_module(
     return module.to(device=device, dtype=dtype).eval()
 
 
-def output_classes(folder: Path, trust_remote_code: bool = False) -> int:
-    """How many logits the module gives per example (its output's last axis), from a forward
-    pass on the meta device.
+def forward_facts(folder: Path, trust_remote_code: bool = False) -> tuple[int, int]:
+    """From one forward pass on the meta device: how many logits the module gives per example
+    (its output's last axis), and the elements per example a forward holds at its peak,
+    estimated as the two largest outputs of its submodules (an input and an output alive at
+    once; a rough figure: what a module computes inside its forward, such as attention
+    scores, is not an output and is not seen).
 
     Raises:
-        ModelReferenceError: when the output is not a (batch, classes) tensor.
+        ModelReferenceError: as build_module, or when the output is not a (batch, classes)
+            tensor.
     """
-    import torch
-
-    module, spec = build_module(folder, trust_remote_code)
-    output = module(example_input(spec))
-    if not isinstance(output, torch.Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise ModelReferenceError(
-            f"{spec.module} returns {shape}; a classifier's forward returns logits (batch, classes)"
-        )
-    return int(output.shape[-1])
-
-
-def activation_elements(folder: Path, trust_remote_code: bool = False) -> int:
-    """Elements per example that a forward pass holds at its peak, estimated on the meta
-    device as the two largest outputs of its submodules (an input and an output alive at
-    once). A rough figure: what a module computes inside its forward (attention scores) is
-    not an output and is not seen."""
     import torch
 
     module, spec = build_module(folder, trust_remote_code)
@@ -255,9 +242,13 @@ def activation_elements(folder: Path, trust_remote_code: bool = False) -> int:
 
     hooks = [m.register_forward_hook(record) for m in module.modules()]
     try:
-        module(example_input(spec))
+        output = module(example_input(spec))
     finally:
         for hook in hooks:
             hook.remove()
-    largest = sorted(sizes, reverse=True)[:2] or [0]
-    return sum(largest)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelReferenceError(
+            f"{spec.module} returns {shape}; a classifier's forward returns logits (batch, classes)"
+        )
+    return int(output.shape[-1]), sum(sorted(sizes, reverse=True)[:2])

@@ -279,12 +279,12 @@ def _class_inputs(kind, sources, base, files, data_sha, settings: SearchSettings
     tokenizer, tasks = None, []
     if kind.name == kinds.RAW_MODULE:
         spec = modules.read_spec(reference)
-        classes = modules.output_classes(reference, trust)
+        classes, peak = modules.forward_facts(reference, trust)
         for source in sources:
             task = classify.load_image_task(source.name, files[source.name], spec.input_shape)
             classify.check_classes(task, classes, files[source.name])
             tasks.append(task)
-        batch = (classify.BATCH, 0, 0)  # images per forward (_plan_memory measures the rest)
+        batch, activations = (classify.BATCH, 0, 0), classify.BATCH * peak
     else:
         _check_vocabularies(sources, base, settings)  # one vocabulary: no tokenizer to choose
         tokenizer = _tokenizer(reference, trust)
@@ -295,6 +295,7 @@ def _class_inputs(kind, sources, base, files, data_sha, settings: SearchSettings
                                                  settings.text_column))  # fmt: skip
         width = max(next(iter(t.inputs.values())).shape[1] for t in tasks)
         batch = (classify.BATCH * width, width, 0)  # padded positions, width, no vocab logits
+        activations = None  # from the config, as a causal LM's
     blocks = segment.segment_model(reference, settings.strategy, trust)
     prints = Fingerprints(
         models={s.name: model_print(s) for s in sources},
@@ -302,16 +303,17 @@ def _class_inputs(kind, sources, base, files, data_sha, settings: SearchSettings
         data={n: DataPrint(path=str(files[n]), sha256=data_sha[n]) for n in files},
     )
     warm = _warm_start_trials(settings, blocks, tuple(s.name for s in sources), prints)
-    memory = _plan_memory(sources, base, reference, dtype, batch, settings)
+    memory = _plan_memory(sources, base, reference, dtype, batch, settings, activations)
     return Inputs(sources, base, files, tasks, blocks, dtype, (), tokenizer, prints, warm,
                   memory=memory, kind=kind.name)  # fmt: skip
 
 
 def _plan_memory(sources, base, reference_model: Path, dtype: str, batch: tuple[int, int, int],
-                 settings: SearchSettings):  # fmt: skip
+                 settings: SearchSettings, activations: int | None = None):  # fmt: skip
     """The memory plan (memory.py) from the models' headers: raises MemoryPlanError, naming
     the option that fits, when --tier / --rank-cache (or anything) cannot fit. With local
-    --workers on a CPU, every worker holds an engine of its own beside this process's."""
+    --workers on a CPU, every worker holds an engine of its own beside this process's.
+    `activations`: the elements scoring holds at once, where no config says (a raw module)."""
     from mergekit.common import dtype_from_name
 
     from . import modules
@@ -319,12 +321,8 @@ def _plan_memory(sources, base, reference_model: Path, dtype: str, batch: tuple[
     from .memory import measure_needs, plan_memory
     from .segment import load_config, merge_tensor_keys
 
-    activations = None
-    if modules.is_module_folder(reference_model):  # a batch of images through the module
+    if modules.is_module_folder(reference_model):  # every floating tensor; no config
         config, keys = None, modules.merged_names(reference_model)
-        activations = batch[0] * modules.activation_elements(
-            reference_model, settings.trust_remote_code
-        )
     else:
         config = load_config(reference_model, settings.trust_remote_code)
         keys = merge_tensor_keys(reference_model, config)

@@ -304,17 +304,29 @@ def build_with_mergekit(
         shutil.rmtree(adapters, ignore_errors=True)
     if result.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)  # never leave half a model behind
-        output = result.stdout + result.stderr
-        tail = "\n".join(output.splitlines()[-15:])
-        if _NO_SPACE.search(output):
-            raise StorageError(
-                f"out of disk space while mergekit wrote the model to {out.parent} (partial "
-                f"files removed; {out} is unchanged):\n{tail}"
-            )
-        raise RecipeError(f"mergekit failed on {recipe} ({' '.join(command)}):\n{tail}")
+        raise _failure(result, "mergekit", recipe, command, out)
+    # mergekit copies config, not the model's code
+    _install(partial, out, sorted(code_from.glob("*.py")) if code_from else [])
+
+
+def _failure(result, tool: str, recipe: Path, command: list[str], out: Path) -> Exception:
+    """The error of a failed mergekit run, with its last output lines: StorageError when it
+    ran out of disk space (or hit a file size limit), else RecipeError."""
+    output = result.stdout + result.stderr
+    tail = "\n".join(output.splitlines()[-15:])
+    if _NO_SPACE.search(output):
+        return StorageError(
+            f"out of disk space while {tool} wrote the model to {out.parent} (partial "
+            f"files removed; {out} is unchanged):\n{tail}"
+        )
+    return RecipeError(f"{tool} failed on {recipe} ({' '.join(command)}):\n{tail}")
+
+
+def _install(partial: Path, out: Path, extras: list[Path]) -> None:
+    """A finished build at `out`: `extras` copied beside its weights, then renamed over it."""
     with writing(out):
-        for code in sorted(code_from.glob("*.py")) if code_from else ():
-            shutil.copy2(code, partial / code.name)  # mergekit copies config, not its code
+        for extra in extras:
+            shutil.copy2(extra, partial / extra.name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(partial, out)
@@ -436,24 +448,10 @@ def build_with_mergekit_pytorch(
             command = [_mergekit_script("mergekit-pytorch"), str(file), str(target), *common]
             result = subprocess.run(command, capture_output=True, text=True, env=env)
             if result.returncode != 0:
-                output = result.stdout + result.stderr
-                tail = "\n".join(output.splitlines()[-15:])
-                if _NO_SPACE.search(output):
-                    raise StorageError(
-                        f"out of disk space while mergekit-pytorch wrote to {target.parent} "
-                        f"({out} is unchanged):\n{tail}"
-                    )
-                raise RecipeError(
-                    f"mergekit-pytorch failed on {file} ({' '.join(command)}):\n{tail}"
-                )
+                raise _failure(result, "mergekit-pytorch", file, command, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # never leave half a model behind
         raise
     finally:
         shutil.rmtree(intermediate, ignore_errors=True)
-    with writing(out):
-        for extra in [model_folder / "module.json", *sorted(model_folder.glob("*.py"))]:
-            shutil.copy2(extra, partial / extra.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+    _install(partial, out, [model_folder / "module.json", *sorted(model_folder.glob("*.py"))])
