@@ -257,7 +257,6 @@ def _class_inputs(kind, sources, base, files, data_sha, settings: SearchSettings
         )
     given = {"--fidelity": settings.fidelity, "--tokenizer-source": settings.tokenizer_source,
              "--metric": metrics, "--eval": evals,
-             "--objective pareto": settings.objective == "pareto",
              "adapters": any(s.adapter_of for s in sources)}  # fmt: skip
     if named := [option for option, value in given.items() if value]:
         raise SettingsError(

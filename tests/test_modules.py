@@ -301,3 +301,28 @@ def test_suggest_writes_mergekit_pytorch_runs_for_a_raw_model(tmp_path):
     build_with_mergekit_pytorch(out, tmp_path / "merged", 0, "cpu", folders["base"])
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert set(merged) == set(load_file(str(folders["base"] / "model.safetensors")))
+
+
+def test_a_pareto_search_of_raw_models_picks_a_front_point_built_by_mergekit_pytorch(tmp_path):
+    from automerge_mk import front
+    from automerge_mk.rundir import RunDir
+    from automerge_mk.types import best_trial
+
+    folders = _family(tmp_path)
+    run = tmp_path / "run"
+    arguments = _search_arguments(tmp_path, folders, run, "--trials", "6", "--initial", "4",
+                                  "--objective", "pareto")  # fmt: skip
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "Pareto front" in (run / "summary.md").read_text()
+    trials = RunDir(run).trials()
+    points = front.pareto_front(trials, ("even", "odd"))
+    chosen = next((t for t in points if t.trial != best_trial(trials).trial), points[0])
+    out = tmp_path / "picked"
+    result = CliRunner().invoke(main, ["pick", str(run), "--trial", str(chosen.trial), "--out",
+                                       str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    final = json.loads((out / "final.json").read_text())
+    for task in ("even", "odd"):  # stock mergekit-pytorch's build scores as its trial did
+        assert final["tasks"][task]["loss"] == pytest.approx(chosen.tasks[task].loss, rel=1e-6)
+    assert (out / "model" / "module.json").is_file()
