@@ -117,17 +117,19 @@ def _racing_wall(folder: Path, results: Path) -> float:
 
 
 class TestScorer:
-    """One session on a pair's test split, opened on first use: rows scored like trials."""
+    """One session on a pair's test split (or `split`), opened on first use: rows scored like
+    trials."""
 
-    def __init__(self, pair: str, work: Path):
-        self.pair, self.work, self.session = pair, work, None
+    def __init__(self, pair: str, work: Path, split: str = "test"):
+        self.pair, self.work, self.split, self.session = pair, work, split, None
 
     def open(self):
         if self.session is None:
             settings = SearchSettings(trials=1, initial=1, racing=False,
                                       methods=(*DEFAULT_METHODS, "slerp"))  # fmt: skip
-            self.session = pipeline.open_session(pair_inputs(self.pair, "test"), settings,
-                                                 self.work / f"test-{self.pair}", True)  # fmt: skip
+            self.session = pipeline.open_session(pair_inputs(self.pair, self.split), settings,
+                                                 self.work / f"{self.split}-{self.pair}",
+                                                 True)  # fmt: skip
             self.session.run.release()
         return self.session
 
@@ -164,8 +166,9 @@ class TestScorer:
 
 
 def plan_steps(pairs, budgets, seeds):
-    """(step, pair, kind, detail) in the order they are worth running: the fixed rows and
-    the new search of each pair first, then the old search, then the next seed and budget."""
+    """(step, pair, kind, detail) in the order they are worth running: the fixed rows (on the
+    test split, then on the validation split: the row a hand grid would pick) and the new
+    search of each pair first, then the old search, then the next seed and budget."""
     for budget in budgets:
         for seed in seeds:
             for space_label in SPACES:
@@ -173,13 +176,15 @@ def plan_steps(pairs, budgets, seeds):
                     if budget == budgets[0] and seed == seeds[0] and space_label == "new":
                         yield f"reference:{pair}", pair, "reference", None
                         yield f"fixed:{pair}", pair, "fixed", None
+                        yield f"fixed-val:{pair}", pair, "fixed", None
                     yield f"search:{pair}:{space_label}:{budget}:{seed}", pair, "search", (
                         space_label, budget, seed)  # fmt: skip
 
 
-def fixed_rows(done: dict[str, dict], pair: str) -> dict[str, dict]:
-    """The fixed rows of a pair scored so far, by label."""
-    prefix = f"fixed:{pair}:"
+def fixed_rows(done: dict[str, dict], pair: str, kind: str = "fixed") -> dict[str, dict]:
+    """The fixed rows of a pair scored so far on the test split (`kind` fixed-val: on the
+    validation split), by label."""
+    prefix = f"{kind}:{pair}:"
     return {f"fixed: {k.removeprefix(prefix)}": v["row"] for k, v in done.items()
             if k.startswith(prefix)}  # fmt: skip
 
@@ -257,10 +262,18 @@ def _section(done: dict[str, dict], pair: str, budgets, seeds) -> tuple[str, lis
     if fixed:
         best_label = max(fixed, key=lambda k: fixed[k]["harmonic_mean"])
         best = fixed[best_label]["harmonic_mean"]
+        # The issue's bar picks the best of 13 rows on the test split itself; a user who runs
+        # the grid picks its row on validation, as the search does: both bars are shown.
+        picked = fixed_rows(done, pair, "fixed-val")
+        picked_label = max(picked, key=lambda k: picked[k]["harmonic_mean"]) if picked else None
         for label, (_, row) in searches.items():
             if label.startswith("new") and label.split(", ")[1].startswith("40 "):
-                targets.append((f"{label} >= best fixed row ({best_label})",
+                targets.append((f"{label} >= best fixed row on test ({best_label})",
                                 row["harmonic_mean"], best))  # fmt: skip
+                if picked_label in fixed:
+                    targets.append((f"{label} >= the fixed row best on validation "
+                                    f"({picked_label})", row["harmonic_mean"],
+                                    fixed[picked_label]["harmonic_mean"]))  # fmt: skip
     for budget in budgets:
         for seed in seeds:
             new = searches.get(f"new search, {budget} trials, seed {seed}")
@@ -268,7 +281,8 @@ def _section(done: dict[str, dict], pair: str, budgets, seeds) -> tuple[str, lis
             if new and old and pair == "sentiment-wordnet":
                 targets.append((f"new >= old search, {budget} trials, seed {seed}",
                                 new[1]["harmonic_mean"], old[1]["harmonic_mean"]))  # fmt: skip
-    section = _table(rows, tasks, searches)
+    validation = {k: v["harmonic_mean"] for k, v in fixed_rows(done, pair, "fixed-val").items()}
+    section = _table(rows, tasks, searches, validation)
     if walls:
         section += "\n\nWall times (2 CPU cores; other work may have shared them): "
         section += ", ".join(walls) + "."
@@ -306,10 +320,11 @@ def _build_facts() -> str:
     return "; ".join(facts) or "-"
 
 
-def _table(rows: dict[str, dict], tasks, searches) -> str:
+def _table(rows: dict[str, dict], tasks, searches, validation: dict[str, float]) -> str:
+    """The test rows; the last column is the validation H a search or a fixed row had."""
     header = ["model", "H (AP)", "mean PR", "PD"]
     header += [f"{t} {k}" for t in tasks for k in ("AP", "label acc")]
-    header += ["best val H (trial)"]
+    header += ["val H (best trial)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, scored in rows.items():
         pd = scored["pd"]
@@ -321,6 +336,8 @@ def _table(rows: dict[str, dict], tasks, searches) -> str:
         if label in searches:
             record = searches[label][0]
             cells.append(f"{max(record['validation_H']):.4f} ({record['best_trial']})")
+        elif label in validation:
+            cells.append(f"{validation[label]:.4f}")
         else:
             cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -361,17 +378,19 @@ def main() -> None:
         (args.results / "space.md").write_text(text)
 
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
+    validation = {pair: TestScorer(pair, args.work, "validation") for pair in pairs}
     for step, pair, kind, detail in [] if args.render else plan_steps(pairs, budgets, seeds):
         if kind == "reference" and step not in done:
             print(f"{step}: scoring base and specialists on the test split", flush=True)
             done[step] = {"step": step, "rows": scorers[pair].references()}
             keep(done[step])
         elif kind == "fixed":
-            for label, plan in scorers[pair].fixed_rows().items():
+            scorer = validation[pair] if step.startswith("fixed-val:") else scorers[pair]
+            for label, plan in scorer.fixed_rows().items():
                 row_step = f"{step}:{label}"
                 if row_step not in done:
-                    print(f"{row_step}: scoring on the test split", flush=True)
-                    row = scorers[pair].score_plan(plan, label)
+                    print(f"{row_step}: scoring on the {scorer.split} split", flush=True)
+                    row = scorer.score_plan(plan, label)
                     done[row_step] = {"step": row_step, "row": row}
                     keep(done[row_step])
         elif kind == "search":

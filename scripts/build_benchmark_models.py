@@ -33,6 +33,7 @@ import bz2
 import csv
 import importlib.util
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -41,8 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+# The same fine-tunes on any x86-64 CPU with AVX2: torch's own kernels and MKL (the BLAS of
+# torch's x86 wheels) otherwise pick code by instruction set (AVX512 here, AVX2 elsewhere),
+# which sums in other orders, and 250 steps turn one ulp into other weights (four sessions'
+# builds of sentiment-wordnet gave four digests). Set before torch loads, which reads them once.
+# Checked on an AVX512 Xeon: 10 steps give the same weights with MKL and oneDNN capped at
+# AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA) as without, 2.9 vs 2.6 s a step;
+# MKL_CBWR=COMPATIBLE (SSE2) was 6.1 s a step.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+for _name, _value in PORTABLE_KERNELS.items():
+    os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -218,11 +230,9 @@ def fine_tune(
         if (record["steps"], record["lr"], record["seed"]) == (steps, lr, seed):
             return record
         print(f"{out.name}: built with other training settings; training again", flush=True)
-    # CPU training is repeatable bit for bit only on one CPU model at one thread count
-    # (reductions split by thread, kernels chosen by instruction set): a rebuild on another
-    # machine trains other fine-tunes (seen: three sessions' builds of sentiment-wordnet, three
-    # digests), so the benchmarks compare rows within one build's digest only. Pinned
-    # (--threads, default 2) so that a rebuild on the same machine matches.
+    # Reductions are split by thread: the thread count is pinned (--threads, default 2) and the
+    # kernels by PORTABLE_KERNELS, so that a rebuild on another machine gives the same weights
+    # (the benchmarks still compare rows within one build's digest only).
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
