@@ -47,7 +47,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_space import PAIRS, TestScorer, pair_inputs  # noqa: E402
-from benchmark import append_step, current_steps, done_steps, models_digest  # noqa: E402
+from benchmark import (  # noqa: E402
+    append_step,
+    current_steps,
+    done_steps,
+    models_digest,
+    recorded_path,
+    search_folder,
+    stored_path,
+)
 
 from automerge_mk import pipeline, rundir, space  # noqa: E402
 from automerge_mk.search.racing import Incumbent, Race, run_race  # noqa: E402
@@ -56,7 +64,6 @@ from automerge_mk.types import TaskScore  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "automerge-mk"
-SPACE_RUNS = CACHE / "space-runs"  # bench_space.py's searches
 MODES = {"full": {"racing": False}, "racing": {}}
 CHUNKS = (8, 16, 32)
 CONFIDENCES = (0.9, 0.95, 0.99, 0.999)
@@ -88,15 +95,15 @@ def _same_run(folder: Path, settings: SearchSettings) -> bool:
     return _comparable(theirs) == _comparable(settings.model_dump(mode="json"))
 
 
-def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path,
+def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
                     results: Path = RESULTS) -> dict:  # fmt: skip
-    """One search on the validation split; an interrupted one resumes from its trials. A
-    full-fidelity search that scripts/bench_space.py ran already with the same settings (its
-    "new" search, racing off) is read instead of run again."""
-    shared = SPACE_RUNS / f"search-{pair}-new-{settings.trials}-{settings.seed}"
+    """One search on the validation split of build `digest`; an interrupted one resumes from
+    its trials. A full-fidelity search that scripts/bench_space.py ran already with the same
+    settings (its "new" search, racing off) is read instead of run again."""
+    shared = search_folder(digest, f"search:{pair}:new:{settings.trials}:{settings.seed}")
     # A full-fidelity search runs where bench_space.py looks for its own, so each script
     # reads the other's instead of running it again.
-    out = shared if not settings.racing else work / step.replace(":", "-")
+    out = shared if not settings.racing else search_folder(digest, step)
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     started = time.perf_counter()
     if _same_run(shared, settings) and not resume:
@@ -109,7 +116,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path,
     best = json.loads((run / rundir.BEST).read_text())
     return {
         "step": step,
-        "run": str(run),
+        "run": stored_path(run),
         "settings": settings.model_dump(mode="json"),
         "wall_s": wall,
         "resumed": resume,
@@ -479,17 +486,21 @@ def main() -> None:
         if kind == "search":
             _, _, mode, trials, seed = step.split(":")
             settings = settings_for(mode, int(trials), int(seed))
-            record = run_search_step(step, pair, settings, args.work, args.results)
+            record = run_search_step(step, pair, settings, digests[pair], args.results)
         elif kind == "test":
             search = done[step.removeprefix("test:")]
             record = {"step": step, "row": scorers[pair].score_search(search)}
         elif kind == "replay":
-            run = Path(done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"])
+            run = recorded_path(
+                done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"]
+            )
             cells = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
             record = {"step": step, "cells": cells}
         elif kind == "dtype":  # every search of the pair whose run folder is still here
-            runs = [Path(r["run"]) for k, r in done.items()
-                    if k.startswith(f"search:{pair}:") and Path(r["run"]).is_dir()]  # fmt: skip
+            found = [
+                recorded_path(r["run"]) for k, r in done.items() if k.startswith(f"search:{pair}:")
+            ]
+            runs = [run for run in found if run.is_dir()]
             record = dtype_step(pair, runs, args.work) | {"step": step}
         else:
             record = overhead_step(pair, args.work) | {"step": step}

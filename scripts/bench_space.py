@@ -39,7 +39,9 @@ from benchmark import (  # noqa: E402
     done_steps,
     home_path,
     models_digest,
+    search_folder,
     steps_by_build,
+    stored_path,
 )
 
 from automerge_mk import pipeline, report, rundir, space  # noqa: E402
@@ -70,12 +72,12 @@ def search_settings(space_label: str, trials: int, seed: int) -> SearchSettings:
     return SearchSettings(trials=trials, initial=initial, seed=seed, **SPACES[space_label])
 
 
-def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path,
+def run_search_step(step: str, pair: str, settings: SearchSettings, out: Path,
                     results: Path = RESULTS) -> dict:  # fmt: skip
-    """One search on the validation split; an interrupted one resumes from its trials, and a
-    finished one with the same settings (scripts/bench_racing.py runs its full-fidelity
-    searches here) is read, with the wall time that script recorded."""
-    out = work / step.replace(":", "-")
+    """One search on the validation split in `out` (benchmark.search_folder); an interrupted
+    one resumes from its trials, and a finished one with the same settings
+    (scripts/bench_racing.py runs its full-fidelity searches here) is read, with the wall time
+    that script recorded."""
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     started = time.perf_counter()
     if _finished_as(out, settings):
@@ -97,7 +99,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, work: Path,
         "best_config": best["config"],
         "best_trial": best["trial"],
         "validation_baselines": {k: v["harmonic_mean"] for k, v in baselines.items()},
-        "run_dir": str(run),
+        "run_dir": stored_path(run),
     }
 
 
@@ -111,7 +113,7 @@ def _finished_as(folder: Path, settings: SearchSettings) -> bool:
 def _racing_wall(folder: Path, results: Path) -> float:
     """The wall time bench_racing.py recorded for the search it ran in `folder`."""
     for record in done_steps(results / "racing-steps.jsonl").values():
-        if record.get("run") == str(folder):
+        if record.get("run") in (str(folder), stored_path(folder)):
             return record["wall_s"]
     return float("nan")
 
@@ -349,7 +351,9 @@ def main() -> None:
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--budgets", default="40,200", help="trials per search, comma list")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--work", type=Path, default=CACHE / "space-runs")
+    parser.add_argument("--work", type=Path, default=CACHE / "space-runs",
+                        help="scratch sessions of the test and validation scoring (searches "
+                        "run in scripts/results/runs/DIGEST/)")  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only write space.md")
     args = parser.parse_args()
@@ -396,7 +400,8 @@ def main() -> None:
         elif kind == "search":
             if step not in done:
                 print(f"{step}: searching", flush=True)
-                done[step] = run_search_step(step, pair, search_settings(*detail), args.work,
+                out = search_folder(digests[pair], step)
+                done[step] = run_search_step(step, pair, search_settings(*detail), out,
                                              args.results)  # fmt: skip
                 keep(done[step])
             if f"test:{step}" not in done:

@@ -91,6 +91,31 @@ def steps_by_build(steps_file: Path, pair_of) -> tuple[dict[tuple[str, str], dic
     return builds, sum(1 for r in records if not r.get("models"))
 
 
+# Searches of the issue benchmarks run here, in the repository, per build: a search longer
+# than a session is committed as far as it went (settings and trials; .gitignore keeps the
+# built models out) and the next session on the same build resumes it. A folder under
+# ~/.cache would be gone with the machine.
+SEARCH_RUNS = RESULTS / "runs"
+
+
+def search_folder(digest: str, step: str) -> Path:
+    """Where a benchmark's search `step` on the models of build `digest` runs."""
+    return SEARCH_RUNS / digest / step.replace(":", "-")
+
+
+def stored_path(path: Path) -> str:
+    """`path` as a steps file records it: relative to the repository when inside it, so the
+    record still names it in another checkout."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def recorded_path(text: str) -> Path:
+    """A path a steps file recorded (see stored_path), as a path of this checkout."""
+    path = Path(text)
+    return path if path.is_absolute() else ROOT / path
+
+
 def append_step(steps_file: Path, record: dict) -> None:
     with steps_file.open("a") as handle:
         handle.write(json.dumps(record, default=str) + "\n")
