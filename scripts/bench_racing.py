@@ -459,7 +459,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=CACHE / "racing-runs")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only write racing.md")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="kinds of step not to run now, comma list (dtype, overhead: racing.md shows the "
+        "latest build that has them)",
+    )
     args = parser.parse_args()
+    skipped = {kind for kind in args.skip.split(",") if kind}
     pairs = [p for p in args.pairs.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
     steps_file = args.results / "racing-steps.jsonl"
@@ -479,7 +486,7 @@ def main() -> None:
         (args.results / "racing.md").write_text(text)
 
     for step in [] if args.render else _plan(pairs, seeds, args.trials):
-        if step in done:
+        if step in done or step.split(":")[0] in skipped:
             continue
         print(f"{step}: running", flush=True)
         kind, pair = step.split(":")[0], _pair(step)
