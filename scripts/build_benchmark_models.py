@@ -42,13 +42,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# The same fine-tunes on any x86-64 CPU with AVX2: torch's own kernels and MKL (the BLAS of
+# The same fine-tunes on any Intel CPU with AVX2: torch's own kernels and MKL (the BLAS of
 # torch's x86 wheels) otherwise pick code by instruction set (AVX512 here, AVX2 elsewhere),
 # which sums in other orders, and 250 steps turn one ulp into other weights (four sessions'
 # builds of sentiment-wordnet gave four digests). Set before torch loads, which reads them once.
 # Checked on an AVX512 Xeon: 10 steps give the same weights with MKL and oneDNN capped at
-# AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA) as without, 2.9 vs 2.6 s a step;
-# MKL_CBWR=COMPATIBLE (SSE2) was 6.1 s a step.
+# AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA) as without, 2.9 vs 2.6 s a step. MKL
+# honours a branch on Intel CPUs only (its CNR guide: elsewhere it runs AUTO), so an AMD
+# machine builds other models; MKL_CBWR=COMPATIBLE (SSE2, any vendor) took 6.1 s a step.
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 for _name, _value in PORTABLE_KERNELS.items():
     os.environ.setdefault(_name, _value)
