@@ -51,8 +51,11 @@ from pathlib import Path
 # honours a branch on Intel CPUs only (its CNR guide: elsewhere it runs AUTO), so an AMD
 # machine builds other models; MKL_CBWR=COMPATIBLE (SSE2, any vendor) took 6.1 s a step.
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-for _name, _value in PORTABLE_KERNELS.items():
-    os.environ.setdefault(_name, _value)
+if __name__ == "__main__":  # not in the benchmarks that import this module: the searches
+    # score in bfloat16 where that is faster, and torch's AVX2 kernels fail on bfloat16
+    # attention on AVX512 machines ("pack_vnni2 is only supported when avx512 is supported")
+    for _name, _value in PORTABLE_KERNELS.items():
+        os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
