@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_space import PAIRS, TestScorer, pair_inputs  # noqa: E402
+from bench_space import ISSUE_PAIRS, PAIRS, TestScorer, pair_inputs  # noqa: E402
 from benchmark import (  # noqa: E402
     append_step,
     current_steps,
@@ -453,7 +453,7 @@ def _pair(step: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--pairs", default=",".join(ISSUE_PAIRS))
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", type=Path, default=CACHE / "racing-runs")

@@ -193,9 +193,12 @@ def task_examples(task: str, out: Path, seed: int) -> dict[str, list[str]]:
     return digits_examples()
 
 
-def write_splits(examples: dict[str, list[str]], folder: Path, task: str, seed: int) -> dict:
-    """Balanced, disjoint train/validation/test files of prompt/label lines; reused if present."""
-    paths = {split: folder / f"{task}-{split}.jsonl" for split in ("train", *SPLITS)}
+def write_splits(
+    examples: dict[str, list[str]], folder: Path, task: str, seed: int, splits: dict = SPLITS
+) -> dict:
+    """Balanced, disjoint train/validation/test files of prompt/label lines (`splits`: examples
+    per split; the rest is training data); reused if present."""
+    paths = {split: folder / f"{task}-{split}.jsonl" for split in ("train", *splits)}
     if all(p.is_file() for p in paths.values()):
         return paths
     rng = random.Random(seed)
@@ -210,7 +213,7 @@ def write_splits(examples: dict[str, list[str]], folder: Path, task: str, seed: 
     rows: dict[str, list[dict]] = {split: [] for split in paths}
     for label, prompts in pools.items():
         start = 0
-        for split, size in SPLITS.items():
+        for split, size in splits.items():
             count = size // len(pools)
             rows[split] += [{"prompt": p, "label": label} for p in prompts[start : start + count]]
             start += count
@@ -287,15 +290,26 @@ def fine_tune(
 
 
 def build(
-    out: Path, seed: int, pair: str = "sentiment-wordnet", threads: int = TRAIN_THREADS
+    out: Path,
+    seed: int,
+    pair: str = "sentiment-wordnet",
+    threads: int = TRAIN_THREADS,
+    validation: int = SPLITS["validation"],
 ) -> dict:
     from smollm2 import build_smollm2
 
     base = build_smollm2(out / "base")
+    splits = SPLITS | {"validation": validation}
     data = {
-        task: write_splits(task_examples(task, out, seed), out / "data", task, seed)
+        task: write_splits(task_examples(task, out, seed), out / "data", task, seed, splits)
         for task in PAIRS[pair]
     }
+    for task, paths in data.items():  # a folder built with another split keeps it
+        rows = [json.loads(line) for line in paths["validation"].read_text().splitlines()]
+        labels = len({row["label"] for row in rows})
+        if len(rows) != validation // labels * labels:  # whole examples per label
+            raise SystemExit(f"{out} holds {len(rows)} validation examples of {task}, not "
+                             f"{validation}: build into another --out")  # fmt: skip
     training = {
         task: fine_tune(base, paths["train"], out / task, *TRAINING[task], seed, threads)
         for task, paths in data.items()
@@ -346,8 +360,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=TRAIN_THREADS,
                         help="torch threads for training (the build repeats only at the same "
                         "count on the same CPU)")  # fmt: skip
+    parser.add_argument("--validation", type=int, default=SPLITS["validation"],
+                        help="validation examples per task (taken from the training data; "
+                        "the test split stays 400)")  # fmt: skip
     arguments = parser.parse_args()
-    result = build(arguments.out.expanduser(), arguments.seed, arguments.pair, arguments.threads)
+    result = build(arguments.out.expanduser(), arguments.seed, arguments.pair, arguments.threads,
+                   arguments.validation)  # fmt: skip
     print(json.dumps(result, indent=2, default=str))
 
 
