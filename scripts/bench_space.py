@@ -4,6 +4,9 @@
     python scripts/build_benchmark_models.py --pair langid-digits \
         --out ~/.cache/automerge-mk/benchmark-langid-digits        # words vs pictures
     python scripts/bench_space.py [--budgets 40,200] [--seeds 0,1]
+    python scripts/build_benchmark_models.py --pair langid-digits --validation 400 \
+        --out ~/.cache/automerge-mk/benchmark-langid-digits-400
+    python scripts/bench_space.py --pairs langid-digits-400 --budgets 40 --spaces new
 
 On two SmolLM2-135M-Instruct specialist pairs (scripts/build_benchmark_models.py), each search
 runs on the validation split and every row is scored on the disjoint test split:
@@ -14,7 +17,10 @@ runs on the validation split and every row is scored on the disjoint test split:
 - the new search (defaults: --weighting scaled, --baselines-first) and the old one
   (--weighting convex --no-baselines-first: automerge-mk 0.1's space), at each budget
   (40 trials with --initial 10, as the issue's user ran it, and the default 200 / 20) and
-  seed.
+  seed;
+- langid-digits-400: the far-apart pair built with 400 validation examples a task instead of
+  100 (the specialists train on the rest), new search only: whether the search's validation
+  set, not its space, decides the far-apart pair.
 
 Each finished step (a search, one test row) is appended to scripts/results/space-steps.jsonl;
 a rerun skips finished steps and resumes an interrupted search from its trials.jsonl, so the
@@ -301,12 +307,14 @@ def _how() -> str:
         "Reproduce: `python scripts/bench_space.py`, with the models built by "
         f"`python scripts/build_benchmark_models.py --out {home_path(CACHE)}/benchmark` and "
         "`... --pair langid-digits --out "
-        f"{home_path(CACHE)}/benchmark-langid-digits` (the models built now, validation label "
+        f"{home_path(CACHE)}/benchmark-langid-digits` (and `--validation 400 --out "
+        f"{home_path(CACHE)}/benchmark-langid-digits-400`; the models built now, validation label "
         f"accuracy: {_build_facts()}). H = harmonic mean of AP (the "
         "specialist's test loss on the label token / this model's), PR = label accuracy / the "
         "specialist's, PD = max PR - min PR; search rows merge their best validation "
         "configuration in memory (bit-identical to stock mergekit on the recipe). Searches: "
-        "validation split, 100-104 examples per task; test: 400 per task."
+        "validation split, 100-104 examples per task (400 for langid-digits-400); test: 400 "
+        "per task."
     )
 
 
