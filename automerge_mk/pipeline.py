@@ -714,6 +714,8 @@ def _start_session(run: RunDir, inputs: Inputs, settings: SearchSettings) -> Ses
     run.write_json(rundir.MEMORY, inputs.memory.as_record() | {"eval_dtype": settings.eval_dtype})
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
+    for caveat in evaluate.error_free_references(references, inputs.tasks):
+        _note(caveat)
     sources_scored = {
         n: evaluate.with_preservation(s, references, inputs.metrics) for n, s in raw.items()
     }
@@ -1087,7 +1089,7 @@ def run_search(
 
 def _search(session: Session, progress: bool, resume: bool, started: float) -> Path:
     """The search of `run_search` in an open session; returns the run directory."""
-    from . import plugins, report, search, space
+    from . import evaluate, plugins, report, search, space
 
     run, inputs, engine, settings = session.run, session.inputs, session.engine, session.settings
     sources_scored = session.sources_scored
@@ -1169,6 +1171,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         run.read_json(rundir.EVALS) if inputs.evals else None,
         report.baseline_margin(best, {k: v[1] for k, v in baselines.items()}, list(known))
         + _prior_sentence(results, prior),
+        evaluate.error_free_references(session.references, inputs.tasks),
     )
     if settings.objective == "pareto":  # the front is what such a search is for
         front = _front_body(run.path, run.path / rundir.FRONT_PLOT)

@@ -177,10 +177,14 @@ def summary_markdown(
     wall_seconds: float,
     evals: dict[str, dict[str, float]] | None = None,
     versus_baselines: str = "",
+    caveats: Iterable[str] = (),
 ) -> str:
-    """The run's summary.md: what won, how it scores next to the sources, how to rebuild it."""
+    """The run's summary.md: what won, how it scores next to the sources, how to rebuild it,
+    and `caveats` on reading its scores."""
     failed = sum(t.status == "failed" for t in trials)
     plugins = ["## Evaluation plug-ins (--eval)\n\n" + evals_table(evals)] if evals else []
+    caveats = [f"- {caveat}." for caveat in caveats]
+    warned = ["## Caveats\n\n" + "\n".join(caveats)] if caveats else []
     return (
         "\n\n".join(
             [
@@ -191,6 +195,7 @@ def summary_markdown(
                 + (f" {tokens}" if (tokens := tokens_sentence(trials)) else ""),
                 "## Scores\n\n`search` is the best trial's in-memory merge; `model/` is the same "
                 "recipe built by stock mergekit and scored again.\n\n" + score_table(table),
+                *warned,
                 *plugins,
                 "## Best recipe\n\n" + plan_table(plan),
                 "![best harmonic-mean AP so far vs trial](progress.png)",

@@ -14,6 +14,8 @@ from automerge_mk.cli import main
 from automerge_mk.errors import DataError, SettingsError
 from automerge_mk.evaluate import (
     Metric,
+    TaskData,
+    error_free_references,
     load_rows,
     parse_metric,
     score_task,
@@ -184,7 +186,36 @@ def test_search_records_label_accuracy_and_pr_per_trial(demo_models, labelled, t
             assert score["rate"] == pytest.approx(score["metrics"]["label_accuracy"] / own)
     final = json.loads((out / "final.json").read_text())
     assert final["pd"] is not None
-    assert "| arith label_accuracy | arith PR |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| arith label_accuracy | arith PR |" in summary
+    # A task whose specialist labels every example right is named, on screen and in the summary.
+    for task in names:
+        perfect = sources[task]["tasks"][task]["metrics"]["label_accuracy"] == 1.0
+        named = f"{task}: its specialist labels all" in summary
+        assert named == perfect
+        assert (f"{task}: its specialist labels all" in result.output) == perfect
+
+
+def test_a_reference_without_a_label_error_is_named_with_what_would_make_ap_sound():
+    def task(name: str, examples: int) -> TaskData:
+        return TaskData(name=name, sequences=((1, 2),) * examples, pad_id=0,
+                        indices=tuple(range(examples)))  # fmt: skip
+
+    def score(loss: float, **metrics: float) -> TaskScore:
+        return TaskScore(loss=loss, accuracy=0.5, tokens=100, metrics=metrics)
+
+    references = {
+        "langid": score(0.022, label_accuracy=1.0),  # no error among its 100 examples
+        "digits": score(0.26, label_accuracy=0.9),
+        "texts": score(2.1),  # plain texts: no label accuracy
+    }
+    tasks = [task("langid", 100), task("digits", 100), task("texts", 50)]
+    (warning,) = error_free_references(references, tasks)
+    assert warning.startswith("langid: its specialist labels all 100 validation examples right")
+    assert "(0.022)" in warning and "up to 3% of them" in warning
+    assert "A few hundred langid examples" in warning
+    assert error_free_references(references | {"langid": score(0.03, label_accuracy=0.99)},
+                                 tasks) == []  # fmt: skip
 
 
 @pytest.mark.parametrize(
