@@ -358,8 +358,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pair", choices=sorted(PAIRS), default="sentiment-wordnet")
     parser.add_argument("--threads", type=int, default=TRAIN_THREADS,
-                        help="torch threads for training (the build repeats only at the same "
-                        "count on the same CPU)")  # fmt: skip
+                        help="torch threads for training (a build repeats only at the same "
+                        "count, on Intel CPUs: PORTABLE_KERNELS)")  # fmt: skip
     parser.add_argument("--validation", type=int, default=SPLITS["validation"],
                         help="validation examples per task (taken from the training data; "
                         "the test split stays 400)")  # fmt: skip
