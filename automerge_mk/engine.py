@@ -10,7 +10,8 @@ reload. What never changes between trials is computed once:
 - the magnitude order TIES needs (an argsort of every task vector, the dominant cost of stock
   mergekit's ties) is kept as a rank per element, so a trial's mask is `rank < k`, which
   selects exactly the elements `argsort(...)[:k]` selects (`--rank-cache`, 4 bytes per
-  parameter per source);
+  parameter per source). Without the cache each trial sorts, in the merge dtype rather than
+  mergekit's float32 copy where that gives the same order (`_magnitude_order`);
 - the order in which stock mergekit executes tensors, which randomised methods (DARE, DELLA)
   need to draw the same masks for the same `--random-seed`.
 
@@ -20,6 +21,7 @@ same plan (tests compare them tensor by tensor).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -186,12 +188,36 @@ def load_adapter_tensors(
     return {n: state[key].to(dtype=dtype, device=device, copy=True) for n, key in keys.items()}
 
 
+@functools.cache
+def _sorts_alike(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU argsort of magnitudes in `dtype` gives the same order as of their
+    float32 copy, ties included (checked once per process on a million tie-heavy values).
+
+    It does in the builds checked (torch 2.13 CPU: bfloat16 on default, AVX2 and AVX512
+    kernels, up to 20 M elements): the CPU sort of every floating dtype is one std::sort over
+    a key-value comparator (ATen's SortingKernel.cpp), widening to float32 is exact and keeps
+    every comparison's outcome, so the sort makes the same moves. A build that sorts float32
+    another way (x86-simd-sort) would fail this check, and mergekit's float32 copy is kept."""
+    sample = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0)).to(dtype).abs()
+    order = torch.argsort(sample, descending=True)
+    return torch.equal(order, torch.argsort(sample.float(), descending=True))
+
+
+def _magnitude_order(delta: torch.Tensor) -> torch.Tensor:
+    """mergekit's magnitude order of a task vector (mergekit.sparsify.magnitude:
+    `argsort(|delta|, descending=True)`, of a float32 copy on a CPU). Sorting bfloat16 in its
+    own dtype where `_sorts_alike` holds holds 14 bytes an element (magnitudes, sorted values,
+    int64 indices, the mask) instead of mergekit's 18: on the embedding, the peak of a TIES
+    trial in the memory-mapped tier (scripts/results/bench_scale.md)."""
+    magnitudes = delta.abs().reshape(-1)
+    if magnitudes.device.type == "cpu" and not _sorts_alike(magnitudes.dtype):
+        magnitudes = magnitudes.float()  # as mergekit.sparsify.magnitude does on CPU
+    return torch.argsort(magnitudes, descending=True)
+
+
 def _magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
     """Each element's position in mergekit's magnitude order, as int32."""
-    magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()  # as mergekit.sparsify.magnitude does on CPU
-    order = torch.argsort(magnitudes, descending=True)
+    order = _magnitude_order(delta)
     rank = torch.empty(order.numel(), dtype=torch.int32, device=order.device)
     rank[order] = torch.arange(order.numel(), dtype=torch.int32, device=order.device)
     return rank
@@ -199,7 +225,8 @@ def _magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RankedMagnitudeMerge(GeneralizedTaskArithmeticMerge):
-    """mergekit's TIES with the magnitude order looked up instead of sorted again.
+    """mergekit's TIES with the magnitude order looked up instead of sorted again, or (no
+    `rank_of`: --rank-cache off) sorted as `_magnitude_order` sorts.
 
     `merge_group` mirrors mergekit 0.1.5's GeneralizedTaskArithmeticMerge.merge_group line for
     line; only `magnitude()`'s `argsort(...)[:k]` becomes `rank < k`, which marks the same
@@ -214,7 +241,12 @@ class RankedMagnitudeMerge(GeneralizedTaskArithmeticMerge):
         if density <= 0 or delta.numel() == 0:
             return torch.zeros_like(delta)
         k = max(1, int(density * delta.numel()))
-        mask = (self.rank_of(name, entry_id, delta) < k).to(delta.dtype).reshape_as(delta)
+        if self.rank_of is None:  # mergekit.sparsify.magnitude's mask, sorted leaner
+            mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+            mask[_magnitude_order(delta)[:k]] = 1
+            mask = mask.reshape_as(delta)
+        else:
+            mask = (self.rank_of(name, entry_id, delta) < k).to(delta.dtype).reshape_as(delta)
         return rescaled_masked_tensor(delta, mask, RescaleNorm.l1 if rescale else None)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
@@ -408,9 +440,10 @@ class MergeEngine:
         if name not in self._methods:
             method = registry.get(name)
             sparsification = getattr(method, "sparsification_method", None)
-            if self.rank_cache != "off" and sparsification == SparsificationMethod.magnitude:
+            if sparsification == SparsificationMethod.magnitude:
                 values = {f.name: getattr(method, f.name) for f in fields(method)}
-                method = RankedMagnitudeMerge(**values, rank_of=self._rank)
+                rank_of = self._rank if self.rank_cache != "off" else None
+                method = RankedMagnitudeMerge(**values, rank_of=rank_of)
             self._methods[name] = method
         return self._methods[name]
 

@@ -211,9 +211,10 @@ def measure_needs(
         if activations is not None
         else _activations(config, eval_size, batch),
         # A task-vector merge holds the inputs' deltas, their masks and the result at once;
-        # ranking magnitudes (TIES, with or without the cache) sorts one task vector as
-        # float32 values and int64 indices (mergekit.sparsify.magnitude): 16 bytes an element.
-        merge_work=(2 * len(per_model) + 4) * largest * merge_size + 16 * largest * ranked,
+        # ranking magnitudes (TIES, with or without the cache) sorts one task vector's
+        # magnitudes in the merge dtype with int64 indices (engine._magnitude_order).
+        merge_work=(2 * len(per_model) + 4) * largest * merge_size
+        + (8 + 2 * merge_size) * largest * ranked,
     )
 
 

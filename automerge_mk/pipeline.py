@@ -471,7 +471,7 @@ class Session:
 
     def objective(self, to_plan=None, unraced=()):
         """The target function on this session's engine, data, references and metrics;
-        `unraced`: configurations scored on every example even when racing (the baselines)."""
+        `unraced`: configurations scored on every example even when racing (the --prior's)."""
         from .search import MergeObjective
 
         inputs = self.inputs
@@ -585,7 +585,7 @@ def _to_plan(inputs: Inputs, settings: SearchSettings):
 def worker_objective(model_refs, base_ref, data, settings: dict, prior: tuple = ()):
     """What a Dask worker process needs to run trials: the checked inputs, its own resident
     engine and the specialists' reference scores, as one MergeObjective (`prior`: the --prior
-    configurations, never raced, like the baselines)."""
+    configurations, never raced)."""
     from .search import MergeObjective
 
     settings = SearchSettings(**settings)
@@ -593,15 +593,10 @@ def worker_objective(model_refs, base_ref, data, settings: dict, prior: tuple = 
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
-    from . import space
-
-    space_ = space.build_space(inputs.blocks, tuple(s.name for s in inputs.sources), settings)
-    known = _known_configs(inputs, settings, space_, quiet=True)
-    unraced = tuple(space.plain_values(config) for config in known.values()) + tuple(prior)
     return MergeObjective(
         engine, inputs.tasks, references, _to_plan(inputs, settings), inputs.metrics,
         inputs.tokenizer, {s.name: s.path for s in inputs.sources}, settings.seed, inputs.evals,
-        _own_tasks(inputs), _race(inputs, settings), unraced,
+        _own_tasks(inputs), _race(inputs, settings), tuple(prior),
     )  # fmt: skip
 
 
@@ -744,7 +739,7 @@ def _baseline_plans(inputs: Inputs, settings: SearchSettings, grid: bool = False
     return {label: p.model_copy(update={"tokenizer": tokenizer}) for label, p in plans.items()}
 
 
-def _known_configs(inputs: Inputs, settings: SearchSettings, space_, quiet=False) -> dict:
+def _known_configs(inputs: Inputs, settings: SearchSettings, space_) -> dict:
     """The baselines that start the search (--baselines-first), as configurations of its space."""
     from . import space
 
@@ -754,7 +749,7 @@ def _known_configs(inputs: Inputs, settings: SearchSettings, space_, quiet=False
     plans = _baseline_plans(inputs, settings)
     known = space.known_configs(plans, space_, names, settings)
     left_out = [label for label in plans if label not in known]
-    if left_out and not quiet:
+    if left_out:
         _note(f"not in the searched space (--methods, --weight-range, --density-range), so "
               f"scored after the search only: {', '.join(left_out)}")  # fmt: skip
     return known
@@ -1006,7 +1001,8 @@ def _score_baselines(
 ) -> dict:
     """The baselines (with `grid` the hand grid too), scored like trials; saved as
     baselines.json. One that was a trial of the search (`known`: label -> configuration, all
-    of the data scored) is taken from that trial, with its number, not scored again."""
+    of the data scored) is taken from that trial, with its number, not scored again; one that
+    racing stopped keeps its estimate, marked partial, and is labelled so in the table."""
     from . import report, space
 
     by_config = {}
@@ -1027,13 +1023,24 @@ def _score_baselines(
         {
             label: report.scored_json(r.tasks, r.harmonic_mean)
             | ({"trial": r.trial} if label in done else {})
+            | ({"partial": True, "computed_tokens": r.computed_tokens} if r.partial else {})
             for label, r in results.items()
         },
     )
     if session.inputs.evals:
         evals = {f"baseline: {label}": r.evals for label, r in results.items()}
         session.run.add_evals(evals)
-    return {label: (r.tasks, r.harmonic_mean) for label, r in results.items()}
+    return {label + (STOPPED if r.partial else ""): (r.tasks, r.harmonic_mean)
+            for label, r in results.items()}  # fmt: skip
+
+
+# A baseline's label when racing stopped it: its scores are on the examples it saw.
+STOPPED = " (stopped early by racing: an estimate)"
+
+
+def _full_baselines(scored: dict) -> dict:
+    """The baselines scored on every example (label -> (tasks, H)), for comparisons."""
+    return {label: value for label, value in scored.items() if not label.endswith(STOPPED)}
 
 
 def run_baselines(
@@ -1101,7 +1108,9 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     predicted, prior = _prior_configs(session, space_, known) if settings.prior else ({}, {})
     believed = _belief(space_, predicted, settings)
     first = {**known, **prior}  # the baselines, then the prior's configurations
-    objective = session.objective(to_plan, tuple(space.plain_values(c) for c in first.values()))
+    # The baselines race like any trial (scripts/results/racing.md: a third fewer tokens, no
+    # stop that mattered); the prior's predictions are scored whole, as bench_prior measured.
+    objective = session.objective(to_plan, tuple(space.plain_values(c) for c in prior.values()))
     optimizer = search.make_optimizer(
         space_,
         settings.trials,
@@ -1156,8 +1165,10 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         **sources_scored,
     }
     references = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
-    label, (_, value) = max(baselines.items(), key=lambda item: item[1][1])
-    references[f"best baseline ({label})"] = value
+    full = _full_baselines(baselines)  # a warm start's incumbent may stop every one of them
+    if full:
+        label, (_, value) = max(full.items(), key=lambda item: item[1][1])
+        references[f"best baseline ({label})"] = value
     with writing(run.path / rundir.PROGRESS):
         report.progress_plot(results, run.path / rundir.PROGRESS, references)
     summary = report.summary_markdown(
@@ -1169,7 +1180,9 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         command,
         time.perf_counter() - started,
         run.read_json(rundir.EVALS) if inputs.evals else None,
-        report.baseline_margin(best, {k: v[1] for k, v in baselines.items()}, list(known))
+        report.baseline_margin(
+            best, {k: v[1] for k, v in full.items()}, list(known), len(baselines) - len(full)
+        )  # fmt: skip
         + _prior_sentence(results, prior),
         evaluate.error_free_references(session.references, inputs.tasks),
     )
@@ -1256,9 +1269,10 @@ def run_report(run_dir: Path, out: Path | None = None) -> Path:
     label = f"picked trial ({best.trial})" if picked else f"best trial ({best.trial})"
     rows = {label: report.scored_json(best.tasks, best.harmonic_mean)}
     if (run_dir / rundir.BASELINES).is_file():
-        label, scored = max(run.read_json(rundir.BASELINES).items(),
-                            key=lambda item: item[1]["harmonic_mean"])  # fmt: skip
-        rows[f"best baseline ({label})"] = scored
+        full = {k: v for k, v in run.read_json(rundir.BASELINES).items() if not v.get("partial")}
+        if full:
+            label, scored = max(full.items(), key=lambda item: item[1]["harmonic_mean"])
+            rows[f"best baseline ({label})"] = scored
     rows |= {f"{name} alone": scored for name, scored in sources.items()}
     with writing(out):
         report.search_progress_plot(trials, out / rundir.REPORT_PROGRESS)
@@ -1330,7 +1344,8 @@ def _front_body(run_dir: Path, plot: Path) -> str:
         marked[f"picked (trial {published.trial})"] = at[published.trial]
     groups = {f"{n} alone": [p] for n, p in sources.items() if p}
     baselines = run.read_json(rundir.BASELINES) if (run_dir / rundir.BASELINES).is_file() else {}
-    scored = [front.task_point(b["tasks"], tasks) for b in baselines.values() if b.get("tasks")]
+    scored = [front.task_point(b["tasks"], tasks) for b in baselines.values()
+              if b.get("tasks") and not b.get("partial")]  # fmt: skip
     shown = {"trials": list(at.values()), "baselines": [p for p in scored if p], **groups}
     with writing(plot):
         report.front_plot(shown, [at[t.trial] for t in points], marked, tasks, plot)

@@ -207,20 +207,25 @@ def summary_markdown(
     )
 
 
-def baseline_margin(best: TrialResult, baselines: dict[str, float], first: list[str]) -> str:
-    """One sentence: by how much the best trial beats the best baseline (validation H), and
-    whether the baselines were the search's first trials (`first`: their labels)."""
+def baseline_margin(
+    best: TrialResult, baselines: dict[str, float], first: list[str], stopped: int = 0
+) -> str:
+    """One sentence: by how much the best trial beats the best baseline (validation H, of
+    those scored on every example), and whether the baselines were the search's first trials
+    (`first`: their labels; `stopped`: how many of them racing stopped early)."""
     if not baselines:
         return ""
     label, value = max(baselines.items(), key=lambda item: item[1])
     gain = best.harmonic_mean - value
     relative = f" ({gain / value:+.1%})" if value > 0 else ""
     how = (
-        f"{len(first)} of the {len(baselines)} baselines were its first trials, told to the "
-        "optimiser"
+        f"{len(first)} of the {len(baselines) + stopped} baselines were its first trials, told "
+        "to the optimiser"
         if first
         else "the baselines were scored after the search"
     )
+    if stopped:
+        how += f"; racing stopped {stopped} of them early, below the best trial of their time"
     return (
         f"It beats the best baseline ({label}, {value:.4f}) by {gain:+.4f}{relative}; {how}."
         if gain > 0

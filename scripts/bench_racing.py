@@ -7,9 +7,9 @@
 
 On both SmolLM2-135M-Instruct specialist pairs of scripts/bench_space.py, for each seed, the
 same search twice on the validation split, with every default (scaled space, baselines first)
-but one: racing on (the default: --race-chunk 8 --race-confidence 0.95) and off
-(--no-racing: every trial on every example). Each best configuration is then scored on the
-disjoint test split. Measured: best validation H, test H, validation tokens (forward
+but one: racing on (the default: --race-chunk 8 --race-confidence 0.9, the baselines raced
+too) and off (--no-racing: every trial on every example). Each best configuration is then
+scored on the disjoint test split. Measured: best validation H, test H, validation tokens (forward
 positions), and the tokens and wall time each search took to reach the full-fidelity search's
 final best. The full-fidelity searches are the very searches scripts/bench_space.py runs as
 its "new" ones (same settings); when that script has run one already, it is read, not rerun.
@@ -19,7 +19,8 @@ Three analyses need no further searches:
 - the racing rule's settings, replayed on the full-fidelity searches' per-example losses
   (trials.jsonl keeps them): for each --race-chunk and --race-confidence, the share of tokens
   racing would have spent and how many trials it would have stopped that were in fact better
-  than the incumbent of their time (wrong stops);
+  than the incumbent of their time (wrong stops), under the rule now (the baselines race like
+  every trial) and the rule before (the baselines scored on every example);
 - evaluation dtype, on the benchmark pair (sentiment-wordnet): 50 distinct configurations of
   its searches (the trials in order, of every search whose run folder is still on disk) merged
   again and scored with the live model in float32 and in bfloat16: Spearman's rank correlation
@@ -151,16 +152,17 @@ def reach(record: dict, target: float) -> tuple[int | None, int, float]:
 # --- the racing rule replayed on recorded per-example losses ---------------------------------
 
 
-def replay(run: Path, chunk: int, confidence: float) -> dict:
+def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = True) -> dict:
     """Racing's decisions on a full-fidelity run's recorded trials, in their order: tokens it
     would have spent, trials it would have stopped, and wrong stops (a stopped trial whose full
-    H beat the incumbent of its time). The proposals stay the full search's own."""
+    H beat the incumbent of its time) with the most H one of them lost. The proposals stay the
+    full search's own. `baselines_raced` False: the rule before, which scored them whole."""
     record = rundir.RunRecord.read(run)
     tasks, references = pipeline.run_tasks(run)
     trials = rundir.RunDir(run).trials()
     race = Race(chunk, confidence, record.settings.seed)
-    unraced = _baseline_trials(run)
-    seen, spent, stopped, wrong = [], 0, 0, 0
+    unraced = set() if baselines_raced else _baseline_trials(run)
+    seen, spent, stopped, wrong, worst = [], 0, 0, 0, 0.0
     for trial in trials:
         if trial.status != "ok":
             continue
@@ -179,9 +181,11 @@ def replay(run: Path, chunk: int, confidence: float) -> dict:
         if not raced.complete:
             stopped += 1
             wrong += trial.harmonic_mean > incumbent.harmonic_mean
+            worst = max(worst, trial.harmonic_mean - incumbent.harmonic_mean)
         seen.append(trial)
     full = sum(t.computed_tokens for t in trials if t.status == "ok")
-    return {"share": spent / full, "stopped": stopped, "wrong": wrong, "trials": len(seen)}
+    return {"share": spent / full, "stopped": stopped, "wrong": wrong, "worst": worst,
+            "trials": len(seen)}  # fmt: skip
 
 
 def _baseline_trials(run: Path) -> set[int]:
@@ -349,15 +353,22 @@ def _replays(done: dict[str, dict], pair: str) -> str:
     found = [r for k, r in done.items() if k.startswith(f"replay:{pair}:")]
     if not found:
         return ""
-    lines = ["| --race-chunk | --race-confidence | tokens (share of full) | stopped "
-             "| wrong stops |", "|---|---|---|---|---|"]  # fmt: skip
-    for chunk in CHUNKS:
-        for confidence in CONFIDENCES:
-            cells = [r["cells"][f"{chunk}:{confidence}"] for r in found]
-            share = statistics.mean(c["share"] for c in cells)
-            stopped = sum(c["stopped"] for c in cells)
-            wrong = sum(c["wrong"] for c in cells)
-            lines.append(f"| {chunk} | {confidence} | {share:.0%} | {stopped} | {wrong} |")
+    lines = ["| baselines | --race-chunk | --race-confidence | tokens (share of full) "
+             "| stopped | wrong stops | most H a wrong stop lost |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rules = {"cells_raced": "raced (now)", "cells": "scored whole (before)"}
+    for key, rule in rules.items():
+        for chunk in CHUNKS:
+            for confidence in CONFIDENCES:
+                cells = [r[key][f"{chunk}:{confidence}"] for r in found if key in r]
+                if not cells:
+                    continue
+                share = statistics.mean(c["share"] for c in cells)
+                stopped = sum(c["stopped"] for c in cells)
+                wrong = sum(c["wrong"] for c in cells)
+                worst = max((c.get("worst", float("nan")) for c in cells), default=float("nan"))
+                lines.append(f"| {rule} | {chunk} | {confidence} | {share:.0%} | {stopped} | "
+                             f"{wrong} | {worst:.4f} |")  # fmt: skip
     runs = ", ".join(r["step"].split(":", 2)[2] for r in found)
     return f"### The racing rule replayed on the full searches' trials ({runs})\n\n" + "\n".join(
         lines
@@ -472,6 +483,8 @@ def main() -> None:
     steps_file = args.results / "racing-steps.jsonl"
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
     done, stale = current_steps(steps_file, digests, _pair)
+    for key in [k for k, r in done.items() if k.startswith("replay:") and "cells_raced" not in r]:
+        done.pop(key)  # replayed before the baselines raced: replay both rules
     for key in [k for k in done if k.startswith("search:")]:  # run with other defaults
         _, _, mode, trials, seed = key.split(":")
         wanted = settings_for(mode, int(trials), int(seed)).model_dump(mode="json")
@@ -501,8 +514,9 @@ def main() -> None:
             run = recorded_path(
                 done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"]
             )
-            cells = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
-            record = {"step": step, "cells": cells}
+            cells = {f"{c}:{q}": replay(run, c, q, False) for c in CHUNKS for q in CONFIDENCES}
+            raced = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
+            record = {"step": step, "cells": cells, "cells_raced": raced}
         elif kind == "dtype":  # every search of the pair whose run folder is still here
             found = [
                 recorded_path(r["run"]) for k, r in done.items() if k.startswith(f"search:{pair}:")

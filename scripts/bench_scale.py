@@ -271,6 +271,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "TIER", "OUT"),
                         help=argparse.SUPPRESS)  # fmt: skip
     parser.add_argument("--render", action="store_true", help="only write bench_scale.md")
+    parser.add_argument("--rerun", default="", help="steps to measure again though recorded, "
+                        "comma list (e.g. cpu:1.5B:mmap after a change to the engine); the new "
+                        "record replaces the old one in bench_scale.md")  # fmt: skip
     args = parser.parse_args()
     if args.child:
         folder, tier, out = args.child
@@ -279,10 +282,11 @@ def main() -> None:
     sizes = [s for s in args.sizes.split(",") if s]
     steps_file = args.results / "scale-steps.jsonl"
     done = done_steps(steps_file)
+    again = {step for step in args.rerun.split(",") if step}
     for size in [] if args.render else sizes:
         for tier in tiers(args.device):
             step = f"{args.device}:{size}:{tier}"
-            if step in done:
+            if step in done and step not in again:
                 continue
             folder = build_models(size, args.models)
             shapes = json.loads((folder / "done").read_text())

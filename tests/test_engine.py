@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import random
+from dataclasses import fields
 
 import psutil
 import pytest
@@ -12,11 +13,14 @@ from click.testing import CliRunner
 from conftest import decoder_config, perturbed_family, save_model
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
+from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
 from mergekit.scripts.multimerge import main as mergekit_multi
+from mergekit.sparsify import magnitude
 from safetensors.torch import load_file
 
-from automerge_mk.engine import MergeEngine
+import automerge_mk.engine as engine_module
+from automerge_mk.engine import MergeEngine, RankedMagnitudeMerge
 from automerge_mk.recipe import load_recipe, plan_documents, recipe_text
 from automerge_mk.segment import segment_model
 from automerge_mk.types import BlockChoice, MergePlan
@@ -116,6 +120,30 @@ def test_mixed_per_block_config_of_all_five_methods_equals_stock_mergekit(family
     assert set(plan.methods) == set(FIVE) and len(plan_documents(plan)) == 6
     engine = MergeEngine([family["a"], family["b"]], family["base"], family["base"])
     _assert_bit_identical(_stock(plan, tmp_path), engine.merge(plan))
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["merge-dtype-sort", "float32-sort"])
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.93])
+def test_the_magnitude_mask_equals_mergekits_ties_included(monkeypatch, lean, density):
+    # bfloat16 task vectors tie often: the kept elements among equal magnitudes at the k-th
+    # value are whichever the sort puts first, so only the same order gives the same mask.
+    monkeypatch.setattr(engine_module, "_sorts_alike", lambda dtype: lean)
+    delta = (torch.randn(3_000_000, generator=torch.Generator().manual_seed(1)) * 1e-3).to(
+        torch.bfloat16
+    )
+    ties = int(delta.abs().unique(return_counts=True)[1].max())
+    assert ties > 1000
+    ties = registry.get("ties")
+    method = RankedMagnitudeMerge(**{f.name: getattr(ties, f.name) for f in fields(ties)})
+    ours = method._sparsify("w", 0, delta, density, rescale=False)
+    assert torch.equal(ours.view(torch.int16), magnitude(delta, density).view(torch.int16))
+
+
+def test_this_torch_sorts_bfloat16_magnitudes_as_their_float32_copy():
+    # Else the lean sort is off: merges stay exact, but a TIES trial of the memory-mapped tier
+    # holds 4 more bytes an element than scripts/results/bench_scale.md measured.
+    engine_module._sorts_alike.cache_clear()
+    assert engine_module._sorts_alike(torch.bfloat16)
 
 
 def test_repeated_trials_give_the_same_merge_and_write_it_into_the_live_model(family):

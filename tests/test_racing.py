@@ -125,8 +125,11 @@ def test_the_result_of_a_racing_search_is_a_trial_scored_on_every_example(racing
     assert partial and all(t["computed_tokens"] < full for t in partial)
     assert all(t["computed_tokens"] == full for t in trials if not t["partial"])
     baselines = json.loads((racing_run / "baselines.json").read_text())
-    first = [b["trial"] for b in baselines.values() if "trial" in b]
-    assert first and all(not trials[i]["partial"] for i in first)  # never raced
+    first = sorted(b["trial"] for b in baselines.values() if "trial" in b)
+    assert first and not trials[first[0]]["partial"]  # nothing to race against yet
+    # The other baselines race like any trial; a stopped one keeps its estimate, marked.
+    stopped = [label for label, b in baselines.items() if b.get("partial")]
+    assert stopped and all(trials[baselines[label]["trial"]]["partial"] for label in stopped)
     best = json.loads((racing_run / "best.json").read_text())
     assert not best["partial"]
     assert best["harmonic_mean"] == max(t["harmonic_mean"] for t in trials if not t["partial"])
@@ -138,6 +141,13 @@ def test_the_result_of_a_racing_search_is_a_trial_scored_on_every_example(racing
     assert final["harmonic_mean"] == pytest.approx(best["harmonic_mean"], rel=1e-6)
     summary = (racing_run / "summary.md").read_text()
     assert f"{len(partial)} stopped early by racing" in summary
+    for label in stopped:
+        assert f"baseline: {label} (stopped early by racing: an estimate)" in summary
+    full = {k: b["harmonic_mean"] for k, b in baselines.items() if not b.get("partial")}
+    assert f"The best baseline ({max(full, key=full.get)}," in summary or (
+        f"It beats the best baseline ({max(full, key=full.get)}," in summary
+    )
+    assert f"racing stopped {len(stopped)} of them early" in summary
     assert f"{sum(t['computed_tokens'] for t in trials):,} validation tokens computed" in summary
 
 
