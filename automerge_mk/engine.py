@@ -205,14 +205,20 @@ def _sorts_alike(dtype: torch.dtype) -> bool:
 
 def _magnitude_order(delta: torch.Tensor) -> torch.Tensor:
     """mergekit's magnitude order of a task vector (mergekit.sparsify.magnitude:
-    `argsort(|delta|, descending=True)`, of a float32 copy on a CPU). Sorting bfloat16 in its
-    own dtype where `_sorts_alike` holds holds 14 bytes an element (magnitudes, sorted values,
-    int64 indices, the mask) instead of mergekit's 18: on the embedding, the peak of a TIES
-    trial in the memory-mapped tier (scripts/results/bench_scale.md)."""
+    `argsort(|delta|, descending=True)`, of a float32 copy on a CPU), sorted leaner on a CPU:
+    bfloat16 in its own dtype where `_sorts_alike` holds, and in place (the same sort, into
+    the magnitudes' own tensor). Measured on a 49152 x 2048 bfloat16 embedding, the largest
+    tensor and the peak of a TIES trial in the memory-mapped tier: mergekit's sort holds 2.81
+    GiB beside the inputs, this one 2.25 (the int64 indices and the arange torch fills them
+    from are most of both)."""
     magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu" and not _sorts_alike(magnitudes.dtype):
+    if magnitudes.device.type != "cpu":
+        return torch.argsort(magnitudes, descending=True)  # what mergekit does on a GPU
+    if not _sorts_alike(magnitudes.dtype):
         magnitudes = magnitudes.float()  # as mergekit.sparsify.magnitude does on CPU
-    return torch.argsort(magnitudes, descending=True)
+    order = torch.empty(magnitudes.numel(), dtype=torch.int64)
+    torch.sort(magnitudes, descending=True, out=(magnitudes, order))  # argsort's sort
+    return order
 
 
 def _magnitude_rank(delta: torch.Tensor) -> torch.Tensor:

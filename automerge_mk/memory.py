@@ -212,9 +212,10 @@ def measure_needs(
         else _activations(config, eval_size, batch),
         # A task-vector merge holds the inputs' deltas, their masks and the result at once;
         # ranking magnitudes (TIES, with or without the cache) sorts one task vector's
-        # magnitudes in the merge dtype with int64 indices (engine._magnitude_order).
+        # magnitudes in place, with int64 indices and the arange torch fills them from
+        # (engine._magnitude_order).
         merge_work=(2 * len(per_model) + 4) * largest * merge_size
-        + (8 + 2 * merge_size) * largest * ranked,
+        + (16 + merge_size) * largest * ranked,
     )
 
 

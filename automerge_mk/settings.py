@@ -85,7 +85,8 @@ class SearchSettings(Frozen):
         description="Evaluate the baselines (see `automerge-mk baselines`, among them every "
         "block task_arithmetic at weight 1 per source) as the search's first trials and "
         "tell them to the optimiser, before the Sobol design; the result is then never worse "
-        "than the best of them. Off: they are scored after the search, for comparison only.",
+        "than the best of them (with racing: of those it did not stop). Off: they are scored "
+        "after the search, for comparison only.",
     )
     optimizer: Literal["smac", "random"] = Field(
         "smac",

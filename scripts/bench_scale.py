@@ -12,8 +12,9 @@ where there is one), task_arithmetic (w=1) and dare_ties (d=0.5), are merged int
 model and scored. Measured: seconds to open and per trial
 (merge + scoring), peak anonymous memory above the process's baseline (RssAnon, sampled every
 5 ms: page cache not counted), peak RSS (VmHWM: mapped file pages counted), against the memory
-plan's estimate. Merge dtype bfloat16 (the files'), evaluation dtype the default (float32 on
-CPU), default methods (ties among them: the plan sizes the rank cache).
+plan's estimate. Merge dtype bfloat16 (the files'), evaluation dtype float32 on a CPU (pinned:
+`auto` picks per machine) and bfloat16 on a GPU, default methods (ties among them: the plan
+sizes the rank cache).
 
 Tiers: resident (models in memory, rank cache where it fits), mmap (models memory-mapped,
 rank cache off), and on a GPU host (models in pinned host memory, each tensor copied over).
@@ -123,7 +124,11 @@ def measure(folder: Path, tier: str, device: str, out: Path) -> dict:
         {"a": str(folder / "data" / "a.jsonl"), "b": str(folder / "data" / "b.jsonl")},
     )  # fmt: skip
     rank_cache = "off" if tier == "mmap" else "auto"
-    settings = SearchSettings(trials=1, initial=1, device=device, tier=tier, rank_cache=rank_cache)
+    # float32 scoring on a CPU, as documented: --eval-dtype auto would time the dtypes per
+    # machine, and the live model's size with them.
+    eval_dtype = "float32" if device == "cpu" else "auto"
+    settings = SearchSettings(trials=1, initial=1, device=device, tier=tier, rank_cache=rank_cache,
+                              eval_dtype=eval_dtype)  # fmt: skip
     with PeakAnonymous() as peak:
         started = time.perf_counter()
         session = pipeline.open_session(request, settings, out, overwrite=True)

@@ -18,6 +18,8 @@ runs on the validation split and every row is scored on the disjoint test split:
   (--weighting convex --no-baselines-first: automerge-mk 0.1's space), at each budget
   (40 trials with --initial 10, as the issue's user ran it, and the default 200 / 20) and
   seed;
+- the default search as shipped (the new space with racing on), as scripts/bench_racing.py
+  runs it with the racing defaults of today (read from racing-steps.jsonl, not run here);
 - langid-digits-400: the far-apart pair built with 400 validation examples a task instead of
   100 (the specialists train on the rest), new search only: whether the search's validation
   set, not its space, decides the far-apart pair.
@@ -241,7 +243,8 @@ def render(builds: dict, budgets, seeds, digests, untagged: int) -> str:
         order = [now] + [d for (p, d) in builds if p == pair and d != now]
         for digest in order:
             if (pair, digest) in builds:
-                section, found = _section(builds[(pair, digest)], pair, budgets, seeds)
+                shipped = _default_searches(pair, digest, budgets, seeds)
+                section, found = _section(builds[(pair, digest)], pair, budgets, seeds, shipped)
                 if section:
                     built_now = " (built now)" if digest == now else ""
                     parts.append(f"## {pair}, models {digest}{built_now} (test split)\n\n"
@@ -255,12 +258,35 @@ def render(builds: dict, budgets, seeds, digests, untagged: int) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _section(done: dict[str, dict], pair: str, budgets, seeds) -> tuple[str, list]:
-    """One build's table of a pair, its wall times, and its targets (label, measured, bar)."""
+def _default_searches(pair: str, digest: str, budgets, seeds, results: Path = RESULTS) -> dict:
+    """The default search as shipped (the new space with racing on), as scripts/bench_racing.py
+    ran it on this build with today's racing defaults: label -> (record, test row)."""
+    from bench_racing import _comparable_record  # it imports this module
+
+    builds, _ = steps_by_build(results / "racing-steps.jsonl", _pair)
+    steps = builds.get((pair, digest), {})
+    found = {}
+    for budget in budgets:
+        for seed in seeds:
+            step = f"search:{pair}:racing:{budget}:{seed}"
+            if f"test:{step}" in steps and _comparable_record(steps[step]):
+                record = steps[step]
+                shown = {"validation_H": [record["best_H"]], "best_trial": record["best_trial"],
+                         "wall_s": record["wall_s"]}  # fmt: skip
+                label = f"default search (racing on), {budget} trials, seed {seed}"
+                found[label] = (shown, steps[f"test:{step}"]["row"])
+    return found
+
+
+def _section(done: dict[str, dict], pair: str, budgets, seeds, shipped=None) -> tuple[str, list]:
+    """One build's table of a pair, its wall times, and its targets (label, measured, bar);
+    `shipped`: the default searches (racing on) of `_default_searches`."""
     _, tasks = PAIRS[pair]
     fixed = fixed_rows(done, pair)
     rows = done.get(f"reference:{pair}", {}).get("rows", {}) | fixed
-    searches, walls, targets = {}, [], []
+    searches, walls, targets = dict(shipped or {}), [], []
+    rows |= {label: row for label, (_, row) in searches.items()}
+    walls += [f"{label} {record['wall_s'] / 60:.1f} min" for label, (record, _) in searches.items()]
     for budget in budgets:
         for seed in seeds:
             for space_label in SPACES:
@@ -281,7 +307,7 @@ def _section(done: dict[str, dict], pair: str, budgets, seeds) -> tuple[str, lis
         picked = fixed_rows(done, pair, "fixed-val")
         picked_label = max(picked, key=lambda k: picked[k]["harmonic_mean"]) if picked else None
         for label, (_, row) in searches.items():
-            if label.startswith("new") and label.split(", ")[1].startswith("40 "):
+            if label.startswith(("new", "default")) and label.split(", ")[1].startswith("40 "):
                 targets.append((f"{label} >= best fixed row on test ({best_label})",
                                 row["harmonic_mean"], best))  # fmt: skip
                 if picked_label in fixed:
