@@ -50,7 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_space import ISSUE_PAIRS, PAIRS, TestScorer, pair_inputs  # noqa: E402
 from benchmark import (  # noqa: E402
     append_step,
-    current_steps,
     done_steps,
     models_digest,
     recorded_path,
@@ -124,6 +123,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
         "best_config": best["config"],
         "best_trial": best["trial"],
         "best_H": best["harmonic_mean"],
+        "baselines_raced": True,  # what every racing search does now (pipeline._search)
         # Per trial: H (an estimate when partial), partial, tokens, seconds of merge + scoring.
         "trials": [
             [t.harmonic_mean, t.partial, t.computed_tokens, sum(t.seconds.values())] for t in trials
@@ -281,10 +281,15 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
     parts = ["# Racing vs full-fidelity search, and the evaluation dtype (issue 20)",
              *paragraphs[2:5]]  # fmt: skip
     builds = ", ".join(f"{p} {d}" for p, d in digests.items())
+    picked = MODES["racing"].get("race_confidence")
+    confidence = f" --race-confidence {picked}" if picked is not None else ""
     walls = ", ".join(f"{k.split(':', 1)[1]} {r['wall_s'] / 60:.1f} min"
                       for k, r in done.items() if k.startswith("search:"))  # fmt: skip
     parts.append(
-        f"Reproduce: `python scripts/bench_racing.py --trials {trials}`. Models (sha256 of "
+        f"Reproduce: `python scripts/bench_racing.py --trials {trials}"
+        f"{confidence}`. Racing searches at --race-confidence "
+        f"{MODES['racing'].get('race_confidence', SearchSettings().race_confidence)}, every "
+        "other setting the default, the baselines raced too. Models (sha256 of "
         f"weights and data): {builds}; {stale} steps of other builds or other racing "
         "defaults are kept in racing-steps.jsonl, not shown. 2 CPU cores, torch threads "
         f"{os.environ.get('OMP_NUM_THREADS', 'default')}; other work may have shared the "
@@ -448,6 +453,31 @@ def shown_steps(steps_file: Path, done: dict[str, dict], pairs, seeds, trials: i
     return shown
 
 
+def comparable_steps(steps_file: Path, digests: dict[str, str]) -> tuple[dict, int]:
+    """Per step, the latest record on the models built now that ran with today's racing
+    defaults (a search run with other defaults is set aside, not replaced: switching a default
+    back finds its runs again); a test row goes with the search line it followed. And how many
+    lines are set aside."""
+    lines = steps_file.read_text().splitlines() if steps_file.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    done, latest_kept = {}, {}
+    for record in records:
+        step = record["step"]
+        if record.get("models") != digests.get(_pair(step)):
+            continue
+        if step.startswith("search:"):
+            latest_kept[step] = _comparable_record(record)
+            if latest_kept[step]:
+                done[step] = record
+                done.pop(f"test:{step}", None)
+        elif step.startswith("test:search:"):
+            if latest_kept.get(step.removeprefix("test:")):
+                done[step] = record
+        else:
+            done[step] = record
+    return done, len(records) - len(done)
+
+
 def _comparable_record(record: dict) -> bool:
     """Whether a search step ran with the settings this script runs now (tests: always)."""
     if not record["step"].startswith("search:"):
@@ -455,7 +485,15 @@ def _comparable_record(record: dict) -> bool:
     _, _, mode, trials, seed = record["step"].split(":")
     wanted = settings_for(mode, int(trials), int(seed)).model_dump(mode="json")
     theirs = {k: v for k, v in record["settings"].items() if k in wanted}
+    if mode == "racing" and not _baselines_raced(record):
+        return False  # the rule before: the baselines scored on every example
     return _comparable(theirs) == _comparable({k: wanted[k] for k in theirs})
+
+
+def _baselines_raced(record: dict) -> bool:
+    """Whether a racing search raced its baselines (the rule since 2026-12-05). The first such
+    runs, at --race-confidence 0.9, were recorded before the field was."""
+    return record.get("baselines_raced", record["settings"].get("race_confidence") == 0.9)
 
 
 def _pair(step: str) -> str:
@@ -470,6 +508,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=CACHE / "racing-runs")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only write racing.md")
+    parser.add_argument("--race-confidence", type=float, default=None,
+                        help="the racing searches' --race-confidence (default: the product's); "
+                        "racing.md then shows the runs at that value")  # fmt: skip
     parser.add_argument(
         "--skip",
         default="",
@@ -478,19 +519,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     skipped = {kind for kind in args.skip.split(",") if kind}
+    if args.race_confidence is not None:
+        MODES["racing"] = {"race_confidence": args.race_confidence}
     pairs = [p for p in args.pairs.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
     steps_file = args.results / "racing-steps.jsonl"
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
-    done, stale = current_steps(steps_file, digests, _pair)
+    done, stale = comparable_steps(steps_file, digests)
     for key in [k for k, r in done.items() if k.startswith("replay:") and "cells_raced" not in r]:
         done.pop(key)  # replayed before the baselines raced: replay both rules
-    for key in [k for k in done if k.startswith("search:")]:  # run with other defaults
-        _, _, mode, trials, seed = key.split(":")
-        wanted = settings_for(mode, int(trials), int(seed)).model_dump(mode="json")
-        if _comparable(done[key]["settings"]) != _comparable(wanted):
-            done.pop(key)
-            stale += 1 + (done.pop(f"test:{key}", None) is not None)
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
 
     def write() -> None:
