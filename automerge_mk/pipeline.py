@@ -1028,7 +1028,7 @@ def _score_baselines(
         },
     )
     if session.inputs.evals:
-        evals = {f"baseline: {label}": r.evals for label, r in results.items()}
+        evals = {f"baseline: {label}": r.evals for label, r in results.items() if not r.partial}
         session.run.add_evals(evals)
     return {label + (STOPPED if r.partial else ""): (r.tasks, r.harmonic_mean)
             for label, r in results.items()}  # fmt: skip
