@@ -171,7 +171,8 @@ class SearchSettings(Frozen):
     # Defaults from scripts/results/racing.md: the rule replayed on six 40-trial full searches
     # of two real pairs (the baselines raced) spent 29 % of their tokens at 8 / 0.9 and 34-35 %
     # at 8 / 0.95; neither stopped a trial that was more than 0.001 H better than the
-    # incumbent of its time. Live searches spent about 4 points more than the replay.
+    # incumbent of its time. Live, 8 / 0.9 spent 28 % and 20 % of the full searches' tokens
+    # with a mean best validation H at least theirs on both pairs.
     race_chunk: int = Field(
         8, description="Racing: validation examples per task between two comparisons."
     )

@@ -103,7 +103,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
     shared = search_folder(digest, f"search:{pair}:new:{settings.trials}:{settings.seed}")
     # A full-fidelity search runs where bench_space.py looks for its own, so each script
     # reads the other's instead of running it again.
-    out = shared if not settings.racing else search_folder(digest, step)
+    out = shared if not settings.racing else search_folder(digest, step + _other(settings))
     resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
     started = time.perf_counter()
     if _same_run(shared, settings) and not resume:
@@ -129,6 +129,13 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
             [t.harmonic_mean, t.partial, t.computed_tokens, sum(t.seconds.values())] for t in trials
         ],
     }
+
+
+def _other(settings: SearchSettings) -> str:
+    """A racing search at another --race-confidence than the product's runs in a folder of
+    its own, so that measuring another value never overwrites the default's runs."""
+    default = SearchSettings.model_fields["race_confidence"].default
+    return "" if settings.race_confidence == default else f":at-{settings.race_confidence}"
 
 
 def _space_wall(step: str, pair: str, settings: SearchSettings, results: Path) -> float:

@@ -261,15 +261,14 @@ def render(builds: dict, budgets, seeds, digests, untagged: int) -> str:
 def _default_searches(pair: str, digest: str, budgets, seeds, results: Path = RESULTS) -> dict:
     """The default search as shipped (the new space with racing on), as scripts/bench_racing.py
     ran it on this build with today's racing defaults: label -> (record, test row)."""
-    from bench_racing import _comparable_record  # it imports this module
+    from bench_racing import comparable_steps  # it imports this module
 
-    builds, _ = steps_by_build(results / "racing-steps.jsonl", _pair)
-    steps = builds.get((pair, digest), {})
+    steps, _ = comparable_steps(results / "racing-steps.jsonl", {pair: digest})
     found = {}
     for budget in budgets:
         for seed in seeds:
             step = f"search:{pair}:racing:{budget}:{seed}"
-            if f"test:{step}" in steps and _comparable_record(steps[step]):
+            if f"test:{step}" in steps:
                 record = steps[step]
                 shown = {"validation_H": [record["best_H"]], "best_trial": record["best_trial"],
                          "wall_s": record["wall_s"]}  # fmt: skip
