@@ -1002,7 +1002,7 @@ def _score_baselines(
     """The baselines (with `grid` the hand grid too), scored like trials; saved as
     baselines.json. One that was a trial of the search (`known`: label -> configuration, all
     of the data scored) is taken from that trial, with its number, not scored again; one that
-    racing stopped keeps its estimate, marked partial, and is labelled so in the table."""
+    racing stopped keeps its estimate, marked partial. Returns label -> its TrialResult."""
     from . import report, space
 
     by_config = {}
@@ -1030,17 +1030,11 @@ def _score_baselines(
     if session.inputs.evals:
         evals = {f"baseline: {label}": r.evals for label, r in results.items() if not r.partial}
         session.run.add_evals(evals)
-    return {label + (STOPPED if r.partial else ""): (r.tasks, r.harmonic_mean)
-            for label, r in results.items()}  # fmt: skip
+    return results
 
 
-# A baseline's label when racing stopped it: its scores are on the examples it saw.
+# A baseline's label in summary.md when racing stopped it: its scores are on the examples it saw.
 STOPPED = " (stopped early by racing: an estimate)"
-
-
-def _full_baselines(scored: dict) -> dict:
-    """The baselines scored on every example (label -> (tasks, H)), for comparisons."""
-    return {label: value for label, value in scored.items() if not label.endswith(STOPPED)}
 
 
 def run_baselines(
@@ -1056,7 +1050,8 @@ def run_baselines(
 
     session = open_session(request, settings, out.resolve(), overwrite, command="baselines")
     try:
-        rows = _score_baselines(session, session.objective(), settings, grid=grid)
+        scored = _score_baselines(session, session.objective(), settings, grid=grid)
+        rows = {label: (r.tasks, r.harmonic_mean) for label, r in scored.items()}
         rows |= {f"{name} alone": scored for name, scored in session.sources_scored.items()}
         table = report.score_table(rows)
         session.run.write_text(rundir.BASELINES_TABLE, table + "\n")
@@ -1161,14 +1156,18 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     table = {
         "search (best trial)": (best.tasks, best.harmonic_mean),
         "model/ (stock mergekit)": final,
-        **{f"baseline: {label}": scored for label, scored in baselines.items()},
+        **{
+            f"baseline: {label}{STOPPED if r.partial else ''}": (r.tasks, r.harmonic_mean)
+            for label, r in baselines.items()
+        },  # fmt: skip
         **sources_scored,
     }
     references = {f"{name} alone": scored[1] for name, scored in sources_scored.items()}
-    full = _full_baselines(baselines)  # a warm start's incumbent may stop every one of them
+    # Compared: the baselines scored on every example (a warm start's incumbent may stop all).
+    full = {label: r.harmonic_mean for label, r in baselines.items() if not r.partial}
     if full:
-        label, (_, value) = max(full.items(), key=lambda item: item[1][1])
-        references[f"best baseline ({label})"] = value
+        label = max(full, key=full.get)
+        references[f"best baseline ({label})"] = full[label]
     with writing(run.path / rundir.PROGRESS):
         report.progress_plot(results, run.path / rundir.PROGRESS, references)
     summary = report.summary_markdown(
@@ -1180,9 +1179,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         command,
         time.perf_counter() - started,
         run.read_json(rundir.EVALS) if inputs.evals else None,
-        report.baseline_margin(
-            best, {k: v[1] for k, v in full.items()}, list(known), len(baselines) - len(full)
-        )  # fmt: skip
+        report.baseline_margin(best, full, list(known), len(baselines) - len(full))  # fmt: skip
         + _prior_sentence(results, prior),
         evaluate.error_free_references(session.references, inputs.tasks),
     )
