@@ -7,7 +7,7 @@
 
 On both SmolLM2-135M-Instruct specialist pairs of scripts/bench_space.py, for each seed, the
 same search twice on the validation split, with every default (scaled space, baselines first)
-but one: racing on (the default: --race-chunk 8 --race-confidence 0.9, the baselines raced
+but one: racing on (the default: --race-chunk 8 --race-confidence 0.95, the baselines raced
 too) and off (--no-racing: every trial on every example). Each best configuration is then
 scored on the disjoint test split. Measured: best validation H, test H, validation tokens (forward
 positions), and the tokens and wall time each search took to reach the full-fidelity search's
