@@ -59,7 +59,7 @@ def main() -> None:
 @click.option(
     "--features", is_flag=True,
     help="With two or more MODELS, --base and their --data: print each block's similarity "
-    "features (task-vector norms, cosine, sign conflicts, the density holding 90 %% of the "
+    "features (task-vector norms, cosine, sign conflicts, the density holding 90 % of the "
     "mass, activation distance on a probe of the validation texts) and the sources' "
     "next-token KL; no merge, no labels.",
 )  # fmt: skip

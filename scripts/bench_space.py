@@ -21,8 +21,8 @@ runs on the validation split and every row is scored on the disjoint test split:
 - the default search as shipped (the new space with racing on), as scripts/bench_racing.py
   runs it with the racing defaults of today (read from racing-steps.jsonl, not run here);
 - langid-digits-400: the far-apart pair built with 400 validation examples a task instead of
-  100 (the specialists train on the rest), new search only: whether the search's validation
-  set, not its space, decides the far-apart pair.
+  100 (the specialists train on the rest), new search at 40 trials only: whether the search's
+  validation set, not its space, decides the far-apart pair.
 
 Each finished step (a search, one test row) is appended to scripts/results/space-steps.jsonl;
 a rerun skips finished steps and resumes an interrupted search from its trials.jsonl, so the
@@ -73,6 +73,9 @@ SPACES = {  # label -> settings of the search (racing off: this compares the spa
     "old": {"weighting": "convex", "baselines_first": False, "racing": False},
 }
 ONLY_SPACES = {"langid-digits-400": ("new",)}  # a pair searched in some spaces only
+# langid-digits-400 is a diagnostic of the validation set's size, not a pair the issue asks
+# for: it is searched at 40 trials only (200 would take 2 x 40 minutes for no must-show)
+ONLY_BUDGETS = {"langid-digits-400": (40,)}
 INITIAL = {40: 10}  # the issue's 40-trial runs; other budgets take the default design
 
 
@@ -181,15 +184,16 @@ class TestScorer:
         return rows
 
 
-def plan_steps(pairs, budgets, seeds):
+def plan_steps(pairs, budgets, seeds, spaces=tuple(SPACES)):
     """(step, pair, kind, detail) in the order they are worth running: the fixed rows (on the
     test split, then on the validation split: the row a hand grid would pick) and the new
     search of each pair first, then the old search, then the next seed and budget."""
     for budget in budgets:
         for seed in seeds:
-            for space_label in SPACES:
-                for pair in [p for p in pairs if space_label in ONLY_SPACES.get(p, SPACES)]:
-                    if budget == budgets[0] and seed == seeds[0] and space_label == "new":
+            for space_label in spaces:
+                for pair in [p for p in pairs if space_label in ONLY_SPACES.get(p, SPACES)
+                             and budget in ONLY_BUDGETS.get(p, budgets)]:  # fmt: skip
+                    if budget == budgets[0] and seed == seeds[0] and space_label == spaces[0]:
                         yield f"reference:{pair}", pair, "reference", None
                         yield f"fixed:{pair}", pair, "fixed", None
                         yield f"fixed-val:{pair}", pair, "fixed", None
@@ -390,6 +394,8 @@ def main() -> None:
     parser.add_argument("--pairs", default=",".join(ISSUE_PAIRS), help=f"of {', '.join(PAIRS)}")
     parser.add_argument("--budgets", default="40,200", help="trials per search, comma list")
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--spaces", default=",".join(SPACES),
+                        help="searches to run, of new, old (processes may split them)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=CACHE / "space-runs",
                         help="scratch sessions of the test and validation scoring (searches "
                         "run in scripts/results/runs/DIGEST/)")  # fmt: skip
@@ -422,7 +428,12 @@ def main() -> None:
 
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
     validation = {pair: TestScorer(pair, args.work, "validation") for pair in pairs}
-    for step, pair, kind, detail in [] if args.render else plan_steps(pairs, budgets, seeds):
+    spaces = [s for s in args.spaces.split(",") if s]
+    unknown = [s for s in spaces if s not in SPACES]
+    if unknown:
+        raise SystemExit(f"--spaces: {', '.join(unknown)} unknown; use {', '.join(SPACES)}")
+    for step, pair, kind, detail in [] if args.render else plan_steps(pairs, budgets, seeds,
+                                                                      spaces):  # fmt: skip
         if kind == "reference" and step not in done:
             print(f"{step}: scoring base and specialists on the test split", flush=True)
             done[step] = {"step": step, "rows": scorers[pair].references()}
