@@ -71,6 +71,7 @@ DTYPE_TRIALS = 50
 DTYPE_PAIR = "sentiment-wordnet"  # the benchmark (scripts/benchmark.py's models): 50 configs
 # merged and scored twice cost about an hour at one thread, so the dtype is measured there only
 TOLERANCE = 0.005  # the issue's: racing may lose at most this much H
+ISSUE_SEEDS = (0, 1, 2)  # the targets are the issue's on these; more seeds add rows of their own
 
 
 def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
@@ -334,9 +335,14 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
                             f"{record['wall_s'] / 60:.1f} | "
                             f"{record.get('models', '-')} |")  # fmt: skip
         parts.append(f"## {pair}\n\n" + "\n".join(rows))
-        if complete:
-            mean = {m: [statistics.mean(v[i] for v in means[m]) for i in range(3)] for m in MODES}
-            which = f"{pair}, seeds {','.join(map(str, complete))}"
+        # the issue's seeds, and every seed run when more are (a 3-seed mean of test H is
+        # uncertain by about +-0.04: per-seed test H varies by about 0.07)
+        groups = [g for g in ([s for s in complete if s in ISSUE_SEEDS], complete) if g]
+        for group in [g for i, g in enumerate(groups) if g not in groups[:i]]:
+            picked = [complete.index(s) for s in group]
+            mean = {m: [statistics.mean(means[m][j][i] for j in picked) for i in range(3)]
+                    for m in MODES}  # fmt: skip
+            which = f"{pair}, seeds {','.join(map(str, group))}"
             targets += [
                 (f"{which}: racing mean best val H >= full's - {TOLERANCE}",
                  mean["racing"][0], mean["full"][0] - TOLERANCE),
@@ -349,7 +355,7 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
         parts.append(_dtype(done.get(f"dtype:{pair}")))
         parts.append(_overhead(done.get(f"overhead:{pair}")))
     if targets:
-        asked = ",".join(map(str, seeds))
+        asked = ",".join(map(str, ISSUE_SEEDS))
         lines = [f"| target (the issue's: seeds {asked}) | measured | met |", "|---|---|---|"]
         for label, a, b in targets:
             measured = f"{b:.1%} of full's" if "tokens" in label else f"{a:.4f} vs {b:.4f}"
