@@ -14,13 +14,16 @@ positions), and the tokens and wall time each search took to reach the full-fide
 final best. The full-fidelity searches are the very searches scripts/bench_space.py runs as
 its "new" ones (same settings); when that script has run one already, it is read, not rerun.
 
-Three analyses need no further searches:
+Four analyses need no further searches:
 
 - the racing rule's settings, replayed on the full-fidelity searches' per-example losses
   (trials.jsonl keeps them): for each --race-chunk and --race-confidence, the share of tokens
   racing would have spent and how many trials it would have stopped that were in fact better
   than the incumbent of their time (wrong stops), under the rule now (the baselines race like
   every trial) and the rule before (the baselines scored on every example);
+- the same at the default budget (200 trials, --race-chunk 8), replayed on
+  scripts/bench_space.py's 200-trial full-fidelity searches (its new search, seeds 0 and 1),
+  with how many examples per task each wrongly stopped trial had been scored on;
 - evaluation dtype, on the benchmark pair (sentiment-wordnet): 50 distinct configurations of
   its searches (the trials in order, of every search whose run folder is still on disk) merged
   again and scored with the live model in float32 and in bfloat16: Spearman's rank correlation
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_space import ISSUE_PAIRS, PAIRS, TestScorer, pair_inputs  # noqa: E402
 from benchmark import (  # noqa: E402
     append_step,
+    current_steps,
     done_steps,
     models_digest,
     recorded_path,
@@ -72,6 +76,10 @@ DTYPE_PAIR = "sentiment-wordnet"  # the benchmark (scripts/benchmark.py's models
 # merged and scored twice cost about an hour at one thread, so the dtype is measured there only
 TOLERANCE = 0.005  # the issue's: racing may lose at most this much H
 ISSUE_SEEDS = (0, 1, 2)  # the targets are the issue's on these; more seeds add rows of their own
+# The rule at the default budget is replayed on scripts/bench_space.py's full-fidelity searches
+# of that many trials (its seeds): a 200-trial search per mode and seed here would double them.
+DEFAULT_BUDGET, SPACE_SEEDS = SearchSettings().trials, (0, 1)
+DEFAULT_CHUNK = SearchSettings().race_chunk
 
 
 def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
@@ -170,7 +178,7 @@ def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = Tru
     trials = rundir.RunDir(run).trials()
     race = Race(chunk, confidence, record.settings.seed)
     unraced = set() if baselines_raced else _baseline_trials(run)
-    seen, spent, stopped, wrong, worst = [], 0, 0, 0, 0.0
+    seen, spent, stopped, wrong, worst, wrong_at = [], 0, 0, 0, 0.0, []
     for trial in trials:
         if trial.status != "ok":
             continue
@@ -188,12 +196,15 @@ def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = Tru
         spent += raced.computed_tokens
         if not raced.complete:
             stopped += 1
-            wrong += trial.harmonic_mean > incumbent.harmonic_mean
+            if trial.harmonic_mean > incumbent.harmonic_mean:
+                wrong += 1
+                examples = min(len(s.example_losses) for s in raced.scores.values())
+                wrong_at.append([trial.trial, examples])
             worst = max(worst, trial.harmonic_mean - incumbent.harmonic_mean)
         seen.append(trial)
     full = sum(t.computed_tokens for t in trials if t.status == "ok")
     return {"share": spent / full, "stopped": stopped, "wrong": wrong, "worst": worst,
-            "trials": len(seen)}  # fmt: skip
+            "trials": len(seen), "wrong_at": wrong_at}  # fmt: skip
 
 
 def _baseline_trials(run: Path) -> set[int]:
@@ -352,6 +363,7 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
                  mean["racing"][2] / mean["full"][2]),
             ]  # fmt: skip
         parts.append(_replays(done, pair))
+        parts.append(_default_budget_replays(done, pair))
         parts.append(_dtype(done.get(f"dtype:{pair}")))
         parts.append(_overhead(done.get(f"overhead:{pair}")))
     if targets:
@@ -390,6 +402,30 @@ def _replays(done: dict[str, dict], pair: str) -> str:
     runs = ", ".join(r["step"].split(":", 2)[2] for r in found)
     return f"### The racing rule replayed on the full searches' trials ({runs})\n\n" + "\n".join(
         lines
+    )
+
+
+def _default_budget_replays(done: dict[str, dict], pair: str) -> str:
+    """The rule replayed on the pair's full searches at the default budget (bench_space's)."""
+    found = [r for k, r in done.items() if k.startswith(f"replay-default:{pair}:")]
+    if not found:
+        return ""
+    lines = ["| --race-confidence | tokens (share of full) | stopped | wrong stops | most H a "
+             "wrong stop lost | examples per task seen at the wrong stops |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for confidence in CONFIDENCES:
+        cells = [r["cells_raced"][f"{DEFAULT_CHUNK}:{confidence}"] for r in found]
+        seen = sorted(n for c in cells for _, n in c["wrong_at"])
+        lines.append(
+            f"| {confidence} | {statistics.mean(c['share'] for c in cells):.0%} | "
+            f"{sum(c['stopped'] for c in cells)} | {sum(c['wrong'] for c in cells)} | "
+            f"{max(c['worst'] for c in cells):.4f} | {', '.join(map(str, seen)) or '-'} |"
+        )
+    seeds = ", ".join(r["step"].rsplit(":", 1)[1] for r in found)
+    return (
+        f"### At the default budget: the rule replayed on {DEFAULT_BUDGET}-trial full searches "
+        f"(scripts/bench_space.py's new search, seeds {seeds}; --race-chunk {DEFAULT_CHUNK}, "
+        "baselines raced)\n\n" + "\n".join(lines)
     )
 
 
@@ -433,6 +469,9 @@ def _plan(pairs, seeds, trials):
                 if pair == DTYPE_PAIR:
                     yield f"dtype:{pair}"
                 yield f"overhead:{pair}"
+    for seed in SPACE_SEEDS:
+        for pair in pairs:
+            yield f"replay-default:{pair}:{seed}"
 
 
 def shown_steps(steps_file: Path, done: dict[str, dict], pairs, seeds, trials: int) -> dict:
@@ -542,6 +581,7 @@ def main() -> None:
     for key in [k for k, r in done.items() if k.startswith("replay:") and "cells_raced" not in r]:
         done.pop(key)  # replayed before the baselines raced: replay both rules
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
+    space_done, _ = current_steps(args.results / "space-steps.jsonl", digests, _pair)
 
     def write() -> None:
         shown = shown_steps(steps_file, done, pairs, seeds, args.trials)
@@ -567,6 +607,16 @@ def main() -> None:
             cells = {f"{c}:{q}": replay(run, c, q, False) for c in CHUNKS for q in CONFIDENCES}
             raced = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
             record = {"step": step, "cells": cells, "cells_raced": raced}
+        elif kind == "replay-default":
+            seed = step.split(":")[2]
+            full = space_done.get(f"search:{pair}:new:{DEFAULT_BUDGET}:{seed}")
+            if full is None:
+                print(f"{step}: waits for scripts/bench_space.py's search", flush=True)
+                continue
+            run = recorded_path(full["run_dir"])
+            record = {"step": step, "run": full["run_dir"],
+                      "cells_raced": {f"{DEFAULT_CHUNK}:{q}": replay(run, DEFAULT_CHUNK, q)
+                                      for q in CONFIDENCES}}  # fmt: skip
         elif kind == "dtype":  # every search of the pair whose run folder is still here
             found = [
                 recorded_path(r["run"]) for k, r in done.items() if k.startswith(f"search:{pair}:")
