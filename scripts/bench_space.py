@@ -325,7 +325,8 @@ def _section(done: dict[str, dict], pair: str, budgets, seeds, shipped=None) -> 
                 targets.append((f"new >= old search, {budget} trials, seed {seed}",
                                 new[1]["harmonic_mean"], old[1]["harmonic_mean"]))  # fmt: skip
     validation = {k: v["harmonic_mean"] for k, v in fixed_rows(done, pair, "fixed-val").items()}
-    section = _table(rows, tasks, searches, validation)
+    section = _glance(searches, fixed, validation, budgets, seeds)
+    section += _table(rows, tasks, searches, validation)
     if walls:
         section += "\n\nWall times (2 CPU cores; other work may have shared them): "
         section += ", ".join(walls) + "."
@@ -363,6 +364,40 @@ def _build_facts() -> str:
             facts.append(f"{task} specialist {own:.2f} on {task}, {off:.2f} on {other} "
                          f"(base {base:.2f})")  # fmt: skip
     return "; ".join(facts) or "-"
+
+
+def _glance(searches, fixed, validation: dict[str, float], budgets, seeds) -> str:
+    """Test H per budget and seed: the searches beside the fixed row best on test and the one
+    best on validation (the row a user of the hand grid would pick); '' when no search."""
+    kinds = ("new", "old", "default")
+    cells = {}
+    for label, (_, row) in searches.items():
+        kind = label.split(" ")[0]
+        budget, seed = label.split(", ")[1].split(" ")[0], label.rsplit(" ", 1)[1]
+        cells[(int(budget), int(seed), kind)] = row["harmonic_mean"]
+    if not cells or not fixed:
+        return ""
+    best = max(fixed, key=lambda k: fixed[k]["harmonic_mean"])
+    picked = max(validation, key=validation.get) if validation else None
+    lines = [
+        "| trials | seed | new search | old search | default search (racing on) | best "
+        "fixed row on test | fixed row best on validation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for budget in budgets:
+        for seed in seeds:
+            found = [cells.get((budget, seed, kind)) for kind in kinds]
+            if all(v is None for v in found):
+                continue
+            shown = ["-" if v is None else f"{v:.4f}" for v in found]
+            chosen = f"{fixed[picked]['harmonic_mean']:.4f}" if picked in fixed else "-"
+            lines.append(f"| {budget} | {seed} | {' | '.join(shown)} | "
+                         f"{fixed[best]['harmonic_mean']:.4f} | {chosen} |")  # fmt: skip
+    names = [label.removeprefix("fixed: ") if label else "-" for label in (best, picked)]
+    return (
+        f"Test H at a glance (best fixed row on test: {names[0]}; on validation: "
+        f"{names[1]}):\n\n" + "\n".join(lines) + "\n\nEvery row:\n\n"
+    )
 
 
 def _table(rows: dict[str, dict], tasks, searches, validation: dict[str, float]) -> str:
