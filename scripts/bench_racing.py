@@ -391,18 +391,21 @@ def _replays(done: dict[str, dict], pair: str) -> str:
         for chunk in CHUNKS:
             for confidence in CONFIDENCES:
                 cells = [r[key][f"{chunk}:{confidence}"] for r in found if key in r]
-                if not cells:
-                    continue
-                share = statistics.mean(c["share"] for c in cells)
-                stopped = sum(c["stopped"] for c in cells)
-                wrong = sum(c["wrong"] for c in cells)
-                worst = max((c.get("worst", float("nan")) for c in cells), default=float("nan"))
-                lines.append(f"| {rule} | {chunk} | {confidence} | {share:.0%} | {stopped} | "
-                             f"{wrong} | {worst:.4f} |")  # fmt: skip
+                if cells:
+                    lines.append(f"| {rule} | {chunk} | {confidence} | {_summed(cells)} |")
     runs = ", ".join(r["step"].split(":", 2)[2] for r in found)
     return f"### The racing rule replayed on the full searches' trials ({runs})\n\n" + "\n".join(
         lines
     )
+
+
+def _summed(cells: list[dict]) -> str:
+    """Replay cells of several runs as table cells: mean token share, stopped, wrong stops,
+    the most H a wrong stop lost."""
+    worst = max((c.get("worst", float("nan")) for c in cells), default=float("nan"))
+    return (f"{statistics.mean(c['share'] for c in cells):.0%} | "
+            f"{sum(c['stopped'] for c in cells)} | {sum(c['wrong'] for c in cells)} | "
+            f"{worst:.4f}")  # fmt: skip
 
 
 def _default_budget_replays(done: dict[str, dict], pair: str) -> str:
@@ -416,11 +419,7 @@ def _default_budget_replays(done: dict[str, dict], pair: str) -> str:
     for confidence in CONFIDENCES:
         cells = [r["cells_raced"][f"{DEFAULT_CHUNK}:{confidence}"] for r in found]
         seen = sorted(n for c in cells for _, n in c["wrong_at"])
-        lines.append(
-            f"| {confidence} | {statistics.mean(c['share'] for c in cells):.0%} | "
-            f"{sum(c['stopped'] for c in cells)} | {sum(c['wrong'] for c in cells)} | "
-            f"{max(c['worst'] for c in cells):.4f} | {', '.join(map(str, seen)) or '-'} |"
-        )
+        lines.append(f"| {confidence} | {_summed(cells)} | {', '.join(map(str, seen)) or '-'} |")
     seeds = ", ".join(r["step"].rsplit(":", 1)[1] for r in found)
     return (
         f"### At the default budget: the rule replayed on {DEFAULT_BUDGET}-trial full searches "
