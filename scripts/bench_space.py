@@ -440,6 +440,10 @@ def main() -> None:
     pairs = [p for p in args.pairs.split(",") if p]
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    spaces = [s for s in args.spaces.split(",") if s]
+    unknown = [s for s in spaces if s not in SPACES]
+    if unknown:
+        raise SystemExit(f"--spaces: {', '.join(unknown)} unknown; use {', '.join(SPACES)}")
     steps_file = args.results / "space-steps.jsonl"
     # Steps count only for the models they ran on: a rebuild that differs starts over (the
     # earlier lines stay in the file, tagged with their build's digest).
@@ -463,10 +467,6 @@ def main() -> None:
 
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
     validation = {pair: TestScorer(pair, args.work, "validation") for pair in pairs}
-    spaces = [s for s in args.spaces.split(",") if s]
-    unknown = [s for s in spaces if s not in SPACES]
-    if unknown:
-        raise SystemExit(f"--spaces: {', '.join(unknown)} unknown; use {', '.join(SPACES)}")
     for step, pair, kind, detail in [] if args.render else plan_steps(pairs, budgets, seeds,
                                                                       spaces):  # fmt: skip
         if kind == "reference" and step not in done:
