@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_space import ISSUE_PAIRS, PAIRS, TestScorer, pair_inputs  # noqa: E402
+from bench_space import INITIAL, ISSUE_PAIRS, PAIRS, TestScorer, pair_inputs  # noqa: E402
 from benchmark import (  # noqa: E402
     append_step,
     current_steps,
@@ -83,7 +83,10 @@ DEFAULT_CHUNK = SearchSettings().race_chunk
 
 
 def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
-    return SearchSettings(trials=trials, initial=min(10, trials), seed=seed, **MODES[mode])
+    """bench_space's design size for the budget (10 at 40 trials, else the default), so that
+    its full-fidelity searches are read here instead of run again."""
+    initial = min(INITIAL.get(trials, SearchSettings().initial), trials)
+    return SearchSettings(trials=trials, initial=initial, seed=seed, **MODES[mode])
 
 
 def _comparable(settings: dict) -> dict:
