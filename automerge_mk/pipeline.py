@@ -858,7 +858,7 @@ def _examples(settings: SearchSettings, sources: int) -> list:
 
 def predicted_plans(inputs: Inputs, settings: SearchSettings):
     """The sources' features and the plans the prior's rule predicts from them (prior.py), by
-    label: "prior" and its rescaled variants."""
+    label: "prior" and its variants (prior.prior_plans)."""
     from . import prior, vocab
 
     features = _features(inputs, settings)

@@ -19,6 +19,16 @@ a selector, SIP-BMM a prior, from many merges):
   merged at weights 1 (scripts/results/space.md), the demo's specialists by 15-33 % and are
   best averaged (its baselines: task_arithmetic w=0.5 0.63, w=1 0.50).
 
+In both, each source's weight is then multiplied by its **balance**, (‖τ_min‖ / ‖τ_i‖)^BALANCE
+(`balance`): a longer task vector is shortened toward the weakest one's length, so that it
+does not drown the others. On the real benchmark's SmolLM2 pairs the task vectors differ by
+1.5-3.8x in norm, and the 200-trial searches' best merges weight the longer one down
+(scripts/results/runs/*/search-*-new-200-*). Task arithmetic with the balance at exponents
+0 (weights 1), 0.5 and 1 scored validation H 0.71, 0.94 and 1.05 on sentiment-wordnet
+(40-trial searches reach 0.99-1.04) but 0.61, 0.66 and 0.19 on langid-digits, whose longer
+task vector (digits) is the one its task needs: full balance starves it. BALANCE is 0.5, the
+exponent that helped both; the search also evaluates full balance (a variant below).
+
 With `--prior-from RUN_DIR ...` the rule is replaced where earlier runs know better: a block's
 merge is that of the earlier runs' best trials in the NEIGHBOURS blocks with the nearest
 features (k-nearest neighbours, SimMerge's selector without its bandit): the method most of
@@ -41,7 +51,10 @@ from .types import Block, BlockChoice, MergePlan
 CONFLICT = 0.6
 ORTHOGONAL = 0.1
 LINEAR, NONLINEAR = 0.05, 0.2  # relative_norm: task vectors add / overshoot
-SCALES = (0.75, 1.25)  # the perturbations the search evaluates beside the prior
+BALANCE = 0.5  # how far a longer task vector is shortened toward the weakest one (1: all)
+# The variants the search evaluates beside the prediction: its weights x1.25 (the 200-trial
+# searches' best merges scale most blocks by 1.1-1.45), and full balance (exponent 1).
+SCALE, FULL_BALANCE = 1.25, 1.0
 NEIGHBOURS = 3
 FARTHEST = 2.0  # a block no earlier block is this near to (in UNITS) keeps the hand rule
 # --prior-from's distance between blocks: a difference of one unit here counts 1 (cosine and
@@ -53,18 +66,30 @@ def _clip(value: float, bounds: tuple[float, float]) -> float:
     return round(min(max(value, bounds[0]), bounds[1]), 2)
 
 
-def block_choice(features: BlockFeatures, sources: int, settings: SearchSettings) -> BlockChoice:
+def balance(norms: Sequence[float], power: float = BALANCE) -> tuple[float, ...]:
+    """Per source, (the smallest task vector's norm / its own) ** power: at power 1 the factors
+    that give every task vector the weakest one's length (1 for a source whose task vector is
+    zero: it adds nothing at any weight)."""
+    moved = [n for n in norms if n > 0]
+    return tuple((min(moved) / n) ** power if n > 0 else 1.0 for n in norms)
+
+
+def block_choice(
+    features: BlockFeatures, sources: int, settings: SearchSettings, power: float = BALANCE
+) -> BlockChoice:
     """The rule's merge for one block (see the module docstring)."""
+    even = len(features.norms) != sources
+    balanced = (1.0,) * sources if even else balance(features.norms, power)
     interfere = features.sign_conflict > CONFLICT or features.cosine < -ORTHOGONAL
     if interfere and "ties" in settings.methods:
         density = _clip(features.density_90, settings.density_range)
-        return BlockChoice(method="ties", weights=_in_space((1.0,) * sources, settings),
+        return BlockChoice(method="ties", weights=_in_space(balanced, settings),
                            densities=(density,) * sources)  # fmt: skip
     aligned = features.cosine > ORTHOGONAL
     overlap = 1.0 / (1.0 + (sources - 1) * features.cosine) if aligned else 1.0
     far = min(max((features.relative_norm - LINEAR) / (NONLINEAR - LINEAR), 0.0), 1.0)
     regime = 1.0 - far * (1.0 - 1.0 / sources)  # 1 in the linear regime, 1 / N far from it
-    weights = _in_space((min(overlap, regime),) * sources, settings)
+    weights = _in_space([min(overlap, regime) * b for b in balanced], settings)
     return BlockChoice(method="task_arithmetic", weights=weights)
 
 
@@ -146,25 +171,19 @@ def prior_plans(
     dtype: str,
     examples: Sequence[tuple[BlockFeatures, BlockChoice]] = (),
 ) -> dict[str, MergePlan]:
-    """The prior plan and its perturbations (every weight scaled by SCALES), by label; with
+    """The prior plan and its variants (every weight x SCALE; full balance), by label; with
     `examples` (--prior-from), learned where they say something, the rule elsewhere."""
     by_name = {f.block: f for f in features.blocks}
-    choices = tuple(
-        learned_choice(by_name[b.name], examples, settings)
-        or block_choice(by_name[b.name], len(sources), settings)
-        for b in blocks
-    )
-    plans = {}
-    for scale in (1.0, *SCALES):
-        scaled = tuple(
-            c.model_copy(
-                update={
-                    "weights": tuple(_clip(w * scale, settings.weight_range) for w in c.weights)
-                }
-            )  # fmt: skip
-            for c in choices
-        )
-        label = "prior" if scale == 1.0 else f"prior x{scale:g}"
-        plans[label] = MergePlan(sources=sources, base=base, blocks=tuple(blocks), choices=scaled,
-                                 dtype=dtype, seed=settings.seed)  # fmt: skip
-    return plans
+
+    def choices(power: float, scale: float = 1.0) -> tuple[BlockChoice, ...]:
+        found = [learned_choice(by_name[b.name], examples, settings)
+                 or block_choice(by_name[b.name], len(sources), settings, power)
+                 for b in blocks]  # fmt: skip
+        weights = [tuple(_clip(w * scale, settings.weight_range) for w in c.weights) for c in found]
+        return tuple(c.model_copy(update={"weights": w}) for c, w in zip(found, weights))
+
+    variants = {"prior": choices(BALANCE), f"prior x{SCALE:g}": choices(BALANCE, SCALE),
+                "prior, full balance": choices(FULL_BALANCE)}  # fmt: skip
+    return {label: MergePlan(sources=sources, base=base, blocks=tuple(blocks), choices=c,
+                             dtype=dtype, seed=settings.seed)
+            for label, c in variants.items()}  # fmt: skip

@@ -97,9 +97,10 @@ class SearchSettings(Frozen):
         False,
         description="Start from what the weights say: per-block similarity features of the "
         "task vectors and a probe of the validation texts (see `automerge-mk suggest`) give a "
-        "predicted merge per block, which the search evaluates with two rescaled variants "
-        "right after the baselines. Needs --base. Off by default until scripts/results/"
-        "prior.md shows it saves trials on the real benchmark.",
+        "predicted merge per block, which the search evaluates with two variants (weights "
+        "x1.25; longer task vectors fully balanced) right after the baselines. Needs --base. "
+        "Off by default until scripts/results/prior.md shows it saves trials on the real "
+        "benchmark.",
     )
     prior_acquisition: bool = Field(
         True,

@@ -5,21 +5,24 @@
     python scripts/bench_prior.py --pairs sentiment-wordnet,langid-digits   # hours per pair
 
 Per pair and seed, the default search (every default: baselines first, racing) at `--trials`
-(50, the issue's) and three searches with a prior: `--prior --no-prior-acquisition` (the
-rule's predicted configuration and two rescaled variants right after the baselines, nothing
-else), `--prior` (the same, and SMAC's acquisition weighted toward the prediction: πBO), and
+(50, the issue's) and four searches with a prior: `--prior --no-prior-acquisition` (the
+rule's predicted configuration and two variants right after the baselines, nothing else),
+`--prior` (the same, and SMAC's acquisition weighted toward the prediction: πBO),
 `--prior-from` the default searches of the pair's other seeds (the rule learned from earlier
 runs: here of the same models, as for a user who merges a pair again, so an upper bound of
-what learning across pairs gives). Measured: the trials and the minutes (merge + scoring +
-optimiser, summed over trials) each search took to reach the default search's final best
-validation H, and each final best. Then `automerge-mk suggest`'s recipe (the prior alone, no
-evaluation) on the disjoint test split next to the five baselines and the default search's
-result.
+what learning across pairs gives), and `--prior-from` the default searches of the other
+pairs (what a user who merged other models first gets). Measured: the trials and the minutes
+(merge + scoring + optimiser, summed over trials) each search took to reach the default
+search's final best validation H, and each final best. Then `automerge-mk suggest`'s recipe
+(the prior alone, no evaluation; and the rule without its balance) on the disjoint test split
+next to the search's baselines and the default search's result.
 
 Pairs: `demo` (the demo's models, built here when missing) and scripts/bench_space.py's two
 SmolLM2-135M pairs. Each finished step is appended to scripts/results/prior-steps.jsonl with
-the models' digest; a rerun skips finished steps and resumes an interrupted search. Writes
-scripts/results/prior.md from whatever is finished.
+the models' digest and the prior's rule (RULE); a rerun skips the steps finished on these
+builds with these settings and this rule, and resumes an interrupted search (its folder is
+under scripts/results/runs/, committed as far as it went). Writes scripts/results/prior.md
+from whatever is finished.
 """
 
 from __future__ import annotations
@@ -32,9 +35,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_space import PAIRS, TestScorer, pair_inputs  # noqa: E402
-from benchmark import append_step, current_steps, models_digest  # noqa: E402
+from benchmark import (  # noqa: E402
+    append_step,
+    current_steps,
+    models_digest,
+    recorded_path,
+    search_folder,
+    stored_path,
+)
 
-from automerge_mk import pipeline, rundir  # noqa: E402
+from automerge_mk import pipeline, prior, rundir, space  # noqa: E402
 from automerge_mk.demo import build_demo_models  # noqa: E402
 from automerge_mk.settings import SearchSettings  # noqa: E402
 
@@ -42,37 +52,66 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "automerge-mk"
 DEMO = CACHE / "demo-models"
 PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchmark's
-# mode -> (its settings, its column); "learned" adds --prior-from (see learned_from)
+# mode -> (its settings, its column); "learned" and "pairs" add --prior-from (learned_from)
 MODES = {
     "default": ({}, "default"),
     "prior": ({"prior": True, "prior_acquisition": False}, "--prior, design only"),
     "pibo": ({"prior": True}, "--prior (πBO)"),
     "learned": ({"prior": True}, "--prior-from other seeds"),
+    "pairs": ({"prior": True}, "--prior-from other pairs"),
 }
-BASELINES = ("linear w=0.5", "task_arithmetic w=0.5", "ties w=0.5 d=0.5",
-             "dare_linear w=0.5 d=0.5", "dare_ties w=0.5 d=0.5")  # fmt: skip
+# The prior's rule the steps of the modes above but "default" (and suggest) were measured
+# with: a step of another rule is run again. "balanced": prior.py's rule with each task
+# vector scaled to the weakest one's norm (before: weights from cosine and relative norm only).
+RULE = "balanced"
+BASELINES = tuple(b.label(2) for b in space.BASELINES)  # the search's first trials
 
 
-def learned_from(pair: str, trials: int, seed: int, work: Path) -> list[str]:
-    """The finished default searches of the pair's other seeds (main runs every default
-    first; with --seeds 0 after a --seeds 0,1 --modes default run, seed 1's)."""
-    runs = sorted(work.glob(f"{pair}-default-{trials}-*"))
-    return [str(r) for r in runs if r.name != f"{pair}-default-{trials}-{seed}"
-            and (r / rundir.BEST).is_file()]  # fmt: skip
+def learned_from(pair: str, mode: str, trials: int, seed: int, done: dict) -> list[str]:
+    """--prior-from for `mode`: the finished default searches of the pair's other seeds
+    ("learned") or of the other pairs, every seed ("pairs")."""
+    found = [r for k, r in done.items() if k.startswith("search:") and ":default:" in k
+             and k.split(":")[3] == str(trials)]  # fmt: skip
+    if mode == "learned":
+        found = [r for r in found if r["step"].split(":")[1] == pair
+                 and r["step"].split(":")[4] != str(seed)]  # fmt: skip
+    else:
+        found = [r for r in found if r["step"].split(":")[1] != pair]
+    return sorted(str(recorded_path(r["run"])) for r in found)
 
 
-def search_step(pair: str, mode: str, trials: int, seed: int, work: Path) -> dict:
-    """One search on the validation split (resumed when interrupted)."""
-    extra = {"prior_from": learned_from(pair, trials, seed, work)} if mode == "learned" else {}
-    settings = SearchSettings(trials=trials, seed=seed, **MODES[mode][0], **extra)
-    out = work / f"{pair}-{mode}-{trials}-{seed}"
-    resume = (out / rundir.SETTINGS).is_file() and not pipeline.finished(out, settings)
-    if not pipeline.finished(out, settings):
+def _settings(mode: str, trials: int, seed: int, prior_from: list[str]) -> SearchSettings:
+    extra = {"prior_from": prior_from} if mode in ("learned", "pairs") else {}
+    return SearchSettings(trials=trials, seed=seed, **MODES[mode][0], **extra)
+
+
+def current(record: dict) -> bool:
+    """Whether a finished step was measured the way this script measures it now: the same
+    settings (but --prior-from's folders) and, where a prior is used, the same rule."""
+    if not record["step"].startswith("search:"):
+        return record.get("rule") == RULE
+    _, _, mode, trials, seed = record["step"].split(":")
+    ours = _settings(mode, int(trials), int(seed), []).model_dump(mode="json")
+    theirs = dict(record.get("settings", {}), prior_from=[])
+    return theirs == ours and (mode == "default" or record.get("rule") == RULE)
+
+
+def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done: dict) -> dict:
+    """One search on the validation split (resumed when interrupted; a folder of another
+    rule or other settings is replaced)."""
+    settings = _settings(mode, trials, seed, learned_from(pair, mode, trials, seed, done))
+    ruled = mode if mode == "default" else f"{mode}-{RULE}"  # another rule: another folder
+    out = search_folder(digest, f"prior:{pair}:{ruled}:{trials}:{seed}")
+    same = (out / rundir.SETTINGS).is_file() and rundir.RunRecord.read(
+        out).settings.model_dump(mode="json") == settings.model_dump(mode="json")  # fmt: skip
+    resume = same and not pipeline.finished(out, settings)
+    if not (same and pipeline.finished(out, settings)):
         pipeline.run_search(pair_inputs(pair, "validation"), settings, out,
                             overwrite=not resume, resume=resume, progress=False)  # fmt: skip
     best = rundir.RunDir(out).read_json(rundir.BEST)
     return {
-        "run": str(out),
+        "rule": RULE,
+        "run": stored_path(out),
         "best_H": best["harmonic_mean"],
         "best_config": best["config"],
         "settings": settings.model_dump(mode="json"),
@@ -101,8 +140,14 @@ def suggest_step(pair: str, work: Path, scorer: TestScorer, learned: list[str]) 
     settings = SearchSettings()
     pipeline.run_suggest(request, settings, out, overwrite=True)
     inputs = scorer.open().inputs
-    _, plans = pipeline.predicted_plans(inputs, settings)  # the rule suggest applied
+    features, plans = pipeline.predicted_plans(inputs, settings)  # the rule suggest applied
     rows = {"suggest": scorer.score_plan(plans["prior"], "suggest")}
+    # the rule before RULE: every task vector at its own length (equal norms: balance 1)
+    level = [b.model_copy(update={"norms": (1.0,) * len(b.norms)}) for b in features.blocks]
+    level = features.model_copy(update={"blocks": tuple(level)})
+    plan = prior.prior_plans(level, inputs.blocks, plans["prior"].sources,
+                             plans["prior"].base, settings, inputs.dtype)["prior"]  # fmt: skip
+    rows["suggest, unbalanced"] = scorer.score_plan(plan, "suggest, unbalanced")
     if learned:
         settings = SearchSettings(prior_from=learned)
         _, plans = pipeline.predicted_plans(inputs, settings)
@@ -171,9 +216,9 @@ def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
         text.append(
             "πBO multiplies the acquisition by the prior, so it is as good as the prediction: "
             "compare the `suggest` rows below with the baselines (the prediction scored "
-            "alone). --prior-from learns from runs of the same models here, the most a user "
-            "who merges again can expect; from other pairs it can only be as good as their "
-            "blocks are alike."
+            "alone). --prior-from other seeds learns from runs of the same models, the most a "
+            "user who merges again can expect; from other pairs it can only be as good as "
+            "their blocks are alike."
         )
         suggested = done.get(f"suggest:{pair}")
         if suggested:
@@ -201,7 +246,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--modes", default=",".join(MODES), help="which searches to run")
-    parser.add_argument("--work", type=Path, default=CACHE / "prior-runs")
+    parser.add_argument("--work", type=Path, default=CACHE / "prior-runs",
+                        help="the test split's session and suggest's recipes")  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only write prior.md")
     args = parser.parse_args()
@@ -212,6 +258,7 @@ def main() -> None:
     steps_file = args.results / "prior-steps.jsonl"
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
     done, _ = current_steps(steps_file, digests, lambda s: s.split(":")[1])
+    done = {k: r for k, r in done.items() if current(r)}
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
 
     def record(step: str, pair: str, fields: dict) -> None:
@@ -219,22 +266,29 @@ def main() -> None:
         append_step(steps_file, done[step])
         (args.results / "prior.md").write_text(render(done, pairs, seeds, args.trials, digests))
 
+    # every pair's defaults first: --prior-from learns from them ("learned", "pairs")
+    for mode, pair, seed in (
+        [] if args.render else [(m, p, s) for m in MODES for p in pairs for s in seeds]
+    ):
+        step = f"search:{pair}:{mode}:{args.trials}:{seed}"
+        if step in done or mode not in args.modes.split(","):
+            continue
+        if mode in ("learned", "pairs") and not learned_from(pair, mode, args.trials, seed, done):
+            print(f"{step}: no earlier default search to learn from yet", flush=True)
+            continue
+        print(f"{step}: running", flush=True)
+        record(step, pair, search_step(pair, mode, args.trials, seed, digests[pair], done))
     for pair in [] if args.render else pairs:
-        # every seed's default first: the learned mode learns from the other seeds' defaults
-        for mode, seed in [(m, s) for m in MODES for s in seeds]:
-            step = f"search:{pair}:{mode}:{args.trials}:{seed}"
-            if step not in done and mode in args.modes.split(","):
-                print(f"{step}: running", flush=True)
-                record(step, pair, search_step(pair, mode, args.trials, seed, args.work))
-        if f"test:{pair}:default:{args.trials}:0" not in done:
-            searched = done[f"search:{pair}:default:{args.trials}:{seeds[0]}"]
-            record(f"test:{pair}:default:{args.trials}:0", pair,
-                   {"row": scorers[pair].score_search(searched)})  # fmt: skip
-        learned = learned_from(pair, args.trials, seeds[0], args.work)
+        searched = done.get(f"search:{pair}:default:{args.trials}:{seeds[0]}")
+        test_step = f"test:{pair}:default:{args.trials}:{seeds[0]}"
+        if searched and test_step not in done:
+            record(test_step, pair, {"row": scorers[pair].score_search(searched), "rule": RULE})
+        learned = learned_from(pair, "learned", args.trials, seeds[0], done)
         rows = len(done.get(f"suggest:{pair}", {}).get("rows", ()))
-        if rows < 6 + bool(learned):  # suggest and the five baselines, and the learned one
+        if rows < 2 + len(BASELINES) + bool(learned):  # suggest, unbalanced, the baselines, learned
             print(f"suggest:{pair}: running", flush=True)
-            record(f"suggest:{pair}", pair, suggest_step(pair, args.work, scorers[pair], learned))
+            row = suggest_step(pair, args.work, scorers[pair], learned)
+            record(f"suggest:{pair}", pair, row | {"rule": RULE})
     (args.results / "prior.md").write_text(render(done, pairs, seeds, args.trials, digests))
     print((args.results / "prior.md").read_text())
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.features import BlockFeatures, ModelFeatures, model_features
-from automerge_mk.prior import block_choice, learned_choice, prior_plans
+from automerge_mk.prior import balance, block_choice, learned_choice, prior_plans
 from automerge_mk.rundir import RunDir, RunRecord
 from automerge_mk.segment import segment_model
 from automerge_mk.settings import SearchSettings
@@ -98,6 +98,19 @@ def test_the_rule_adds_orthogonal_vectors_whole_averages_far_ones_and_ties_confl
     assert conflict.method == "ties" and conflict.densities == (0.7, 0.7)
     no_ties = SearchSettings(methods=("linear", "task_arithmetic"))
     assert block_choice(_features(sign_conflict=0.9), 2, no_ties).method == "task_arithmetic"
+
+
+def test_the_rule_shortens_a_longer_task_vector_toward_the_weakest_ones_length():
+    settings = SearchSettings()
+    longer = _features(norms=(4.0, 1.0), norm_ratio=4.0)
+    assert block_choice(longer, 2, settings).method == "task_arithmetic"
+    assert block_choice(longer, 2, settings).weights == (0.5, 1.0)  # (1/4) ** 0.5
+    assert block_choice(longer, 2, settings, power=1.0).weights == (0.25, 1.0)  # its length
+    far = block_choice(_features(norms=(1.0, 4.0), norm_ratio=4.0, relative_norm=0.3), 2, settings)
+    assert far.weights == (0.5, 0.25)  # the average (0.5 each), the longer one halved
+    conflict = _features(norms=(1.0, 4.0), norm_ratio=4.0, sign_conflict=0.9)
+    assert block_choice(conflict, 2, settings).weights == (1.0, 0.5)  # TIES balanced too
+    assert balance((4.0, 0.0, 1.0), 1.0) == (0.25, 1.0, 1.0)  # one that did not move: any weight
 
 
 def test_suggest_writes_the_prior_as_a_recipe_stock_mergekit_builds_bit_for_bit(
