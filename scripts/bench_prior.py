@@ -14,8 +14,8 @@ what learning across pairs gives), and `--prior-from` the default searches of th
 pairs (what a user who merged other models first gets). Measured: the trials and the minutes
 (merge + scoring + optimiser, summed over trials) each search took to reach the default
 search's final best validation H, and each final best. Then `automerge-mk suggest`'s recipe
-(the prior alone, no evaluation; and the rule without its balance) on the disjoint test split
-next to the search's baselines and the default search's result.
+(the prior alone, no evaluation; and the rule at full balance and without balance) on the
+disjoint test split next to the search's baselines and the default search's result.
 
 Pairs: `demo` (the demo's models, built here when missing) and scripts/bench_space.py's two
 SmolLM2-135M pairs. Each finished step is appended to scripts/results/prior-steps.jsonl with
@@ -65,6 +65,7 @@ MODES = {
 # vector scaled to the weakest one's norm (before: weights from cosine and relative norm only).
 RULE = "balanced"
 BASELINES = tuple(b.label(2) for b in space.BASELINES)  # the search's first trials
+SPLITS = ("test", "validation")  # suggest's rows are scored on both
 
 
 def learned_from(pair: str, mode: str, trials: int, seed: int, done: dict) -> list[str]:
@@ -132,31 +133,39 @@ def reach(record: dict, target: float) -> tuple[int | None, float]:
     return None, seconds
 
 
-def suggest_step(pair: str, work: Path, scorer: TestScorer, learned: list[str]) -> dict:
+def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str]) -> dict:
     """suggest's recipe (validation probe, no evaluation) scored on the test split, with the
-    baselines beside it; with `learned` runs, also `suggest --prior-from` them."""
+    baselines beside it; with `learned` runs, also `suggest --prior-from` them. The rule's
+    plans (the prediction, full balance, no balance) are scored on the validation split too:
+    what the balance's exponent was chosen on."""
     request = pair_inputs(pair, "validation")
     out = work / f"{pair}-suggested.yaml"
     settings = SearchSettings()
     pipeline.run_suggest(request, settings, out, overwrite=True)
-    inputs = scorer.open().inputs
+    inputs = scorers["test"].open().inputs
     features, plans = pipeline.predicted_plans(inputs, settings)  # the rule suggest applied
-    rows = {"suggest": scorer.score_plan(plans["prior"], "suggest")}
     # the rule before RULE: every task vector at its own length (equal norms: balance 1)
     level = [b.model_copy(update={"norms": (1.0,) * len(b.norms)}) for b in features.blocks]
     level = features.model_copy(update={"blocks": tuple(level)})
-    plan = prior.prior_plans(level, inputs.blocks, plans["prior"].sources,
-                             plans["prior"].base, settings, inputs.dtype)["prior"]  # fmt: skip
-    rows["suggest, unbalanced"] = scorer.score_plan(plan, "suggest, unbalanced")
+    ruled = {
+        f"suggest (balance ^{prior.BALANCE:g})": plans["prior"],
+        f"suggest, full balance (^{prior.FULL_BALANCE:g})": plans["prior, full balance"],
+        "suggest, unbalanced (^0)": prior.prior_plans(
+            level, inputs.blocks, plans["prior"].sources, plans["prior"].base, settings,
+            inputs.dtype)["prior"],
+    }  # fmt: skip
+    rows = {label: scorers["test"].score_plan(plan, label) for label, plan in ruled.items()}
+    validation = {label: scorers["validation"].score_plan(plan, label)["harmonic_mean"]
+                  for label, plan in ruled.items()}  # fmt: skip
     if learned:
         settings = SearchSettings(prior_from=learned)
         _, plans = pipeline.predicted_plans(inputs, settings)
         label = f"suggest --prior-from (seeds {', '.join(r.rsplit('-', 1)[1] for r in learned)})"
-        rows[label] = scorer.score_plan(plans["prior"], label)
-    for label, plan in scorer.fixed_rows().items():
+        rows[label] = scorers["test"].score_plan(plans["prior"], label)
+    for label, plan in scorers["test"].fixed_rows().items():
         if label in BASELINES:
-            rows[label] = scorer.score_plan(plan, label)
-    return {"rows": rows, "recipe": str(out)}
+            rows[label] = scorers["test"].score_plan(plan, label)
+    return {"rows": rows, "validation": validation, "recipe": str(out)}
 
 
 def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
@@ -225,7 +234,7 @@ def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
             table = [
                 "| test split | H (AP) | "
                 + " | ".join(f"{t} AP" for t in next(iter(suggested["rows"].values()))["tasks"])
-                + " |"
+                + " | validation H |"
             ]
             table.append("|---" * (len(table[0].split("|")) - 2) + "|")
             searched = done.get(f"test:{pair}:default:{trials}:0")
@@ -234,7 +243,9 @@ def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
                 shown[f"default search (seed 0, {trials} trials)"] = searched["row"]
             for label, row in shown.items():
                 aps = " | ".join(f"{s['preservation']:.4f}" for s in row["tasks"].values())
-                table.append(f"| {label} | {row['harmonic_mean']:.4f} | {aps} |")
+                valid = suggested.get("validation", {}).get(label)
+                valid = "" if valid is None else f"{valid:.4f}"
+                table.append(f"| {label} | {row['harmonic_mean']:.4f} | {aps} | {valid} |")
             text.append("`suggest` (no evaluation) on the test split:\n\n" + "\n".join(table))
         lines.append("\n\n".join(text))
     return "\n\n".join(lines) + "\n"
@@ -259,7 +270,8 @@ def main() -> None:
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
     done, _ = current_steps(steps_file, digests, lambda s: s.split(":")[1])
     done = {k: r for k, r in done.items() if current(r)}
-    scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
+    scorers = {pair: {split: TestScorer(pair, args.work, split) for split in SPLITS}
+               for pair in pairs}  # fmt: skip
 
     def record(step: str, pair: str, fields: dict) -> None:
         done[step] = {"step": step, **fields, "models": digests[pair]}
@@ -282,10 +294,11 @@ def main() -> None:
         searched = done.get(f"search:{pair}:default:{args.trials}:{seeds[0]}")
         test_step = f"test:{pair}:default:{args.trials}:{seeds[0]}"
         if searched and test_step not in done:
-            record(test_step, pair, {"row": scorers[pair].score_search(searched), "rule": RULE})
+            row = scorers[pair]["test"].score_search(searched)
+            record(test_step, pair, {"row": row, "rule": RULE})
         learned = learned_from(pair, "learned", args.trials, seeds[0], done)
         rows = len(done.get(f"suggest:{pair}", {}).get("rows", ()))
-        if rows < 2 + len(BASELINES) + bool(learned):  # suggest, unbalanced, the baselines, learned
+        if rows < 3 + len(BASELINES) + bool(learned):  # the rule's 3, baselines, learned
             print(f"suggest:{pair}: running", flush=True)
             row = suggest_step(pair, args.work, scorers[pair], learned)
             record(f"suggest:{pair}", pair, row | {"rule": RULE})
