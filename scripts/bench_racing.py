@@ -62,7 +62,7 @@ from benchmark import (  # noqa: E402
 )
 
 from automerge_mk import pipeline, rundir, space  # noqa: E402
-from automerge_mk.search.racing import Incumbent, Race, run_race  # noqa: E402
+from automerge_mk.search.racing import MIN_LOOKS, Incumbent, Race, run_race  # noqa: E402
 from automerge_mk.settings import SearchSettings  # noqa: E402
 from automerge_mk.types import TaskScore  # noqa: E402
 
@@ -136,6 +136,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
         "best_trial": best["trial"],
         "best_H": best["harmonic_mean"],
         "baselines_raced": True,  # what every racing search does now (pipeline._search)
+        "min_looks": MIN_LOOKS,  # no trial stopped before this many chunks (the rule since)
         # Per trial: H (an estimate when partial), partial, tokens, seconds of merge + scoring.
         "trials": [
             [t.harmonic_mean, t.partial, t.computed_tokens, sum(t.seconds.values())] for t in trials
@@ -144,10 +145,12 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
 
 
 def _other(settings: SearchSettings) -> str:
-    """A racing search at another --race-confidence than the product's runs in a folder of
-    its own, so that measuring another value never overwrites the default's runs."""
+    """A racing search at another --race-confidence than the product's, or under the rule
+    since MIN_LOOKS, runs in a folder of its own, so that measuring another value or rule
+    never overwrites the earlier runs."""
     default = SearchSettings.model_fields["race_confidence"].default
-    return "" if settings.race_confidence == default else f":at-{settings.race_confidence}"
+    at = "" if settings.race_confidence == default else f":at-{settings.race_confidence}"
+    return at + (f":looks-{MIN_LOOKS}" if MIN_LOOKS != 1 else "")
 
 
 def _space_wall(step: str, pair: str, settings: SearchSettings, results: Path) -> float:
@@ -171,15 +174,17 @@ def reach(record: dict, target: float) -> tuple[int | None, int, float]:
 # --- the racing rule replayed on recorded per-example losses ---------------------------------
 
 
-def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = True) -> dict:
+def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = True,
+           min_looks: int = 1) -> dict:  # fmt: skip
     """Racing's decisions on a full-fidelity run's recorded trials, in their order: tokens it
     would have spent, trials it would have stopped, and wrong stops (a stopped trial whose full
     H beat the incumbent of its time) with the most H one of them lost. The proposals stay the
-    full search's own. `baselines_raced` False: the rule before, which scored them whole."""
+    full search's own. `baselines_raced` False: the rule before, which scored them whole;
+    `min_looks`: the first chunk that may stop a trial (1: any, the rule before MIN_LOOKS)."""
     record = rundir.RunRecord.read(run)
     tasks, references = pipeline.run_tasks(run)
     trials = rundir.RunDir(run).trials()
-    race = Race(chunk, confidence, record.settings.seed)
+    race = Race(chunk, confidence, record.settings.seed, min_looks)
     unraced = set() if baselines_raced else _baseline_trials(run)
     seen, spent, stopped, wrong, worst, wrong_at = [], 0, 0, 0, 0.0, []
     for trial in trials:
@@ -208,6 +213,12 @@ def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = Tru
     full = sum(t.computed_tokens for t in trials if t.status == "ok")
     return {"share": spent / full, "stopped": stopped, "wrong": wrong, "worst": worst,
             "trials": len(seen), "wrong_at": wrong_at}  # fmt: skip
+
+
+def _looks(run: Path) -> dict:
+    """The rule now (no stop before MIN_LOOKS chunks) replayed at the default chunk."""
+    return {f"{DEFAULT_CHUNK}:{q}": replay(run, DEFAULT_CHUNK, q, min_looks=MIN_LOOKS)
+            for q in CONFIDENCES}  # fmt: skip
 
 
 def _baseline_trials(run: Path) -> set[int]:
@@ -389,11 +400,16 @@ def _replays(done: dict[str, dict], pair: str) -> str:
     lines = ["| baselines | --race-chunk | --race-confidence | tokens (share of full) "
              "| stopped | wrong stops | most H a wrong stop lost |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    rules = {"cells_raced": "raced (now)", "cells": "scored whole (before)"}
+    rules = {
+        "cells_looks": f"raced, none stopped before chunk {MIN_LOOKS} (now)",
+        "cells_raced": "raced, stopped from chunk 1",
+        "cells": "scored whole (before)",
+    }
     for key, rule in rules.items():
         for chunk in CHUNKS:
             for confidence in CONFIDENCES:
-                cells = [r[key][f"{chunk}:{confidence}"] for r in found if key in r]
+                cells = [r[key][f"{chunk}:{confidence}"] for r in found
+                         if f"{chunk}:{confidence}" in r.get(key, {})]  # fmt: skip
                 if cells:
                     lines.append(f"| {rule} | {chunk} | {confidence} | {_summed(cells)} |")
     runs = ", ".join(r["step"].split(":", 2)[2] for r in found)
@@ -416,13 +432,16 @@ def _default_budget_replays(done: dict[str, dict], pair: str) -> str:
     found = [r for k, r in done.items() if k.startswith(f"replay-default:{pair}:")]
     if not found:
         return ""
-    lines = ["| --race-confidence | tokens (share of full) | stopped | wrong stops | most H a "
-             "wrong stop lost | examples per task seen at the wrong stops |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for confidence in CONFIDENCES:
-        cells = [r["cells_raced"][f"{DEFAULT_CHUNK}:{confidence}"] for r in found]
-        seen = sorted(n for c in cells for _, n in c["wrong_at"])
-        lines.append(f"| {confidence} | {_summed(cells)} | {', '.join(map(str, seen)) or '-'} |")
+    lines = ["| first chunk that may stop | --race-confidence | tokens (share of full) | stopped "
+             "| wrong stops | most H a wrong stop lost | examples per task seen at the wrong "
+             "stops |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, first in (("cells_looks", f"{MIN_LOOKS} (now)"), ("cells_raced", "1 (before)")):
+        for confidence in CONFIDENCES:
+            cells = [r[key][f"{DEFAULT_CHUNK}:{confidence}"] for r in found if key in r]
+            if cells:
+                seen = sorted(n for c in cells for _, n in c["wrong_at"])
+                lines.append(f"| {first} | {confidence} | {_summed(cells)} | "
+                             f"{', '.join(map(str, seen)) or '-'} |")  # fmt: skip
     seeds = ", ".join(r["step"].rsplit(":", 1)[1] for r in found)
     return (
         f"### At the default budget: the rule replayed on {DEFAULT_BUDGET}-trial full searches "
@@ -541,6 +560,8 @@ def _comparable_record(record: dict) -> bool:
     theirs = {k: v for k, v in record["settings"].items() if k in wanted}
     if mode == "racing" and not _baselines_raced(record):
         return False  # the rule before: the baselines scored on every example
+    if mode == "racing" and record.get("min_looks", 1) != MIN_LOOKS:
+        return False  # the rule before: a trial could stop after its first chunk
     return _comparable(theirs) == _comparable({k: wanted[k] for k in theirs})
 
 
@@ -591,7 +612,10 @@ def main() -> None:
         (args.results / "racing.md").write_text(text)
 
     for step in [] if args.render else _plan(pairs, seeds, args.trials):
-        if step in done or step.split(":")[0] in skipped:
+        earlier = done.get(step)  # a replay from before MIN_LOOKS gets that rule's cells added
+        if (earlier and "cells_looks" in earlier) or (earlier and not step.startswith("replay")):
+            continue
+        if step.split(":")[0] in skipped:
             continue
         print(f"{step}: running", flush=True)
         kind, pair = step.split(":")[0], _pair(step)
@@ -606,9 +630,13 @@ def main() -> None:
             run = recorded_path(
                 done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"]
             )
-            cells = {f"{c}:{q}": replay(run, c, q, False) for c in CHUNKS for q in CONFIDENCES}
-            raced = {f"{c}:{q}": replay(run, c, q) for c in CHUNKS for q in CONFIDENCES}
-            record = {"step": step, "cells": cells, "cells_raced": raced}
+            cells = [(c, q) for c in CHUNKS for q in CONFIDENCES]
+            record = earlier or {
+                "step": step,
+                "cells": {f"{c}:{q}": replay(run, c, q, False) for c, q in cells},
+                "cells_raced": {f"{c}:{q}": replay(run, c, q) for c, q in cells},
+            }
+            record = dict(record, cells_looks=_looks(run))
         elif kind == "replay-default":
             seed = step.split(":")[2]
             full = space_done.get(f"search:{pair}:new:{DEFAULT_BUDGET}:{seed}")
@@ -616,9 +644,10 @@ def main() -> None:
                 print(f"{step}: waits for scripts/bench_space.py's search", flush=True)
                 continue
             run = recorded_path(full["run_dir"])
-            record = {"step": step, "run": full["run_dir"],
-                      "cells_raced": {f"{DEFAULT_CHUNK}:{q}": replay(run, DEFAULT_CHUNK, q)
-                                      for q in CONFIDENCES}}  # fmt: skip
+            record = earlier or {"step": step, "run": full["run_dir"],
+                                 "cells_raced": {f"{DEFAULT_CHUNK}:{q}": replay(
+                                     run, DEFAULT_CHUNK, q) for q in CONFIDENCES}}  # fmt: skip
+            record = dict(record, cells_looks=_looks(run))
         elif kind == "dtype":  # every search of the pair whose run folder is still here
             found = [
                 recorded_path(r["run"]) for k, r in done.items() if k.startswith(f"search:{pair}:")
