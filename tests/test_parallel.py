@@ -73,7 +73,7 @@ def test_a_worker_killed_mid_search_loses_no_trial(demo_models, tmp_path):
             if len(trials) >= 2:  # both workers are busy with their next trials by now
                 killed.append(trials[-1]["worker"]["pid"])
                 os.kill(killed[0], signal.SIGKILL)
-                killed.append(time.time())
+                killed.extend([time.time(), len(trials)])
                 return
             time.sleep(0.05)
 
@@ -87,10 +87,12 @@ def test_a_worker_killed_mid_search_loses_no_trial(demo_models, tmp_path):
     assert sorted(t["trial"] for t in trials) == list(range(TRIALS))
     # The killed worker's trial was run again elsewhere; the nanny restarted the worker, whose
     # new process loaded the sources once for itself.
-    pid, when = killed
+    pid, when, done_then = killed
+    assert done_then < TRIALS, "the search had finished before the kill"
     # A result already on its way when the kill came may arrive a moment later; none after.
     assert all(t["worker"]["pid"] != pid for t in trials if t["finished_at"] > when + 2.0)
-    assert any(t["finished_at"] > when + 2.0 for t in trials)  # the search went on
+    if done_then <= TRIALS - 4:  # (on loaded cores the killer may see the trials late)
+        assert any(t["finished_at"] > when + 2.0 for t in trials)  # the search went on
     assert all(t["worker"]["loads"] == 1 for t in trials if t["worker"])
     assert (out / "best.json").exists() and (out / "model" / "config.json").exists()
 
