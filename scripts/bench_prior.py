@@ -268,7 +268,11 @@ def main() -> None:
         build_demo_models(DEMO, seed=0, progress=False)
     steps_file = args.results / "prior-steps.jsonl"
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
-    done, _ = current_steps(steps_file, digests, lambda s: s.split(":")[1])
+    # every built pair's finished steps: "pairs" learns from the other pairs' default searches
+    # even when another process runs them
+    built = {p: models_digest(*PAIRS[p]) for p in PAIRS if p not in digests
+             and (PAIRS[p][0] / "base" / "model.safetensors").is_file()}  # fmt: skip
+    done, _ = current_steps(steps_file, digests | built, lambda s: s.split(":")[1])
     done = {k: r for k, r in done.items() if current(r)}
     scorers = {pair: {split: TestScorer(pair, args.work, split) for split in SPLITS}
                for pair in pairs}  # fmt: skip
