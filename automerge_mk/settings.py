@@ -164,16 +164,17 @@ class SearchSettings(Frozen):
         True,
         description="Score each trial chunk by chunk (--race-chunk examples per task, in one "
         "seeded order) and stop it once a confidence bound on its loss, paired per example "
-        "with the best trial so far, says it cannot beat it; a stopped trial is recorded as "
+        "with the best trial so far, says it cannot beat it (never before its second chunk); "
+        "a stopped trial is recorded as "
         "partial with its estimate, and the result is always a trial scored on every example. "
         "The baselines race too (the first trial has nothing to race against). Off: every "
         "trial sees every example. Not used with --fidelity.",
     )
-    # Defaults from scripts/results/racing.md: live, on two real pairs, three seeds, 40 trials,
-    # the baselines raced, 8 / 0.95 spent 34 % and 29 % of the full searches' tokens with a
-    # mean best validation H at least theirs; 8 / 0.9 spent 28 % and 20 % but its test H was
-    # lower than 0.95's on both pairs. Replayed on the full searches' losses,
-    # neither stopped a trial that was more than 0.001 H better than its incumbent.
+    # Defaults from scripts/results/racing.md: live, on two real pairs, six seeds, 40 trials,
+    # the baselines raced, no stop before the second chunk (racing.MIN_LOOKS), 8 / 0.95 spent
+    # 41 % and 31 % of the full searches' tokens with mean best validation and test H at least
+    # theirs. Replayed on the full searches' losses, 0.9 stopped a trial 0.197 H better than
+    # its incumbent; 0.95 none.
     race_chunk: int = Field(
         8, description="Racing: validation examples per task between two comparisons."
     )

@@ -320,9 +320,12 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
                       for k, r in done.items() if k.startswith("search:"))  # fmt: skip
     parts.append(
         f"Reproduce: `python scripts/bench_racing.py --trials {trials}"
-        f"{confidence}`. Racing searches at --race-confidence "
-        f"{MODES['racing'].get('race_confidence', SearchSettings().race_confidence)}, every "
-        "other setting the default, the baselines raced too. Models (sha256 of "
+        f"{confidence}{'' if list(seeds) == list(ISSUE_SEEDS) else ' --seeds '}"
+        f"{'' if list(seeds) == list(ISSUE_SEEDS) else ','.join(map(str, seeds))}`. Racing "
+        "searches at --race-confidence "
+        f"{MODES['racing'].get('race_confidence', SearchSettings().race_confidence)}, no "
+        f"trial stopped before chunk {MIN_LOOKS}, every other setting the default, the "
+        "baselines raced too. Models (sha256 of "
         f"weights and data): {builds}; {stale} steps of other builds or other racing "
         "defaults are kept in racing-steps.jsonl, not shown. 2 CPU cores, torch threads "
         f"{os.environ.get('OMP_NUM_THREADS', 'default')}; other work may have shared the "
@@ -410,8 +413,9 @@ def _replays(done: dict[str, dict], pair: str) -> str:
             for confidence in CONFIDENCES:
                 cells = [r[key][f"{chunk}:{confidence}"] for r in found
                          if f"{chunk}:{confidence}" in r.get(key, {})]  # fmt: skip
-                if cells:
-                    lines.append(f"| {rule} | {chunk} | {confidence} | {_summed(cells)} |")
+                if cells:  # a rule replayed on fewer runs than the table's says on how many
+                    some = f" ({len(cells)} runs)" if len(cells) < len(found) else ""
+                    lines.append(f"| {rule}{some} | {chunk} | {confidence} | {_summed(cells)} |")
     runs = ", ".join(r["step"].split(":", 2)[2] for r in found)
     return f"### The racing rule replayed on the full searches' trials ({runs})\n\n" + "\n".join(
         lines

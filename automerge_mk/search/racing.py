@@ -16,8 +16,9 @@ z for the one-sided `confidence`) is still below the incumbent's cannot win: it 
 reports its estimate (the incumbent's loss times r, per task) as a partial trial. No trial is
 stopped before `min_looks` chunks (MIN_LOOKS: 16 examples a task at chunks of 8): on the real
 benchmark, most trials stopped wrongly (better than their incumbent) were stopped after their
-first 8 examples, where a variance from 8 heavy-tailed losses is itself a guess, and a
-Student t quantile in place of z did not keep them (scripts/results/racing.md).
+first 8 examples, where a variance from 8 heavy-tailed losses is itself a guess
+(scripts/results/racing.md; a Student t quantile in place of z, replayed, stopped the same
+trials).
 
 Checked first: SMAC's intensifier and irace race whole trials over instances and seeds, and
 neither stops one trial midway; mergenetic's IRT estimates need anchor items fitted on other
