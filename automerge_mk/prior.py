@@ -69,9 +69,9 @@ def _clip(value: float, bounds: tuple[float, float]) -> float:
 def balance(norms: Sequence[float], power: float = BALANCE) -> tuple[float, ...]:
     """Per source, (the smallest task vector's norm / its own) ** power: at power 1 the factors
     that give every task vector the weakest one's length (1 for a source whose task vector is
-    zero: it adds nothing at any weight)."""
-    moved = [n for n in norms if n > 0]
-    return tuple((min(moved) / n) ** power if n > 0 else 1.0 for n in norms)
+    zero, e.g. a block fine-tuning froze: it adds nothing at any weight)."""
+    weakest = min((n for n in norms if n > 0), default=0.0)
+    return tuple((weakest / n) ** power if n > 0 else 1.0 for n in norms)
 
 
 def block_choice(
@@ -175,10 +175,11 @@ def prior_plans(
     `examples` (--prior-from), learned where they say something, the rule elsewhere."""
     by_name = {f.block: f for f in features.blocks}
 
+    learned = [learned_choice(by_name[b.name], examples, settings) for b in blocks]
+
     def choices(power: float, scale: float = 1.0) -> tuple[BlockChoice, ...]:
-        found = [learned_choice(by_name[b.name], examples, settings)
-                 or block_choice(by_name[b.name], len(sources), settings, power)
-                 for b in blocks]  # fmt: skip
+        found = [known or block_choice(by_name[b.name], len(sources), settings, power)
+                 for known, b in zip(learned, blocks)]  # fmt: skip
         weights = [tuple(_clip(w * scale, settings.weight_range) for w in c.weights) for c in found]
         return tuple(c.model_copy(update={"weights": w}) for c, w in zip(found, weights))
 

@@ -111,6 +111,7 @@ def test_the_rule_shortens_a_longer_task_vector_toward_the_weakest_ones_length()
     conflict = _features(norms=(1.0, 4.0), norm_ratio=4.0, sign_conflict=0.9)
     assert block_choice(conflict, 2, settings).weights == (1.0, 0.5)  # TIES balanced too
     assert balance((4.0, 0.0, 1.0), 1.0) == (0.25, 1.0, 1.0)  # one that did not move: any weight
+    assert balance((0.0, 0.0)) == (1.0, 1.0)  # a block no source moved
 
 
 def test_suggest_writes_the_prior_as_a_recipe_stock_mergekit_builds_bit_for_bit(
