@@ -237,10 +237,10 @@ def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
                 + " | validation H |"
             ]
             table.append("|---" * (len(table[0].split("|")) - 2) + "|")
-            searched = done.get(f"test:{pair}:default:{trials}:0")
+            searched = done.get(f"test:{pair}:default:{trials}:{seeds[0]}")
             shown = dict(suggested["rows"])
             if searched:
-                shown[f"default search (seed 0, {trials} trials)"] = searched["row"]
+                shown[f"default search (seed {seeds[0]}, {trials} trials)"] = searched["row"]
             for label, row in shown.items():
                 aps = " | ".join(f"{s['preservation']:.4f}" for s in row["tasks"].values())
                 valid = suggested.get("validation", {}).get(label)

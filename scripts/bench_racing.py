@@ -320,8 +320,7 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
                       for k, r in done.items() if k.startswith("search:"))  # fmt: skip
     parts.append(
         f"Reproduce: `python scripts/bench_racing.py --trials {trials}"
-        f"{confidence}{'' if list(seeds) == list(ISSUE_SEEDS) else ' --seeds '}"
-        f"{'' if list(seeds) == list(ISSUE_SEEDS) else ','.join(map(str, seeds))}`. Racing "
+        f"{confidence}{_seeds_flag(seeds)}`. Racing "
         "searches at --race-confidence "
         f"{MODES['racing'].get('race_confidence', SearchSettings().race_confidence)}, no "
         f"trial stopped before chunk {MIN_LOOKS}, every other setting the default, the "
@@ -394,6 +393,11 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
     parts.insert(4, f"Not finished yet (a rerun goes on from here): {', '.join(pending)}."
                  if pending else "All steps finished.")  # fmt: skip
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _seeds_flag(seeds) -> str:
+    """The --seeds a rerun needs ("" for the issue's seeds, the script's default)."""
+    return "" if list(seeds) == list(ISSUE_SEEDS) else f" --seeds {','.join(map(str, seeds))}"
 
 
 def _replays(done: dict[str, dict], pair: str) -> str:
@@ -617,7 +621,7 @@ def main() -> None:
 
     for step in [] if args.render else _plan(pairs, seeds, args.trials):
         earlier = done.get(step)  # a replay from before MIN_LOOKS gets that rule's cells added
-        if (earlier and "cells_looks" in earlier) or (earlier and not step.startswith("replay")):
+        if earlier and ("cells_looks" in earlier or not step.startswith("replay")):
             continue
         if step.split(":")[0] in skipped:
             continue
