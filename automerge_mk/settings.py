@@ -162,26 +162,23 @@ class SearchSettings(Frozen):
     )
     racing: bool = Field(
         True,
-        description="Score each trial chunk by chunk (--race-chunk examples per task, in one "
-        "seeded order) and stop it once a confidence bound on its loss, paired per example "
-        "with the best trial so far, says it cannot beat it (never before its second chunk); "
-        "a stopped trial is recorded as "
-        "partial with its estimate, and the result is always a trial scored on every example. "
+        description="Score each trial in parts (16 examples per task first, then --race-chunk "
+        "at a time, in one seeded order) and stop it once a confidence bound on its harmonic "
+        "mean, its losses paired per example with the best trial's so far, says it cannot "
+        "beat it; a stopped trial is recorded as partial with its estimate, and the result "
+        "is always a trial scored on every example. "
         "The baselines race too (the first trial has nothing to race against). Off: every "
         "trial sees every example. Not used with --fidelity.",
     )
-    # Defaults from scripts/results/racing.md: live, on two real pairs, six seeds, 40 trials,
-    # the baselines raced, no stop before the second chunk (racing.MIN_LOOKS), 8 / 0.95 spent
-    # 41 % and 31 % of the full searches' tokens with mean best validation and test H at least
-    # theirs. Replayed on the full searches' losses, 0.9 stopped a trial 0.197 H better than
-    # its incumbent; 0.95 none.
+    # Defaults from scripts/results/racing.md: the baselines raced, no stop before 16 examples
+    # a task (racing.FIRST_LOOK), one bound on the harmonic mean; MEASURED-HERE.
     race_chunk: int = Field(
         8, description="Racing: validation examples per task between two comparisons."
     )
     race_confidence: float = Field(
-        0.95,
-        description="Racing: one-sided confidence, per task and comparison, that a stopped "
-        "trial would not have beaten the best one.",
+        0.975,
+        description="Racing: one-sided confidence, per comparison (all tasks at once), that a "
+        "stopped trial would not have beaten the best one.",
         json_schema_extra=_cli(metavar="P"),
     )
     max_length: int = Field(512, description="Truncate validation texts to this many tokens.")

@@ -62,7 +62,7 @@ from benchmark import (  # noqa: E402
 )
 
 from automerge_mk import pipeline, rundir, space  # noqa: E402
-from automerge_mk.search.racing import MIN_LOOKS, Incumbent, Race, run_race  # noqa: E402
+from automerge_mk.search.racing import FIRST_LOOK, Incumbent, Race, run_race  # noqa: E402
 from automerge_mk.settings import SearchSettings  # noqa: E402
 from automerge_mk.types import TaskScore  # noqa: E402
 
@@ -70,7 +70,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "automerge-mk"
 MODES = {"full": {"racing": False}, "racing": {}}
 CHUNKS = (8, 16, 32)
-CONFIDENCES = (0.9, 0.95, 0.99, 0.999)
+CONFIDENCES = (0.9, 0.95, 0.975, 0.99, 0.999)
 DTYPE_TRIALS = 50
 DTYPE_PAIR = "sentiment-wordnet"  # the benchmark (scripts/benchmark.py's models): 50 configs
 # merged and scored twice cost about an hour at one thread, so the dtype is measured there only
@@ -80,6 +80,16 @@ ISSUE_SEEDS = (0, 1, 2)  # the targets are the issue's on these; more seeds add 
 # of that many trials (its seeds): a 200-trial search per mode and seed here would double them.
 DEFAULT_BUDGET, SPACE_SEEDS = SearchSettings().trials, (0, 1)
 DEFAULT_CHUNK = SearchSettings().race_chunk
+# The racing rule a search or replay ran under, as recorded: the rule now bounds the harmonic
+# mean once (racing.py) after FIRST_LOOK examples; the rules before bounded each task, from the
+# first chunk ("min_looks" 1, or no field) or from the second ("min_looks" 2).
+RULE = f"harmonic-mean bound, first look {FIRST_LOOK}"
+RULES = {  # replay record key -> the rule's row label in racing.md
+    "cells_now": f"raced, one bound on H, first look after {FIRST_LOOK} examples (now)",
+    "cells_looks": "raced, a bound per task, none stopped before chunk 2",
+    "cells_raced": "raced, a bound per task, stopped from chunk 1",
+    "cells": "scored whole, a bound per task (the first rule)",
+}
 
 
 def settings_for(mode: str, trials: int, seed: int) -> SearchSettings:
@@ -136,7 +146,7 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
         "best_trial": best["trial"],
         "best_H": best["harmonic_mean"],
         "baselines_raced": True,  # what every racing search does now (pipeline._search)
-        "min_looks": MIN_LOOKS,  # no trial stopped before this many chunks (the rule since)
+        "rule": RULE,
         # Per trial: H (an estimate when partial), partial, tokens, seconds of merge + scoring.
         "trials": [
             [t.harmonic_mean, t.partial, t.computed_tokens, sum(t.seconds.values())] for t in trials
@@ -145,12 +155,12 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
 
 
 def _other(settings: SearchSettings) -> str:
-    """A racing search at another --race-confidence than the product's, or under the rule
-    since MIN_LOOKS, runs in a folder of its own, so that measuring another value or rule
-    never overwrites the earlier runs."""
+    """A racing search at another --race-confidence than the product's, or under a rule
+    after the first, runs in a folder of its own, so that measuring another value or rule
+    never overwrites the earlier runs (the rule before this one ran in `...:looks-2`)."""
     default = SearchSettings.model_fields["race_confidence"].default
     at = "" if settings.race_confidence == default else f":at-{settings.race_confidence}"
-    return at + (f":looks-{MIN_LOOKS}" if MIN_LOOKS != 1 else "")
+    return at + f":hm-first-{FIRST_LOOK}"
 
 
 def _space_wall(step: str, pair: str, settings: SearchSettings, results: Path) -> float:
@@ -174,23 +184,21 @@ def reach(record: dict, target: float) -> tuple[int | None, int, float]:
 # --- the racing rule replayed on recorded per-example losses ---------------------------------
 
 
-def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = True,
-           min_looks: int = 1) -> dict:  # fmt: skip
+def replay(run: Path, chunk: int, confidence: float, first: int = FIRST_LOOK) -> dict:
     """Racing's decisions on a full-fidelity run's recorded trials, in their order: tokens it
     would have spent, trials it would have stopped, and wrong stops (a stopped trial whose full
     H beat the incumbent of its time) with the most H one of them lost. The proposals stay the
-    full search's own. `baselines_raced` False: the rule before, which scored them whole;
-    `min_looks`: the first chunk that may stop a trial (1: any, the rule before MIN_LOOKS)."""
+    full search's own; the baselines race too. Under the rule now only (the rules before are
+    kept as they were replayed, in racing-steps.jsonl)."""
     record = rundir.RunRecord.read(run)
     tasks, references = pipeline.run_tasks(run)
     trials = rundir.RunDir(run).trials()
-    race = Race(chunk, confidence, record.settings.seed, min_looks)
-    unraced = set() if baselines_raced else _baseline_trials(run)
+    race = Race(chunk, confidence, record.settings.seed, first)
     seen, spent, stopped, wrong, worst, wrong_at = [], 0, 0, 0, 0.0, []
     for trial in trials:
         if trial.status != "ok":
             continue
-        incumbent = Incumbent.best(seen, tasks) if trial.trial not in unraced else None
+        incumbent = Incumbent.best(seen, tasks)
 
         def score_part(part, trial=trial):
             task = next(t for t in tasks if t.name == part.name)
@@ -207,7 +215,8 @@ def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = Tru
             if trial.harmonic_mean > incumbent.harmonic_mean:
                 wrong += 1
                 examples = min(len(s.example_losses) for s in raced.scores.values())
-                wrong_at.append([trial.trial, examples])
+                lost = trial.harmonic_mean - incumbent.harmonic_mean
+                wrong_at.append([trial.trial, examples, lost])
             worst = max(worst, trial.harmonic_mean - incumbent.harmonic_mean)
         seen.append(trial)
     full = sum(t.computed_tokens for t in trials if t.status == "ok")
@@ -215,15 +224,9 @@ def replay(run: Path, chunk: int, confidence: float, baselines_raced: bool = Tru
             "trials": len(seen), "wrong_at": wrong_at}  # fmt: skip
 
 
-def _looks(run: Path) -> dict:
-    """The rule now (no stop before MIN_LOOKS chunks) replayed at the default chunk."""
-    return {f"{DEFAULT_CHUNK}:{q}": replay(run, DEFAULT_CHUNK, q, min_looks=MIN_LOOKS)
-            for q in CONFIDENCES}  # fmt: skip
-
-
-def _baseline_trials(run: Path) -> set[int]:
-    baselines = json.loads((run / rundir.BASELINES).read_text())
-    return {b["trial"] for b in baselines.values() if "trial" in b}
+def _now(run: Path) -> dict:
+    """The rule now replayed at the default chunk."""
+    return {f"{DEFAULT_CHUNK}:{q}": replay(run, DEFAULT_CHUNK, q) for q in CONFIDENCES}
 
 
 # --- evaluation dtype ----------------------------------------------------------------------
@@ -322,9 +325,9 @@ def render(done: dict[str, dict], pairs, seeds, trials: int, digests, stale: int
         f"Reproduce: `python scripts/bench_racing.py --trials {trials}"
         f"{confidence}{_seeds_flag(seeds)}`. Racing "
         "searches at --race-confidence "
-        f"{MODES['racing'].get('race_confidence', SearchSettings().race_confidence)}, no "
-        f"trial stopped before chunk {MIN_LOOKS}, every other setting the default, the "
-        "baselines raced too. Models (sha256 of "
+        f"{MODES['racing'].get('race_confidence', SearchSettings().race_confidence)}, one "
+        f"bound on the harmonic mean, first look after {FIRST_LOOK} examples a task, every "
+        "other setting the default, the baselines raced too. Models (sha256 of "
         f"weights and data): {builds}; {stale} steps of other builds or other racing "
         "defaults are kept in racing-steps.jsonl, not shown. 2 CPU cores, torch threads "
         f"{os.environ.get('OMP_NUM_THREADS', 'default')}; other work may have shared the "
@@ -407,12 +410,7 @@ def _replays(done: dict[str, dict], pair: str) -> str:
     lines = ["| baselines | --race-chunk | --race-confidence | tokens (share of full) "
              "| stopped | wrong stops | most H a wrong stop lost |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    rules = {
-        "cells_looks": f"raced, none stopped before chunk {MIN_LOOKS} (now)",
-        "cells_raced": "raced, stopped from chunk 1",
-        "cells": "scored whole (before)",
-    }
-    for key, rule in rules.items():
+    for key, rule in RULES.items():
         for chunk in CHUNKS:
             for confidence in CONFIDENCES:
                 cells = [r[key][f"{chunk}:{confidence}"] for r in found
@@ -440,16 +438,18 @@ def _default_budget_replays(done: dict[str, dict], pair: str) -> str:
     found = [r for k, r in done.items() if k.startswith(f"replay-default:{pair}:")]
     if not found:
         return ""
-    lines = ["| first chunk that may stop | --race-confidence | tokens (share of full) | stopped "
-             "| wrong stops | most H a wrong stop lost | examples per task seen at the wrong "
-             "stops |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key, first in (("cells_looks", f"{MIN_LOOKS} (now)"), ("cells_raced", "1 (before)")):
+    lines = ["| rule | --race-confidence | tokens (share of full) | stopped | wrong stops "
+             "| most H a wrong stop lost | examples per task seen at the wrong stops (H lost) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, rule in RULES.items():
         for confidence in CONFIDENCES:
-            cells = [r[key][f"{DEFAULT_CHUNK}:{confidence}"] for r in found if key in r]
+            cells = [r[key][f"{DEFAULT_CHUNK}:{confidence}"] for r in found
+                     if f"{DEFAULT_CHUNK}:{confidence}" in r.get(key, {})]  # fmt: skip
             if cells:
-                seen = sorted(n for c in cells for _, n in c["wrong_at"])
-                lines.append(f"| {first} | {confidence} | {_summed(cells)} | "
-                             f"{', '.join(map(str, seen)) or '-'} |")  # fmt: skip
+                seen = sorted(tuple(w[1:]) for c in cells for w in c["wrong_at"])
+                shown = ", ".join(f"{w[0]} ({w[1]:.3f})" if len(w) > 1 else str(w[0])
+                                  for w in seen)  # fmt: skip
+                lines.append(f"| {rule} | {confidence} | {_summed(cells)} | {shown or '-'} |")
     seeds = ", ".join(r["step"].rsplit(":", 1)[1] for r in found)
     return (
         f"### At the default budget: the rule replayed on {DEFAULT_BUDGET}-trial full searches "
@@ -566,17 +566,9 @@ def _comparable_record(record: dict) -> bool:
     _, _, mode, trials, seed = record["step"].split(":")
     wanted = settings_for(mode, int(trials), int(seed)).model_dump(mode="json")
     theirs = {k: v for k, v in record["settings"].items() if k in wanted}
-    if mode == "racing" and not _baselines_raced(record):
-        return False  # the rule before: the baselines scored on every example
-    if mode == "racing" and record.get("min_looks", 1) != MIN_LOOKS:
-        return False  # the rule before: a trial could stop after its first chunk
+    if mode == "racing" and record.get("rule") != RULE:
+        return False  # a rule before (RULES): kept in racing-steps.jsonl, not compared
     return _comparable(theirs) == _comparable({k: wanted[k] for k in theirs})
-
-
-def _baselines_raced(record: dict) -> bool:
-    """Whether a racing search raced its baselines (the rule since 2026-12-05). The first such
-    runs, at --race-confidence 0.9, were recorded before the field was."""
-    return record.get("baselines_raced", record["settings"].get("race_confidence") == 0.9)
 
 
 def _pair(step: str) -> str:
@@ -609,8 +601,6 @@ def main() -> None:
     steps_file = args.results / "racing-steps.jsonl"
     digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
     done, stale = comparable_steps(steps_file, digests)
-    for key in [k for k, r in done.items() if k.startswith("replay:") and "cells_raced" not in r]:
-        done.pop(key)  # replayed before the baselines raced: replay both rules
     scorers = {pair: TestScorer(pair, args.work) for pair in pairs}
     space_done, _ = current_steps(args.results / "space-steps.jsonl", digests, _pair)
 
@@ -620,8 +610,8 @@ def main() -> None:
         (args.results / "racing.md").write_text(text)
 
     for step in [] if args.render else _plan(pairs, seeds, args.trials):
-        earlier = done.get(step)  # a replay from before MIN_LOOKS gets that rule's cells added
-        if earlier and ("cells_looks" in earlier or not step.startswith("replay")):
+        earlier = done.get(step)  # a replay from before the rule now gets its cells added
+        if earlier and (earlier.get("rule") == RULE or not step.startswith("replay")):
             continue
         if step.split(":")[0] in skipped:
             continue
@@ -638,13 +628,7 @@ def main() -> None:
             run = recorded_path(
                 done[f"search:{pair}:full:{args.trials}:{step.split(':')[2]}"]["run"]
             )
-            cells = [(c, q) for c in CHUNKS for q in CONFIDENCES]
-            record = earlier or {
-                "step": step,
-                "cells": {f"{c}:{q}": replay(run, c, q, False) for c, q in cells},
-                "cells_raced": {f"{c}:{q}": replay(run, c, q) for c, q in cells},
-            }
-            record = dict(record, cells_looks=_looks(run))
+            record = dict(earlier or {"step": step}, cells_now=_now(run), rule=RULE)
         elif kind == "replay-default":
             seed = step.split(":")[2]
             full = space_done.get(f"search:{pair}:new:{DEFAULT_BUDGET}:{seed}")
@@ -652,10 +636,8 @@ def main() -> None:
                 print(f"{step}: waits for scripts/bench_space.py's search", flush=True)
                 continue
             run = recorded_path(full["run_dir"])
-            record = earlier or {"step": step, "run": full["run_dir"],
-                                 "cells_raced": {f"{DEFAULT_CHUNK}:{q}": replay(
-                                     run, DEFAULT_CHUNK, q) for q in CONFIDENCES}}  # fmt: skip
-            record = dict(record, cells_looks=_looks(run))
+            record = dict(earlier or {"step": step, "run": full["run_dir"]},
+                          cells_now=_now(run), rule=RULE)  # fmt: skip
         elif kind == "dtype":  # every search of the pair whose run folder is still here
             found = [
                 recorded_path(r["run"]) for k, r in done.items() if k.startswith(f"search:{pair}:")

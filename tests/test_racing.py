@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import short_search_arguments
@@ -13,11 +16,12 @@ from transformers import AutoTokenizer
 
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
-from automerge_mk.evaluate import load_texts, score_task, tokenize_task
+from automerge_mk.evaluate import TaskData, load_texts, score_task, tokenize_task
 from automerge_mk.search import MergeObjective, Race
-from automerge_mk.search.racing import MIN_LOOKS
+from automerge_mk.search.racing import FIRST_LOOK, Incumbent, ratio_bound, run_race
 from automerge_mk.segment import segment_model
 from automerge_mk.space import uniform_plan
+from automerge_mk.types import TaskScore
 
 TRIALS = 16
 
@@ -62,8 +66,8 @@ def test_a_trial_that_cannot_win_stops_early_and_reports_an_estimate(racing):
     assert bad.partial and bad.status == "ok"
     assert bad.computed_tokens < 0.5 * _full_tokens(tasks)
     seen = {name: len(score.example_losses) for name, score in bad.tasks.items()}
-    # never stopped before MIN_LOOKS chunks of 8, stopped before the last
-    assert all(8 * MIN_LOOKS <= n < len(t.sequences) for n, t in zip(seen.values(), tasks))
+    # never stopped before its first FIRST_LOOK examples, stopped before the last
+    assert all(FIRST_LOOK <= n < len(t.sequences) for n, t in zip(seen.values(), tasks))
     assert bad.harmonic_mean < good.harmonic_mean
     # The estimate is close to what all of the examples give.
     objective.incumbent = None
@@ -101,6 +105,54 @@ def test_unraced_configurations_are_scored_on_every_example(racing):
     finally:
         objective.unraced = []
     assert not base.partial and base.computed_tokens == _full_tokens(tasks)
+
+
+def _task(name: str, examples: int) -> TaskData:
+    """A task of `examples` examples of one scored token each (all racing reads of it)."""
+    return TaskData(name=name, sequences=((1, 2),) * examples, pad_id=0,
+                    indices=tuple(range(examples)))  # fmt: skip
+
+
+def test_the_first_look_comes_after_first_examples_in_one_part_then_a_chunk_at_a_time():
+    tasks = [_task("a", 40), _task("b", 20)]
+    steps = Race(8, 0.95, first=16).steps(tasks)
+    assert [len(s["a"]) for s in steps] == [16, 8, 8, 8]
+    assert [len(s["b"]) for s in steps] == [16, 4, 0, 0]
+    for name, size in (("a", 40), ("b", 20)):  # every example once, in the race's order
+        assert sorted(p for s in steps for p in s[name]) == list(range(size))
+    assert [len(s["a"]) for s in Race(32, 0.95, first=16).steps(tasks)] == [32, 8]
+
+
+def test_the_bound_is_one_on_the_harmonic_mean_not_one_per_task():
+    """Against an incumbent with AP 1 on each task, a candidate with loss ratios r_t (standard
+    errors se_t) after its first look stops exactly when z < (sum r_t - T) / sqrt(sum se_t^2),
+    the harmonic mean's bound; a bound per task would stop only below (sum r_t - T) / sum se_t."""
+    rng = np.random.default_rng(0)
+    names, size = ("a", "b"), 40
+    tasks = [_task(name, size) for name in names]
+    theirs = {n: rng.uniform(1, 3, size) for n in names}
+    mine = {n: theirs[n] * rng.uniform(0.4, 1.8, size) for n in names}  # 10 % worse, noisy
+    references = {n: TaskScore(loss=theirs[n].mean(), accuracy=0.0, tokens=size) for n in names}
+    first = Race(size // 2, 0.9, first=size // 2).steps(tasks)[0]
+    found = {n: ratio_bound(mine[n][first[n]], theirs[n][first[n]], size, 1.0) for n in names}
+    ratios = {n: r for n, (r, _) in found.items()}
+    errors = {n: r - low for n, (r, low) in found.items()}
+    excess = sum(ratios.values()) - len(names)
+    joint = excess / math.sqrt(sum(e * e for e in errors.values()))
+    per_task = excess / sum(errors.values())
+    assert 0.5 < per_task < joint < 5  # (a z both bounds can be tested at)
+
+    def stopped(z: float) -> bool:
+        def score_part(part):
+            kept = tuple(float(mine[part.name][i]) for i in part.indices)
+            return TaskScore(loss=sum(kept) / len(kept), accuracy=0.0, tokens=len(kept),
+                             example_losses=kept)  # fmt: skip
+
+        race = Race(size // 2, NormalDist().cdf(z), first=size // 2)
+        raced = run_race(score_part, tasks, references, race, Incumbent(1.0, theirs))
+        return not raced.complete
+
+    assert stopped(joint - 0.01) and not stopped(joint + 0.01)
 
 
 def _search(demo_models, out: Path, *extra: str):
