@@ -7,23 +7,25 @@
 
 On both SmolLM2-135M-Instruct specialist pairs of scripts/bench_space.py, for each seed, the
 same search twice on the validation split, with every default (scaled space, baselines first)
-but one: racing on (the default: --race-chunk 8 --race-confidence 0.95, the baselines raced
-too) and off (--no-racing: every trial on every example). Each best configuration is then
-scored on the disjoint test split. Measured: best validation H, test H, validation tokens (forward
+but one: racing on (the default: 16 examples a task first, then --race-chunk 8 at a time, one
+bound on the harmonic mean at --race-confidence 0.975, the baselines raced too) and off
+(--no-racing: every trial on every example). Each best configuration is then scored on the
+disjoint test split. Measured: best validation H, test H, validation tokens (forward
 positions), and the tokens and wall time each search took to reach the full-fidelity search's
 final best. The full-fidelity searches are the very searches scripts/bench_space.py runs as
 its "new" ones (same settings); when that script has run one already, it is read, not rerun.
 
 Four analyses need no further searches:
 
-- the racing rule's settings, replayed on the full-fidelity searches' per-example losses
-  (trials.jsonl keeps them): for each --race-chunk and --race-confidence, the share of tokens
-  racing would have spent and how many trials it would have stopped that were in fact better
-  than the incumbent of their time (wrong stops), under the rule now (the baselines race like
-  every trial) and the rule before (the baselines scored on every example);
-- the same at the default budget (200 trials, --race-chunk 8), replayed on
-  scripts/bench_space.py's 200-trial full-fidelity searches (its new search, seeds 0 and 1),
-  with how many examples per task each wrongly stopped trial had been scored on;
+- the racing rule, replayed on the full-fidelity searches' per-example losses (trials.jsonl
+  keeps them): for each --race-confidence, the share of tokens racing would have spent and
+  how many trials it would have stopped that were in fact better than the incumbent of their
+  time (wrong stops), under the rule now and, as they were replayed then (for several
+  --race-chunk too), the rules before: a bound per task from the second chunk, from the first
+  chunk, and with the baselines scored on every example;
+- the same at the default budget (200 trials), replayed on scripts/bench_space.py's 200-trial
+  full-fidelity searches (its new search, seeds 0 and 1), with how many examples per task each
+  wrongly stopped trial had been scored on and how much H it lost;
 - evaluation dtype, on the benchmark pair (sentiment-wordnet): 50 distinct configurations of
   its searches (the trials in order, of every search whose run folder is still on disk) merged
   again and scored with the live model in float32 and in bfloat16: Spearman's rank correlation
