@@ -409,7 +409,7 @@ def _replays(done: dict[str, dict], pair: str) -> str:
     found = [r for k, r in done.items() if k.startswith(f"replay:{pair}:")]
     if not found:
         return ""
-    lines = ["| baselines | --race-chunk | --race-confidence | tokens (share of full) "
+    lines = ["| rule | --race-chunk | --race-confidence | tokens (share of full) "
              "| stopped | wrong stops | most H a wrong stop lost |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, rule in RULES.items():
