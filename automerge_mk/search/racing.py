@@ -4,9 +4,9 @@ Each task's validation examples are taken in one seeded order: the first `first`
 then `chunk` at a time. After each such look the candidate's per-example losses are compared
 with the incumbent's (the best trial scored on every example) on *the same examples*: the
 paired ratio r = sum(candidate) / sum(incumbent) estimates the candidate's loss on all
-examples as the incumbent's times r, with far less variance than either mean alone, because both models find
-the same examples hard. Its standard error is the ratio estimator's under sampling without
-replacement,
+examples as the incumbent's times r, with far less variance than either mean alone, because
+both models find the same examples hard. Its standard error is the ratio estimator's under
+sampling without replacement,
 
     se(r) = sqrt((1 - n / N) * var(c - r * a) / n) / mean(a),
 
@@ -19,8 +19,9 @@ whose optimistic harmonic mean, T over that bound, is still below the incumbent'
 it stops, and reports its estimate (the incumbent's loss times r, per task) as a partial trial.
 (The rule before bounded every task at z at once, S - z * sum w_t se_t: a margin up to
 sqrt(T) times the harmonic mean's own, so it grew with the tasks. Replayed on the real
-benchmark, that rule at 0.95 per task and this one at 0.975 stopped the same wrong trials, and
-this one spent fewer tokens: scripts/results/racing.md.)
+benchmark at 200 trials, that rule at 0.95 per task and this one at 0.975 stopped the same
+wrong trials but one (0.007 H), and this one spent 1-3 % fewer of full's tokens:
+scripts/results/racing.md.)
 
 No trial is stopped before `first` examples a task (FIRST_LOOK, 16, scored in one pass), and
 after that it is looked at every `chunk`: on the real benchmark most trials stopped wrongly
