@@ -18,7 +18,7 @@ from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.evaluate import TaskData, load_texts, score_task, tokenize_task
 from automerge_mk.search import MergeObjective, Race
-from automerge_mk.search.racing import FIRST_LOOK, Incumbent, ratio_bound, run_race
+from automerge_mk.search.racing import FIRST_LOOK, Incumbent, paired_ratio, run_race
 from automerge_mk.segment import segment_model
 from automerge_mk.space import uniform_plan
 from automerge_mk.types import TaskScore
@@ -134,9 +134,9 @@ def test_the_bound_is_one_on_the_harmonic_mean_not_one_per_task():
     mine = {n: theirs[n] * rng.uniform(0.4, 1.8, size) for n in names}  # 10 % worse, noisy
     references = {n: TaskScore(loss=theirs[n].mean(), accuracy=0.0, tokens=size) for n in names}
     first = Race(size // 2, 0.9, first=size // 2).steps(tasks)[0]
-    found = {n: ratio_bound(mine[n][first[n]], theirs[n][first[n]], size, 1.0) for n in names}
+    found = {n: paired_ratio(mine[n][first[n]], theirs[n][first[n]], size) for n in names}
     ratios = {n: r for n, (r, _) in found.items()}
-    errors = {n: r - low for n, (r, low) in found.items()}
+    errors = {n: se for n, (_, se) in found.items()}
     excess = sum(ratios.values()) - len(names)
     joint = excess / math.sqrt(sum(e * e for e in errors.values()))
     per_task = excess / sum(errors.values())

@@ -116,16 +116,16 @@ class Raced(NamedTuple):
     computed_tokens: int
 
 
-def ratio_bound(candidate: np.ndarray, incumbent: np.ndarray, population: int, z: float):
+def paired_ratio(candidate: np.ndarray, incumbent: np.ndarray, population: int):
     """The paired ratio r = sum(candidate) / sum(incumbent) over the examples seen, and its
-    lower confidence bound r - z * se(r) (see the module docstring)."""
+    standard error se(r) (see the module docstring): 0 once every example is seen, infinite
+    below two."""
     n = len(candidate)
     ratio = candidate.sum() / incumbent.sum()
     if n >= population or n < 2:
-        return ratio, ratio if n >= population else -math.inf
+        return ratio, 0.0 if n >= population else math.inf
     spread = np.var(candidate - ratio * incumbent, ddof=1)
-    se = math.sqrt((1 - n / population) * spread / n) / incumbent.mean()
-    return ratio, ratio - z * se
+    return ratio, math.sqrt((1 - n / population) * spread / n) / incumbent.mean()
 
 
 def _merged(parts: list[TaskScore], positions: list[int]) -> TaskScore:
@@ -183,11 +183,11 @@ def _estimate(parts, seen, tasks, references, incumbent: Incumbent, z: float):
     for name, positions in seen.items():
         candidate = np.array([loss for p in parts[name] for loss in p.example_losses])
         theirs = incumbent.losses[name]
-        ratio, low = ratio_bound(candidate, theirs[positions], len(theirs), 1.0)
+        ratio, se = paired_ratio(candidate, theirs[positions], len(theirs))
         weight = theirs.sum() / sum(tasks[name].example_tokens) / references[name].loss
         estimated[name] = 1 / (weight * ratio)  # = reference / (incumbent's loss * ratio)
         total += weight * ratio
-        variance += (weight * (ratio - low)) ** 2  # se(r) = ratio - its bound at z = 1
+        variance += (weight * se) ** 2
     low_total = total - z * math.sqrt(variance)
     best_case = len(seen) / low_total if low_total > 0 else math.inf
     return harmonic_mean(list(estimated.values())), best_case, estimated
