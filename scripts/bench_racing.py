@@ -147,7 +147,6 @@ def run_search_step(step: str, pair: str, settings: SearchSettings, digest: str,
         "best_config": best["config"],
         "best_trial": best["trial"],
         "best_H": best["harmonic_mean"],
-        "baselines_raced": True,  # what every racing search does now (pipeline._search)
         "rule": RULE,
         # Per trial: H (an estimate when partial), partial, tokens, seconds of merge + scoring.
         "trials": [
@@ -186,7 +185,7 @@ def reach(record: dict, target: float) -> tuple[int | None, int, float]:
 # --- the racing rule replayed on recorded per-example losses ---------------------------------
 
 
-def replay(run: Path, chunk: int, confidence: float, first: int = FIRST_LOOK) -> dict:
+def replay(run: Path, chunk: int, confidence: float) -> dict:
     """Racing's decisions on a full-fidelity run's recorded trials, in their order: tokens it
     would have spent, trials it would have stopped, and wrong stops (a stopped trial whose full
     H beat the incumbent of its time) with the most H one of them lost. The proposals stay the
@@ -195,7 +194,7 @@ def replay(run: Path, chunk: int, confidence: float, first: int = FIRST_LOOK) ->
     record = rundir.RunRecord.read(run)
     tasks, references = pipeline.run_tasks(run)
     trials = rundir.RunDir(run).trials()
-    race = Race(chunk, confidence, record.settings.seed, first)
+    race = Race(chunk, confidence, record.settings.seed)
     seen, spent, stopped, wrong, worst, wrong_at = [], 0, 0, 0, 0.0, []
     for trial in trials:
         if trial.status != "ok":
