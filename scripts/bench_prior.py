@@ -39,10 +39,10 @@ from bench_racing import RULE as RACING_RULE  # noqa: E402
 from bench_space import PAIRS, TestScorer, pair_inputs  # noqa: E402
 from benchmark import (  # noqa: E402
     append_step,
-    current_steps,
     models_digest,
     recorded_path,
     search_folder,
+    steps_by_build,
     stored_path,
 )
 
@@ -87,6 +87,11 @@ def learned_from(pair: str, mode: str, trials: int, seed: int, done: dict) -> li
     else:
         found = [r for r in found if r["step"].split(":")[1] != pair]
     return sorted(str(recorded_path(r["run"])) for r in found)
+
+
+def built(folder: Path, tasks: tuple[str, ...]) -> bool:
+    """Whether a pair's models are all there (a build still running has the base only)."""
+    return all((folder / name / "model.safetensors").is_file() for name in ("base", *tasks))
 
 
 def _settings(mode: str, trials: int, seed: int, prior_from: list[str]) -> SearchSettings:
@@ -178,106 +183,121 @@ def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str]) -> di
     return {"rows": rows, "validation": validation, "recipe": str(out)}
 
 
-def render(done: dict, pairs, seeds, trials: int, digests: dict) -> str:
+def render(builds: dict, pairs, seeds, trials: int, digests: dict) -> str:
+    """prior.md: per pair, every build its steps were measured on (`builds`: (pair, models
+    digest) -> its current steps, in the order first measured), the one built now last."""
+    searched = [r for done in builds.values() for k, r in done.items() if k.startswith("search:")]
     lines = [
         "# A prior from similarity features: trials saved (issue 23)",
         __doc__.split("\n\n", 2)[2].split("\n\nPairs:")[0],
         f"Reproduce: `python scripts/bench_prior.py --pairs {','.join(pairs)} --trials {trials}`."
-        " Models (sha256 of weights and data): "
-        + ", ".join(f"{p} {d}" for p, d in digests.items())
-        + ". Seconds are the trials' own (merge, scoring, optimiser), summed; other work may "
-        "have shared the 2 cores. Racing at --race-confidence "
-        f"{RACE_CONFIDENCE}; the searches shown ran under the racing rule(s): "
-        + "; ".join(
-            sorted(
-                {r.get("racing", RACING_BEFORE) for k, r in done.items() if k.startswith("search:")}
-            )
-        )  # fmt: skip
+        " Each pair's section names the models it ran on (sha256 of weights and data); a "
+        "rebuild on another CPU gives other models (README: the benchmark builds), measured "
+        "again in a section of their own. Seconds are the trials' own (merge, scoring, "
+        "optimiser), summed; other work may have shared the 2 cores. Racing at "
+        f"--race-confidence {RACE_CONFIDENCE}; the searches shown ran under the racing rule(s): "
+        + "; ".join(sorted({r.get("racing", RACING_BEFORE) for r in searched}))
         + ".",
     ]
-    others = [m for m in MODES if m != "default"]
     for pair in pairs:
-        columns = [MODES[m][1] for m in others]
-        rows = ["| seed | default best H | trials to reach it: default | "
-                + " | ".join(columns) + " | minutes: default | " + " | ".join(columns)
-                + " | final best H − default's: " + " | ".join(columns) + " |"]  # fmt: skip
-        rows.append("|---" * (len(rows[0].split("|")) - 2) + "|")
-        ratios = {m: [] for m in others}
-        finals = {m: [] for m in others}
-        compared = {m: 0 for m in others}  # seeds the mode ran, whose default best came late
-        by_baseline = []  # seeds whose default best is a baseline: no search reaches it sooner
-        for seed in seeds:
-            default = done.get(f"search:{pair}:default:{trials}:{seed}")
-            if not default:
-                rows.append(f"| {seed} | not finished yet |" + " |" * (len(rows[1]) // 4 - 2))
-                continue
-            target = default["best_H"]
-            n_default, s_default = reach(default, target)
-            if n_default <= len(BASELINES):
-                by_baseline.append(seed)
-            counts, minutes, deltas = [], [], []
-            for mode in others:
-                found = done.get(f"search:{pair}:{mode}:{trials}:{seed}")
-                if not found:
-                    counts.append("-"), minutes.append("-"), deltas.append("-")
-                    continue
-                n, took = reach(found, target)
-                compared[mode] += n_default > len(BASELINES)
-                finals[mode].append(found["best_H"] - target)
-                if n and n_default > len(BASELINES):
-                    ratios[mode].append(n / n_default)
-                counts.append(str(n or "never"))
-                minutes.append(f"{took / 60:.1f}")
-                deltas.append(f"{found['best_H'] - target:+.4f}")
-            rows.append(f"| {seed} | {target:.4f} | {n_default} | " + " | ".join(counts)
-                        + f" | {s_default / 60:.1f} | " + " | ".join(minutes) + " | "
-                        + " | ".join(deltas) + " |")  # fmt: skip
-        text = [f"## {pair}", "\n".join(rows)]
-        for mode in others:
-            if finals[mode]:
-                share = f"{statistics.mean(ratios[mode]):.0%}" if ratios[mode] else "-"
-                text.append(
-                    f"{MODES[mode][1]}: of the {compared[mode]} seeds whose "
-                    f"default best came after the baselines, it reached that best in "
-                    f"{len(ratios[mode])}, with {share} of the default's trials on average where "
-                    f"it did (the issue asks for at most 50 %); final best H minus the "
-                    f"default's, every seed, mean "
-                    f"{statistics.mean(finals[mode]):+.4f}."
-                )
-        if by_baseline:
-            text.append(
-                f"Seeds {', '.join(map(str, by_baseline))}: the default search's best is one of "
-                f"its {len(BASELINES)} baselines, which every search here runs first (the "
-                "prior's predictions follow them), so no search can reach it sooner: those "
-                "seeds are left out of the trial ratios above and count in the final best H."
-            )
-        text.append(
-            "πBO multiplies the acquisition by the prior, so it is as good as the prediction: "
-            "compare the `suggest` rows below with the baselines (the prediction scored "
-            "alone). --prior-from other seeds learns from runs of the same models, the most a "
-            "user who merges again can expect; from other pairs it can only be as good as "
-            "their blocks are alike."
-        )
-        suggested = done.get(f"suggest:{pair}")
-        if suggested:
-            table = [
-                "| test split | H (AP) | "
-                + " | ".join(f"{t} AP" for t in next(iter(suggested["rows"].values()))["tasks"])
-                + " | validation H |"
-            ]
-            table.append("|---" * (len(table[0].split("|")) - 2) + "|")
-            searched = done.get(f"test:{pair}:default:{trials}:{seeds[0]}")
-            shown = dict(suggested["rows"])
-            if searched:
-                shown[f"default search (seed {seeds[0]}, {trials} trials)"] = searched["row"]
-            for label, row in shown.items():
-                aps = " | ".join(f"{s['preservation']:.4f}" for s in row["tasks"].values())
-                valid = suggested.get("validation", {}).get(label)
-                valid = "" if valid is None else f"{valid:.4f}"
-                table.append(f"| {label} | {row['harmonic_mean']:.4f} | {aps} | {valid} |")
-            text.append("`suggest` (no evaluation) on the test split:\n\n" + "\n".join(table))
-        lines.append("\n\n".join(text))
+        order = [d for p, d in builds if p == pair]
+        if digests.get(pair) in order:  # the build here now goes last
+            order.remove(digests[pair])
+            order.append(digests[pair])
+        for digest in order:
+            now = " (built on this machine now)" if digests.get(pair) == digest else ""
+            title = f"{pair}, models {digest}{now}"
+            lines.append(_pair_section(pair, title, builds[(pair, digest)], seeds, trials))
     return "\n\n".join(lines) + "\n"
+
+
+def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
+    others = [m for m in MODES if m != "default"]
+    columns = [MODES[m][1] for m in others]
+    rows = ["| seed | default best H | trials to reach it: default | "
+            + " | ".join(columns) + " | minutes: default | " + " | ".join(columns)
+            + " | final best H − default's: " + " | ".join(columns) + " |"]  # fmt: skip
+    rows.append("|---" * (len(rows[0].split("|")) - 2) + "|")
+    ratios = {m: [] for m in others}
+    finals = {m: [] for m in others}
+    compared = {m: 0 for m in others}  # seeds the mode ran, whose default best came late
+    by_baseline = []  # seeds whose default best is a baseline: no search reaches it sooner
+    for seed in seeds:
+        default = done.get(f"search:{pair}:default:{trials}:{seed}")
+        if not default:
+            rows.append(f"| {seed} | not finished yet |" + " |" * (len(rows[1]) // 4 - 2))
+            continue
+        target = default["best_H"]
+        n_default, s_default = reach(default, target)
+        if n_default <= len(BASELINES):
+            by_baseline.append(seed)
+        counts, minutes, deltas = [], [], []
+        for mode in others:
+            found = done.get(f"search:{pair}:{mode}:{trials}:{seed}")
+            if not found:
+                counts.append("-"), minutes.append("-"), deltas.append("-")
+                continue
+            n, took = reach(found, target)
+            compared[mode] += n_default > len(BASELINES)
+            finals[mode].append(found["best_H"] - target)
+            if n and n_default > len(BASELINES):
+                ratios[mode].append(n / n_default)
+            counts.append(str(n or "never"))
+            minutes.append(f"{took / 60:.1f}")
+            deltas.append(f"{found['best_H'] - target:+.4f}")
+        rows.append(f"| {seed} | {target:.4f} | {n_default} | " + " | ".join(counts)
+                    + f" | {s_default / 60:.1f} | " + " | ".join(minutes) + " | "
+                    + " | ".join(deltas) + " |")  # fmt: skip
+    racing = {r.get("racing", RACING_BEFORE) for k, r in done.items() if k.startswith("search:")}
+    text = [
+        f"## {title}",
+        "\n".join(rows),
+        f"Racing rule of these searches: {'; '.join(sorted(racing))}.",
+    ]
+    for mode in others:
+        if finals[mode]:
+            share = f"{statistics.mean(ratios[mode]):.0%}" if ratios[mode] else "-"
+            text.append(
+                f"{MODES[mode][1]}: of the {compared[mode]} seeds whose "
+                f"default best came after the baselines, it reached that best in "
+                f"{len(ratios[mode])}, with {share} of the default's trials on average where "
+                f"it did (the issue asks for at most 50 %); final best H minus the "
+                f"default's, every seed, mean "
+                f"{statistics.mean(finals[mode]):+.4f}."
+            )
+    if by_baseline:
+        text.append(
+            f"Seeds {', '.join(map(str, by_baseline))}: the default search's best is one of "
+            f"its {len(BASELINES)} baselines, which every search here runs first (the "
+            "prior's predictions follow them), so no search can reach it sooner: those "
+            "seeds are left out of the trial ratios above and count in the final best H."
+        )
+    text.append(
+        "πBO multiplies the acquisition by the prior, so it is as good as the prediction: "
+        "compare the `suggest` rows below with the baselines (the prediction scored "
+        "alone). --prior-from other seeds learns from runs of the same models, the most a "
+        "user who merges again can expect; from other pairs it can only be as good as "
+        "their blocks are alike."
+    )
+    suggested = done.get(f"suggest:{pair}")
+    if suggested:
+        table = [
+            "| test split | H (AP) | "
+            + " | ".join(f"{t} AP" for t in next(iter(suggested["rows"].values()))["tasks"])
+            + " | validation H |"
+        ]
+        table.append("|---" * (len(table[0].split("|")) - 2) + "|")
+        searched = done.get(f"test:{pair}:default:{trials}:{seeds[0]}")
+        shown = dict(suggested["rows"])
+        if searched:
+            shown[f"default search (seed {seeds[0]}, {trials} trials)"] = searched["row"]
+        for label, row in shown.items():
+            aps = " | ".join(f"{s['preservation']:.4f}" for s in row["tasks"].values())
+            valid = suggested.get("validation", {}).get(label)
+            valid = "" if valid is None else f"{valid:.4f}"
+            table.append(f"| {label} | {row['harmonic_mean']:.4f} | {aps} | {valid} |")
+        text.append("`suggest` (no evaluation) on the test split:\n\n" + "\n".join(table))
+    return "\n\n".join(text)
 
 
 def main() -> None:
@@ -285,7 +305,9 @@ def main() -> None:
     parser.add_argument("--pairs", default="demo")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--modes", default=",".join(MODES), help="which searches to run")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="which searches to run, in this order"
+    )
     parser.add_argument("--work", type=Path, default=CACHE / "prior-runs",
                         help="the test split's session and suggest's recipes")  # fmt: skip
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -293,36 +315,59 @@ def main() -> None:
     args = parser.parse_args()
     pairs = [p for p in args.pairs.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
+    modes = [m for m in args.modes.split(",") if m]
+    if unknown := [m for m in modes if m not in MODES]:
+        parser.error(f"--modes: no such mode {', '.join(unknown)} (modes: {', '.join(MODES)})")
     if "demo" in pairs and not args.render:
         build_demo_models(DEMO, seed=0, progress=False)
     steps_file = args.results / "prior-steps.jsonl"
-    digests = {pair: models_digest(*PAIRS[pair]) for pair in pairs}
-    # every built pair's finished steps: "pairs" learns from the other pairs' default searches
-    # even when another process runs them
-    built = {p: models_digest(*PAIRS[p]) for p in PAIRS if p not in digests
-             and (PAIRS[p][0] / "base" / "model.safetensors").is_file()}  # fmt: skip
-    done, _ = current_steps(steps_file, digests | built, lambda s: s.split(":")[1])
-    done = {k: r for k, r in done.items() if current(r)}
+    # the pairs built here now (every one, not only --pairs: "pairs" learns from the other
+    # pairs' default searches, even when another process runs them)
+    digests = {p: models_digest(*PAIRS[p]) for p in PAIRS if built(*PAIRS[p])}
+    missing = [p for p in pairs if p not in digests]
+    if missing and not args.render:
+        parser.error(f"not built here: {', '.join(missing)} (scripts/build_benchmark_models.py)")
+
+    def load() -> tuple[dict, dict]:
+        """Every build's current steps, and those of the builds here now that this process
+        may skip (a search whose folder is gone, an earlier session's under ~/.cache, is run
+        again: --prior-from needs its trials). Read again before each step: the default
+        searches "learned" and "pairs" learn from may be another process's."""
+        builds, _ = steps_by_build(steps_file, lambda s: s.split(":")[1])
+        builds = {key: {k: r for k, r in found.items() if current(r)}
+                  for key, found in builds.items()}  # fmt: skip
+        done = {k: r for (pair, digest), found in builds.items() if digests.get(pair) == digest
+                for k, r in found.items()
+                if not k.startswith("search:") or recorded_path(r["run"]).is_dir()}  # fmt: skip
+        return builds, done
+
+    builds, done = load()
     scorers = {pair: {split: TestScorer(pair, args.work, split) for split in SPLITS}
-               for pair in pairs}  # fmt: skip
+               for pair in ([] if args.render else pairs)}  # fmt: skip
+
+    def write() -> None:
+        text = render(builds, pairs, seeds, args.trials, digests)
+        (args.results / "prior.md").write_text(text)
 
     def record(step: str, pair: str, fields: dict) -> None:
         done[step] = {"step": step, **fields, "models": digests[pair]}
         append_step(steps_file, done[step])
-        (args.results / "prior.md").write_text(render(done, pairs, seeds, args.trials, digests))
+        builds.setdefault((pair, digests[pair]), {})[step] = done[step]
+        write()
 
-    # every pair's defaults first: --prior-from learns from them ("learned", "pairs")
-    for mode, pair, seed in (
-        [] if args.render else [(m, p, s) for m in MODES for p in pairs for s in seeds]
-    ):
+    # in --modes' order; the defaults first: --prior-from learns from them ("learned", "pairs")
+    for mode, pair, seed in [] if args.render else [(m, p, s) for m in modes for p in pairs
+                                                    for s in seeds]:  # fmt: skip
         step = f"search:{pair}:{mode}:{args.trials}:{seed}"
-        if step in done or mode not in args.modes.split(","):
+        builds, done = load()
+        if step in done:
             continue
         if mode in ("learned", "pairs") and not learned_from(pair, mode, args.trials, seed, done):
             print(f"{step}: no earlier default search to learn from yet", flush=True)
             continue
         print(f"{step}: running", flush=True)
         record(step, pair, search_step(pair, mode, args.trials, seed, digests[pair], done))
+    builds, done = load()
     for pair in [] if args.render else pairs:
         searched = done.get(f"search:{pair}:default:{args.trials}:{seeds[0]}")
         test_step = f"test:{pair}:default:{args.trials}:{seeds[0]}"
@@ -335,7 +380,7 @@ def main() -> None:
             print(f"suggest:{pair}: running", flush=True)
             row = suggest_step(pair, args.work, scorers[pair], learned)
             record(f"suggest:{pair}", pair, row | {"rule": RULE})
-    (args.results / "prior.md").write_text(render(done, pairs, seeds, args.trials, digests))
+    write()
     print((args.results / "prior.md").read_text())
 
 
