@@ -790,7 +790,7 @@ def _learned_from(run_dir: Path, sources: int) -> tuple:
     Raises:
         RunDirectoryError: when it is not a run, merged another number of sources or without
             a base (no task vectors), has no full trial yet, or neither kept its features nor
-            has its models where it found them.
+            has the models it searched where it found them (gone, or changed since).
     """
     from . import front
     from .features import ModelFeatures
@@ -823,6 +823,19 @@ def _learned_from(run_dir: Path, sources: int) -> tuple:
             f"({', '.join(gone)}), and it was searched without --prior, which keeps the "
             "features in prior.json; give runs whose models are still there"
         )
+    if features is None and record.fingerprints:  # features of weights retrained in place
+        # would pair other models' features with these trials
+        now = rundir.Fingerprints(
+            models={m.name: rundir.model_print(m) for m in record.models},
+            base=rundir.model_print(record.base), data={})  # fmt: skip
+        changes = rundir.input_changes(record.fingerprints, now, data=False)
+        if changes:
+            raise RunDirectoryError(
+                f"--prior-from {run_dir}: its models are not the ones it searched ("
+                + "; ".join(changes)
+                + "), and it was searched without --prior, which keeps "
+                "the features in prior.json; give runs whose models are unchanged"
+            )
     return record, best, features
 
 

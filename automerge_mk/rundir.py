@@ -198,13 +198,8 @@ def _model_changes(what: str, recorded: ModelPrint, current: ModelPrint) -> list
     return changes
 
 
-def check_unchanged(recorded: Fingerprints, current: Fingerprints, run: Path, use: str) -> None:
-    """Refuse to `use` (resume, warm-start from) the run at `run` when any model or data file
-    differs from what its trials were scored with.
-
-    Raises:
-        InputChangedError: naming every file that differs.
-    """
+def input_changes(recorded: Fingerprints, current: Fingerprints, data: bool = True) -> list[str]:
+    """Every model (and, with `data`, data) file that differs from what a run recorded."""
     changes = []
     for name in sorted(set(recorded.models) | set(current.models)):
         old, new = recorded.models.get(name), current.models.get(name)
@@ -216,11 +211,22 @@ def check_unchanged(recorded: Fingerprints, current: Fingerprints, run: Path, us
         changes.append("the base model differs")
     elif recorded.base and current.base:
         changes += _model_changes("base model", recorded.base, current.base)
-    for name in sorted(set(recorded.data) | set(current.data)):
+    for name in sorted(set(recorded.data) | set(current.data)) if data else ():
         old, new = recorded.data.get(name), current.data.get(name)
         if old is None or new is None or old.sha256 != new.sha256:
             path = (new or old).path
             changes.append(f"data file {path} of task {name} differs from the one the run used")
+    return changes
+
+
+def check_unchanged(recorded: Fingerprints, current: Fingerprints, run: Path, use: str) -> None:
+    """Refuse to `use` (resume, warm-start from) the run at `run` when any model or data file
+    differs from what its trials were scored with.
+
+    Raises:
+        InputChangedError: naming every file that differs.
+    """
+    changes = input_changes(recorded, current)
     if changes:
         raise InputChangedError(
             f"cannot {use} {run}: its trials were scored on other inputs: "

@@ -345,4 +345,15 @@ def test_prior_from_a_folder_that_is_no_run_or_of_other_sources_is_refused_befor
     shutil.copy(demo_run / "trials.jsonl", moved / "trials.jsonl")
     result = CliRunner().invoke(main, arguments + ["--prior-from", str(moved)])
     assert result.exit_code == 1 and "no longer where it found them" in result.output
+    retrained = tmp_path / "retrained"  # its models where they were, but not those it searched
+    retrained.mkdir()
+    record = json.loads((demo_run / "settings.json").read_text())
+    name = record["models"][0]["name"]
+    weights = record["fingerprints"]["models"][name]["files"]
+    for file in weights.values():
+        file["mtime_ns"] -= 10**9  # the file now is a second younger than the one searched
+    (retrained / "settings.json").write_text(json.dumps(record))
+    shutil.copy(demo_run / "trials.jsonl", retrained / "trials.jsonl")
+    result = CliRunner().invoke(main, arguments + ["--prior-from", str(retrained)])
+    assert result.exit_code == 1 and "changed since the run used it" in result.output, result.output
     assert not (tmp_path / "run").exists()
