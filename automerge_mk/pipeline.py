@@ -912,10 +912,11 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     return configs, added
 
 
-def _belief(space_, predicted: dict, settings: SearchSettings):
-    """--prior-acquisition's belief (πBO): the space with a prior at the predicted
-    configuration, or None (said why) where the acquisition cannot take it."""
-    from . import space
+def _belief(space_, predicted: dict, known: dict, settings: SearchSettings):
+    """--prior-acquisition's belief (πBO, search.Belief): centred on the predicted
+    configuration, then on the best scored of it and its variants, checked against the
+    baselines (`known`); or None (said why) where the acquisition cannot take it."""
+    from . import search, space
 
     if not (settings.prior and settings.prior_acquisition):
         return None
@@ -929,12 +930,25 @@ def _belief(space_, predicted: dict, settings: SearchSettings):
     if why:
         _note(f"--prior-acquisition is off: {why}; the prediction only starts the search")
         return None
-    return space.with_prior(space_, predicted["prior"], settings.seed)
+    return search.Belief(
+        space_,
+        {label: space.plain_values(c) for label, c in predicted.items()},
+        [space.plain_values(c) for c in known.values()],
+        settings.seed,
+    )
 
 
-def _prior_sentence(results: list[TrialResult], prior: dict) -> str:
-    """summary.md: which trials the prior's configurations were and how they scored."""
+def _prior_sentence(results: list[TrialResult], prior: dict, belief=None) -> str:
+    """summary.md: which trials the prior's configurations were and how they scored, and
+    where πBO's belief settled (search.Belief)."""
     from . import space
+
+    where = ""
+    if belief is not None and belief.settled:
+        where = (f" πBO's belief was centred on {belief.label} after them" if belief.label
+                 else " πBO's belief was dropped after them (every prediction scored below the "
+                 "best baseline): the search went on with plain expected improvement")  # fmt: skip
+        where += "."
 
     wanted = {json.dumps(space.plain_values(c), sort_keys=True): k for k, c in prior.items()}
     found = [(wanted[key], t) for t in results
@@ -944,7 +958,7 @@ def _prior_sentence(results: list[TrialResult], prior: dict) -> str:
     label, trial = max(found, key=lambda item: item[1].harmonic_mean)
     numbers = ", ".join(str(t.trial) for _, t in found)
     return (f" The --prior configurations were trials {numbers}; the best of them ({label}, "
-            f"trial {trial.trial}) scored {trial.harmonic_mean:.4f}.")  # fmt: skip
+            f"trial {trial.trial}) scored {trial.harmonic_mean:.4f}.{where}")  # fmt: skip
 
 
 def features_text(request: MergeRequest, settings: SearchSettings, as_json: bool = False) -> str:
@@ -1114,7 +1128,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     space_ = space.build_space(inputs.blocks, names, settings)
     known = _known_configs(inputs, settings, space_)
     predicted, prior = _prior_configs(session, space_, known) if settings.prior else ({}, {})
-    believed = _belief(space_, predicted, settings)
+    belief = _belief(space_, predicted, known, settings)
     first = {**known, **prior}  # the baselines, then the prior's configurations
     # The baselines race like any trial (scripts/results/racing.md: a third fewer tokens, no
     # stop that mattered); the prior's predictions are scored whole, as bench_prior measured.
@@ -1129,17 +1143,18 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         inputs.fidelity,
         tuple(first.values()),
         names if settings.objective == "pareto" else (),
-        believed,
+        belief,
     )
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
+    observe = belief.observe if belief else None
     if settings.workers > 1 or settings.scheduler:
-        results = _parallel_search(optimizer, session, progress, finished,
-                                   [space.plain_values(c) for c in prior.values()])  # fmt: skip
+        predictions = [space.plain_values(c) for c in prior.values()]
+        results = _parallel_search(optimizer, session, progress, finished, predictions, observe)
     else:
         runner = search.SerialRunner(objective)
         results = search.run_search(optimizer, runner, settings.trials, run.append_trial,
-                                    progress, finished, _full_tokens(session))  # fmt: skip
+                                    progress, finished, _full_tokens(session), observe)  # fmt: skip
     results = search.reevaluate_best(
         results, objective, inputs.fidelity, run.append_trial, finished
     )
@@ -1193,7 +1208,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         time.perf_counter() - started,
         run.read_json(rundir.EVALS) if inputs.evals else None,
         report.baseline_margin(best, full, list(known), len(baselines) - len(full))  # fmt: skip
-        + _prior_sentence(results, prior),
+        + _prior_sentence(results, prior, belief),
         evaluate.error_free_references(session.references, inputs.tasks),
     )
     if settings.objective == "pareto":  # the front is what such a search is for
@@ -1204,7 +1219,8 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     return run.path
 
 
-def _parallel_search(optimizer, session: Session, progress: bool, finished, prior: list):
+def _parallel_search(optimizer, session: Session, progress: bool, finished, prior: list,
+                     observe=None):  # fmt: skip
     """Trials on Dask workers (--workers / --scheduler), each with its own resident sources."""
     from .search import parallel, run_search
 
@@ -1224,7 +1240,7 @@ def _parallel_search(optimizer, session: Session, progress: bool, finished, prio
     with parallel.dask_client(settings.workers, settings.scheduler, settings.device) as client:
         runner = parallel.DaskRunner(optimizer, target, client)
         return run_search(optimizer, runner, settings.trials, session.run.append_trial,
-                          progress, finished, _full_tokens(session))  # fmt: skip
+                          progress, finished, _full_tokens(session), observe)  # fmt: skip
 
 
 def _full_tokens(session: Session) -> int | None:

@@ -61,7 +61,23 @@ MODES = {
     "pibo": ({"prior": True}, "--prior (πBO)"),
     "learned": ({"prior": True}, "--prior-from other seeds"),
     "pairs": ({"prior": True}, "--prior-from other pairs"),
+    # Shown, not run: searches whose πBO belief stayed on the prediction (before BELIEF)
+    "pibo-before": ({"prior": True}, "--prior (πBO), belief on the prediction (before)"),
+    "learned-before": (
+        {"prior": True},
+        "--prior-from other seeds, belief on the prediction (before)",
+    ),
+    "pairs-before": (
+        {"prior": True},
+        "--prior-from other pairs, belief on the prediction (before)",
+    ),
 }
+# Where πBO's belief is (the modes that weight the acquisition: pibo, learned, pairs): since
+# 2026-12-06 on the best scored of the prediction and its variants, dropped where that scored
+# below the best baseline (search.Belief); steps without it ran with the belief on the
+# prediction throughout and are shown as MODE-before.
+BELIEF = "best prediction, dropped below the baselines"
+WEIGHTED = ("pibo", "learned", "pairs")
 # The prior's rule the steps of the modes above but "default" (and suggest) were measured
 # with: a step of another rule is run again. "balanced": prior.py's rule with each task
 # vector scaled to the weakest one's norm (before: weights from cosine and relative norm only).
@@ -106,9 +122,21 @@ def current(record: dict) -> bool:
     if not record["step"].startswith("search:"):
         return record.get("rule") == RULE
     _, _, mode, trials, seed = record["step"].split(":")
-    ours = _settings(mode, int(trials), int(seed), []).model_dump(mode="json")
+    ours = _settings(mode.removesuffix("-before"), int(trials), int(seed), [])
     theirs = dict(record.get("settings", {}), prior_from=[])
-    return theirs == ours and (mode == "default" or record.get("rule") == RULE)
+    return theirs == ours.model_dump(mode="json") and (
+        mode == "default" or record.get("rule") == RULE
+    )
+
+
+def as_run(record: dict) -> dict:
+    """A step of a weighted mode from before BELIEF, named MODE-before (shown, never resumed)."""
+    if not record["step"].startswith("search:"):
+        return record
+    _, pair, mode, trials, seed = record["step"].split(":")
+    if mode in WEIGHTED and record.get("belief") != BELIEF:
+        return dict(record, step=f"search:{pair}:{mode}-before:{trials}:{seed}")
+    return record
 
 
 def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done: dict) -> dict:
@@ -116,6 +144,7 @@ def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done:
     rule or other settings is replaced)."""
     settings = _settings(mode, trials, seed, learned_from(pair, mode, trials, seed, done))
     ruled = mode if mode == "default" else f"{mode}-{RULE}"  # another rule: another folder
+    ruled += "-best" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
     out = search_folder(digest, f"prior:{pair}:{ruled}:{trials}:{seed}")
     same = (out / rundir.SETTINGS).is_file() and rundir.RunRecord.read(
         out).settings.model_dump(mode="json") == settings.model_dump(mode="json")  # fmt: skip
@@ -127,6 +156,7 @@ def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done:
     return {
         "rule": RULE,
         "racing": RACING_RULE,
+        **({"belief": BELIEF} if mode in WEIGHTED else {}),
         "run": stored_path(out),
         "best_H": best["harmonic_mean"],
         "best_config": best["config"],
@@ -205,6 +235,9 @@ def render(builds: dict, pairs, seeds, trials: int, digests: dict) -> str:
             order.remove(digests[pair])
             order.append(digests[pair])
         for digest in order:
+            ran = {k.split(":")[2] for k in builds[(pair, digest)] if k.startswith("search:")}
+            if digests.get(pair) != digest and not ran - {"default"}:
+                continue  # an earlier build's default searches alone compare nothing
             now = " (built on this machine now)" if digests.get(pair) == digest else ""
             title = f"{pair}, models {digest}{now}"
             lines.append(_pair_section(pair, title, builds[(pair, digest)], seeds, trials))
@@ -212,7 +245,8 @@ def render(builds: dict, pairs, seeds, trials: int, digests: dict) -> str:
 
 
 def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
-    others = [m for m in MODES if m != "default"]
+    ran = {k.split(":")[2] for k in done if k.startswith("search:")}
+    others = [m for m in MODES if m != "default" and m in ran]
     columns = [MODES[m][1] for m in others]
     rows = ["| seed | default best H | trials to reach it: default | "
             + " | ".join(columns) + " | minutes: default | " + " | ".join(columns)
@@ -306,7 +340,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--modes", default=",".join(MODES), help="which searches to run, in this order"
+        "--modes",
+        default=",".join(m for m in MODES if not m.endswith("-before")),
+        help="which searches to run, in this order",
     )
     parser.add_argument("--work", type=Path, default=CACHE / "prior-runs",
                         help="the test split's session and suggest's recipes")  # fmt: skip
@@ -316,8 +352,9 @@ def main() -> None:
     pairs = [p for p in args.pairs.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    if unknown := [m for m in modes if m not in MODES]:
-        parser.error(f"--modes: no such mode {', '.join(unknown)} (modes: {', '.join(MODES)})")
+    runnable = [m for m in MODES if not m.endswith("-before")]
+    if unknown := [m for m in modes if m not in runnable]:
+        parser.error(f"--modes: no such mode {', '.join(unknown)} (modes: {', '.join(runnable)})")
     if "demo" in pairs and not args.render:
         build_demo_models(DEMO, seed=0, progress=False)
     steps_file = args.results / "prior-steps.jsonl"
@@ -334,7 +371,7 @@ def main() -> None:
         again: --prior-from needs its trials). Read again before each step: the default
         searches "learned" and "pairs" learn from may be another process's."""
         builds, _ = steps_by_build(steps_file, lambda s: s.split(":")[1])
-        builds = {key: {k: r for k, r in found.items() if current(r)}
+        builds = {key: {r["step"]: r for r in map(as_run, found.values()) if current(r)}
                   for key, found in builds.items()}  # fmt: skip
         done = {k: r for (pair, digest), found in builds.items() if digests.get(pair) == digest
                 for k, r in found.items()

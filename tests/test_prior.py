@@ -12,6 +12,7 @@ import numpy
 import pytest
 import torch
 from click.testing import CliRunner
+from ConfigSpace import Configuration
 from conftest import short_search_arguments
 from safetensors.torch import load_file, save_file
 
@@ -22,7 +23,7 @@ from automerge_mk.prior import balance, block_choice, learned_choice, prior_plan
 from automerge_mk.rundir import RunDir, RunRecord
 from automerge_mk.segment import segment_model
 from automerge_mk.settings import SearchSettings
-from automerge_mk.types import Block, BlockChoice
+from automerge_mk.types import Block, BlockChoice, TrialResult
 
 BIN = Path(sys.executable).parent
 
@@ -207,8 +208,8 @@ def test_prior_acquisition_prefers_the_belief_and_counts_inactive_parameters_as_
     from smac.acquisition.function import EI
     from smac.model.random_forest import RandomForest
 
-    from automerge_mk.search.optimizer import _ConditionalPrior
-    from automerge_mk.space import build_space, with_prior
+    from automerge_mk.search.optimizer import Belief, _ConditionalPrior
+    from automerge_mk.space import build_space
 
     settings = SearchSettings(methods=("task_arithmetic", "ties", "linear"))
     # Two blocks whose names sort otherwise than they come: the columns must still match.
@@ -216,7 +217,8 @@ def test_prior_acquisition_prefers_the_belief_and_counts_inactive_parameters_as_
     space = build_space(blocks, ("a", "b"), settings)
     believed = {"L2:method": "ties", "L2:mix": 0.5, "L2:density:a": 0.3, "L2:density:b": 0.3,
                 "L10:method": "linear", "L10:mix": 0.5}  # fmt: skip
-    prior = _ConditionalPrior(EI(), 5.0, with_prior(space, Configuration(space, believed), 0))
+    belief = Belief(space, {"prior": believed}, [], 0)
+    prior = _ConditionalPrior(EI(), 5.0, belief)
     prior.model = RandomForest(space, seed=0)
     near = Configuration(space, believed)
     farther = Configuration(space, believed | {"L2:mix": 0.3, "L10:mix": 0.7})
@@ -231,13 +233,76 @@ def test_prior_acquisition_prefers_the_belief_and_counts_inactive_parameters_as_
     assert near_v > swapped_v > 0  # the same values in the other blocks: methods decide
 
 
-def test_prior_acquisition_draws_the_proposals_after_the_design_toward_the_prediction(
-    demo_models, tmp_path
+def _trial(number: int, config: dict, h: float, partial: bool = False) -> TrialResult:
+    return TrialResult(trial=number, status="ok", config=config, cost=1 - h, harmonic_mean=h,
+                       tasks={}, seconds={}, partial=partial)  # fmt: skip
+
+
+def test_the_belief_moves_to_the_best_scored_prediction_or_is_dropped_below_the_baselines():
+    from smac.acquisition.function import EI
+    from smac.model.random_forest import RandomForest
+
+    from automerge_mk.search.optimizer import Belief, _ConditionalPrior
+    from automerge_mk.space import build_space
+
+    blocks = (Block(name="L0", tensors=("L0",), filters=("L0",), parameters=1),)
+    space = build_space(blocks, ("a", "b"), SearchSettings(methods=("task_arithmetic",)))
+
+    def config(mix: float, scale: float) -> dict:
+        return {"L0:method": "task_arithmetic", "L0:mix": mix, "L0:scale": scale}
+
+    centres = {"prior": config(0.5, 1.0), "prior x1.25": config(0.5, 1.25),
+               "prior, full balance": config(0.3, 1.0)}  # fmt: skip
+    baselines = [config(0.5, 0.5), config(0.5, 1.0)]  # the second is also the prediction
+    assert set(centres["prior"]) == set(space)  # every parameter named: a valid configuration
+
+    def centre(belief: Belief) -> tuple[float, float]:
+        return belief.believed["L0:mix"].mu, belief.believed["L0:scale"].mu
+
+    belief = Belief(space, centres, baselines, 0)
+    first = [_trial(0, baselines[0], 0.60), _trial(1, baselines[1], 0.70)]
+    belief.observe(first + [_trial(2, centres["prior x1.25"], 0.90)])
+    assert not belief.settled and centre(belief) == (0.5, 1.0)  # the rule's until all scored
+    scored = first + [_trial(2, centres["prior x1.25"], 0.90),
+                      _trial(3, centres["prior, full balance"], 0.80)]  # fmt: skip
+    belief.observe(scored)  # the prediction itself is a baseline's configuration: 0.70
+    assert belief.label == "prior x1.25" and centre(belief) == (0.5, 1.25)
+    belief.observe([*scored, _trial(4, centres["prior"], 0.99)])  # settled: stays
+    assert belief.label == "prior x1.25"
+
+    # Every candidate below the best baseline scored on all of its data: dropped, and the
+    # acquisition's prior is 1 everywhere (plain expected improvement).
+    low = [_trial(0, baselines[0], 0.95), _trial(1, baselines[1], 0.70),
+           _trial(2, centres["prior x1.25"], 0.90),
+           _trial(3, centres["prior, full balance"], 0.80)]  # fmt: skip
+    dropped = Belief(space, centres, baselines, 0)
+    dropped.observe(low)
+    assert dropped.settled and dropped.label is None and dropped.believed is None
+    prior = _ConditionalPrior(EI(), 5.0, dropped)
+    prior.model = RandomForest(space, seed=0)
+    vectors = numpy.array([Configuration(space, c).get_array() for c in centres.values()])
+    assert (prior._compute_prior(vectors) == 1).all()
+    # A baseline stopped early (racing) is no bar; a candidate stopped early never centres.
+    raced = Belief(space, centres, baselines, 0)
+    raced.observe([_trial(0, baselines[0], 0.95, partial=True), *low[1:3],
+                   _trial(3, centres["prior, full balance"], 0.99, partial=True)])  # fmt: skip
+    assert raced.label == "prior x1.25"
+
+
+# On the demo every prediction scores below linear's baseline (scripts/results/prior.md):
+# with the baselines the belief is dropped; without them it is centred on the best prediction.
+@pytest.mark.parametrize("with_baselines", [True, False], ids=["dropped", "centred"])
+def test_prior_acquisition_draws_the_proposals_after_the_design_toward_the_belief(
+    demo_models, tmp_path, with_baselines
 ):
+    from automerge_mk.search.optimizer import Belief
+    from automerge_mk.space import build_space
+
     runs = {}
+    first = [] if with_baselines else ["--no-baselines-first"]
     for name, extra in (("weighted", []), ("design-only", ["--no-prior-acquisition"])):
         out = tmp_path / name
-        arguments = short_search_arguments(demo_models, out, 22) + ["--prior", *extra]
+        arguments = short_search_arguments(demo_models, out, 22) + ["--prior", *first, *extra]
         arguments += ["--eval-dtype", "float32"]  # auto times both: a busy CPU could differ
         result = CliRunner().invoke(main, arguments)
         assert result.exit_code == 0, result.output + repr(result.exception)
@@ -247,23 +312,36 @@ def test_prior_acquisition_draws_the_proposals_after_the_design_toward_the_predi
     predicted = json.loads((tmp_path / "weighted" / "prior.json").read_text())["configs"]
     design = len(known) + len([c for c in predicted.values() if c not in known]) + 4
     assert runs["weighted"][:design] == runs["design-only"][:design]  # the same start
-    from ConfigSpace import Configuration
-
-    from automerge_mk.space import build_space, with_prior
-
     record = RunRecord.read(tmp_path / "weighted")
     space = build_space(record.blocks, record.names, record.settings)
-    believed = dict(with_prior(space, Configuration(space, predicted["prior"]), 0))
+    belief = Belief(space, predicted, known, 0)  # where the search's belief settled
+    belief.observe(RunDir(tmp_path / "weighted").trials())
+    summary = (tmp_path / "weighted" / "summary.md").read_text()
+    after = {name: configs[design:] for name, configs in runs.items()}
+    assert (belief.believed is None) == with_baselines
+    if belief.believed is None:  # every prediction below a baseline: plain EI, as design-only
+        assert "dropped" in summary, summary
+        assert after["weighted"] == after["design-only"]
+        return
+    assert f"centred on {belief.label}" in summary, summary
 
     def log_prior(config) -> float:  # the density πBO weighs by, over the active values
         vector = Configuration(space, values=config).get_array()
         return sum(float(numpy.log(hp.pdf_vector(numpy.array([v]))[0] + 1e-300))
-                   for hp, v in zip(believed.values(), vector) if not numpy.isnan(v))  # fmt: skip
+                   for hp, v in zip(belief.believed.values(), vector)
+                   if not numpy.isnan(v))  # fmt: skip
 
-    after = {name: configs[design:] for name, configs in runs.items()}
     assert after["weighted"] != after["design-only"]
     mean = {name: sum(map(log_prior, c)) / len(c) for name, c in after.items()}
     assert mean["weighted"] > mean["design-only"], mean
+    # Resumed after the belief moved, it settles again from the replayed trials: the same run.
+    out = tmp_path / "weighted"
+    lines = (out / "trials.jsonl").read_text().splitlines(keepends=True)
+    (out / "trials.jsonl").write_text("".join(lines[: design + 3]))
+    shutil.rmtree(out / "model")
+    resumed = CliRunner().invoke(main, ["search", "--resume", str(out), "--quiet"])
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    assert [t.config for t in RunDir(out).trials()] == runs["weighted"]
 
 
 def test_learned_choice_follows_the_nearest_blocks_and_matches_sources_by_norm():

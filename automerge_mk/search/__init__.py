@@ -5,11 +5,19 @@ apart from how (optimizer.py: SMAC's facades), from the one loop that asks and t
 
 from .loop import SerialRunner, reevaluate_best, run_search
 from .objective import WORST_COST, Fidelity, MergeObjective, failed_result
-from .optimizer import check_same_space, make_optimizer, tell_recorded, trial_value, warm_start
+from .optimizer import (
+    Belief,
+    check_same_space,
+    make_optimizer,
+    tell_recorded,
+    trial_value,
+    warm_start,
+)
 from .racing import Race
 
 __all__ = [
     "WORST_COST",
+    "Belief",
     "Fidelity",
     "MergeObjective",
     "Race",

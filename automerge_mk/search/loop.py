@@ -90,9 +90,11 @@ def run_search(
     progress: bool = True,
     finished: Sequence[TrialResult] = (),
     full_tokens: int | None = None,
+    observe: Callable[[list[TrialResult]], None] | None = None,
 ) -> list[TrialResult]:
     """Ask, run, tell and record until `trials` trials are finished (`full_tokens`: forward
-    positions of one trial on all of the data, for the progress bar).
+    positions of one trial on all of the data, for the progress bar; `observe`: also shown
+    the trials so far after each, as the runner is, e.g. optimizer.Belief.observe).
 
     `finished` trials of an interrupted run are never run again: a replaying runner's
     optimiser proposes them again and is told their recorded results; otherwise they are told
@@ -108,7 +110,9 @@ def run_search(
     results: list[TrialResult] = [] if runner.replays else list(finished)
     for result in results:
         tell_recorded(optimizer, result, result.budget)
-    runner.observe(results)
+    observers = [runner.observe, *([observe] if observe else [])]
+    for seen in observers:
+        seen(results)
     asked: dict[int, float] = {}  # id(TrialInfo) -> seconds its ask took
     bar = tqdm(total=trials, initial=len(results), desc="search", unit="trial",
                disable=not progress)  # fmt: skip
@@ -116,7 +120,8 @@ def run_search(
 
     def show(result: TrialResult) -> None:
         results.append(result)
-        runner.observe(results)
+        for seen in observers:
+            seen(results)
         best = best_trial(results)
         rate = 3600 * len(results) / (time.perf_counter() - started)
         bar.set_postfix(
