@@ -58,20 +58,14 @@ PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchma
 MODES = {
     "default": ({}, "default"),
     "prior": ({"prior": True, "prior_acquisition": False}, "--prior, design only"),
+    # MODE-before: shown, not run: searches whose πBO belief stayed on the prediction (BELIEF)
+    "pibo-before": ({"prior": True}, "--prior (πBO), belief on the prediction"),
     "pibo": ({"prior": True}, "--prior (πBO)"),
+    "learned-before": ({"prior": True}, "--prior-from other seeds, belief on the prediction"),
     "learned": ({"prior": True}, "--prior-from other seeds"),
+    "pairs-before": ({"prior": True}, "--prior-from other pairs, belief on the prediction"),
     "pairs": ({"prior": True}, "--prior-from other pairs"),
-    # Shown, not run: searches whose πBO belief stayed on the prediction (before BELIEF)
-    "pibo-before": ({"prior": True}, "--prior (πBO), belief on the prediction (before)"),
-    "learned-before": (
-        {"prior": True},
-        "--prior-from other seeds, belief on the prediction (before)",
-    ),
-    "pairs-before": (
-        {"prior": True},
-        "--prior-from other pairs, belief on the prediction (before)",
-    ),
-}
+}  # fmt: skip
 # Where πBO's belief is (the modes that weight the acquisition: pibo, learned, pairs): since
 # 2026-12-06 on the best scored of the prediction and its variants, dropped where that scored
 # below the best baseline (search.Belief); steps without it ran with the belief on the
@@ -370,8 +364,8 @@ def main() -> None:
         may skip (a search whose folder is gone, an earlier session's under ~/.cache, is run
         again: --prior-from needs its trials). Read again before each step: the default
         searches "learned" and "pairs" learn from may be another process's."""
-        builds, _ = steps_by_build(steps_file, lambda s: s.split(":")[1])
-        builds = {key: {r["step"]: r for r in map(as_run, found.values()) if current(r)}
+        builds, _ = steps_by_build(steps_file, lambda s: s.split(":")[1], as_run)
+        builds = {key: {k: r for k, r in found.items() if current(r)}
                   for key, found in builds.items()}  # fmt: skip
         done = {k: r for (pair, digest), found in builds.items() if digests.get(pair) == digest
                 for k, r in found.items()

@@ -77,12 +77,15 @@ def current_steps(steps_file: Path, digests: dict[str, str], pair_of) -> tuple[d
     return {r["step"]: r for r in ours}, len(records) - len(ours)
 
 
-def steps_by_build(steps_file: Path, pair_of) -> tuple[dict[tuple[str, str], dict], int]:
+def steps_by_build(
+    steps_file: Path, pair_of, name=lambda record: record
+) -> tuple[dict[tuple[str, str], dict], int]:
     """Every finished step recorded, by (pair, models digest), in the order the builds first
-    appear (a later line of a step replaces an earlier one), and how many lines carry no
-    digest (written before steps were tagged: their build is unknown)."""
+    appear (a later line of a step replaces an earlier one; `name`: record -> the record as
+    the script names it, before that), and how many lines carry no digest (written before
+    steps were tagged: their build is unknown)."""
     lines = steps_file.read_text().splitlines() if steps_file.is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = [name(json.loads(line)) for line in lines if line.strip()]
     builds: dict[tuple[str, str], dict] = {}
     for record in records:
         if record.get("models"):
