@@ -301,9 +301,11 @@ def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
             "seeds are left out of the trial ratios above and count in the final best H."
         )
     text.append(
-        "πBO multiplies the acquisition by the prior, so it is as good as the prediction: "
-        "compare the `suggest` rows below with the baselines (the prediction scored "
-        "alone). --prior-from other seeds learns from runs of the same models, the most a "
+        "πBO multiplies the acquisition by a prior centred on the best scored of the "
+        "prediction and its variants (on the prediction, in the columns 'belief on the "
+        "prediction'), and drops it where they scored below the best baseline: it is as good "
+        "as they are: compare the `suggest` rows below with the baselines (the predictions "
+        "scored alone). --prior-from other seeds learns from runs of the same models, the most a "
         "user who merges again can expect; from other pairs it can only be as good as "
         "their blocks are alike."
     )
