@@ -41,9 +41,10 @@ class Belief:
 
     The prior's rule predicts a configuration and variants of it (prior.prior_plans), all
     evaluated right after the baselines. The belief starts at the rule's prediction
-    (`centres`' first) and, once every candidate centre has been scored on all of the data,
-    moves to the best of them; where even that one scored below the best baseline scored on
-    all of the data, the belief is dropped and the acquisition is SMAC's plain expected
+    (`centres`' first) and, once every candidate centre has a result, moves to the best of
+    them scored on all of the data (the search never races them; one stopped early would not
+    count); where even that one scored below the best baseline scored on all of the data, the
+    belief is dropped and the acquisition is SMAC's plain expected
     improvement. bench_prior measured why (scripts/results/prior.md): on both SmolLM2 pairs a
     variant beat the prediction in every seed (sentiment-wordnet: full balance, validation H
     1.05 vs 0.94; langid-digits: weights x1.25, 0.77 vs 0.65), and on the demo every candidate
