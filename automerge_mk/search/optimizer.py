@@ -44,8 +44,8 @@ class Belief:
     (`centres`' first) and, once every candidate centre has a result, moves to the best of
     them scored on all of the data (the search never races them; one stopped early would not
     count); where even that one scored below the best baseline scored on all of the data, the
-    belief is dropped and the acquisition is SMAC's plain expected
-    improvement. bench_prior measured why (scripts/results/prior.md): on both SmolLM2 pairs a
+    belief is dropped and the acquisition is SMAC's plain expected improvement. bench_prior
+    measured why (scripts/results/prior.md): on both SmolLM2 pairs a
     variant beat the prediction in every seed (sentiment-wordnet: full balance, validation H
     1.05 vs 0.94; langid-digits: weights x1.25, 0.77 vs 0.65), and on the demo every candidate
     scored below linear's 0.63 (0.54-0.57), where a prior centred on the prediction kept the
@@ -77,8 +77,7 @@ class Belief:
         full = [r for r in results if r.status == "ok" and not r.partial]
         scored = {}
         for label, config in self._centres.items():
-            found = [r.harmonic_mean for r in results if r.config == config]
-            if not found:
+            if not any(r.config == config for r in results):
                 return  # not scored yet
             ours = [r.harmonic_mean for r in full if r.config == config]
             scored[label] = max(ours) if ours else -np.inf  # stopped early: below the best
