@@ -914,8 +914,8 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
 
 def _belief(space_, predicted: dict, known: dict, settings: SearchSettings):
     """--prior-acquisition's belief (πBO, search.Belief): centred on the predicted
-    configuration, then on the best scored of it and its variants, checked against the
-    baselines (`known`); or None (said why) where the acquisition cannot take it."""
+    configuration, then on the best scored of it, its variants and the baselines (`known`),
+    where the initial design ends; or None (said why) where the acquisition cannot take it."""
     from . import search, space
 
     if not (settings.prior and settings.prior_acquisition):
@@ -933,7 +933,7 @@ def _belief(space_, predicted: dict, known: dict, settings: SearchSettings):
     return search.Belief(
         space_,
         {label: space.plain_values(c) for label, c in predicted.items()},
-        [space.plain_values(c) for c in known.values()],
+        {label: space.plain_values(c) for label, c in known.items()},
         settings.seed,
     )
 
@@ -945,10 +945,8 @@ def _prior_sentence(results: list[TrialResult], prior: dict, belief=None) -> str
 
     where = ""
     if belief is not None and belief.settled:
-        where = (f" πBO's belief was centred on {belief.label} after them" if belief.label
-                 else " πBO's belief was dropped after them (every prediction scored below the "
-                 "best baseline): the search went on with plain expected improvement")  # fmt: skip
-        where += "."
+        where = (f" After them the search went on around the best start, {belief.label} "
+                 "(πBO's belief, in place of the rest of the Sobol design).")  # fmt: skip
 
     wanted = {json.dumps(space.plain_values(c), sort_keys=True): k for k, c in prior.items()}
     found = [(wanted[key], t) for t in results

@@ -104,11 +104,12 @@ class SearchSettings(Frozen):
     )
     prior_acquisition: bool = Field(
         True,
-        description="With --prior, also weight SMAC's acquisition toward the predicted merge "
-        "(πBO: expected improvement times a prior centred on it, half the method choice and "
-        "a normal of 15 % of each range per value, fading as trials accumulate); off (and "
-        "with --optimizer random or --fidelity): the prediction is only in the initial "
-        "design.",
+        description="With --prior, search around the best start once the predictions are "
+        "scored: the Sobol design ends there, and SMAC's acquisition is weighted toward the "
+        "best of the baselines and predictions (πBO: expected improvement times a prior "
+        "centred on it, half the method choice and a normal of 15 % of each range per value, "
+        "fading as trials accumulate); off (and with --optimizer random or --fidelity): the "
+        "predictions are only added to the initial design.",
     )
     prior_from: tuple[str, ...] = Field(
         (),

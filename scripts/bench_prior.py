@@ -58,19 +58,24 @@ PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchma
 MODES = {
     "default": ({}, "default"),
     "prior": ({"prior": True, "prior_acquisition": False}, "--prior, design only"),
-    # MODE-before: shown, not run: searches whose πBO belief stayed on the prediction (BELIEF)
+    # MODE-SUFFIX: shown, not run: searches of an earlier belief (BELIEF, EARLIER)
     "pibo-before": ({"prior": True}, "--prior (πBO), belief on the prediction"),
+    "pibo-checked": ({"prior": True}, "--prior (πBO), belief checked, Sobol design"),
     "pibo": ({"prior": True}, "--prior (πBO)"),
     "learned-before": ({"prior": True}, "--prior-from other seeds, belief on the prediction"),
+    "learned-checked": ({"prior": True}, "--prior-from other seeds, belief checked, Sobol design"),
     "learned": ({"prior": True}, "--prior-from other seeds"),
     "pairs-before": ({"prior": True}, "--prior-from other pairs, belief on the prediction"),
+    "pairs-checked": ({"prior": True}, "--prior-from other pairs, belief checked, Sobol design"),
     "pairs": ({"prior": True}, "--prior-from other pairs"),
 }  # fmt: skip
 # Where πBO's belief is (the modes that weight the acquisition: pibo, learned, pairs): since
-# 2026-12-06 on the best scored of the prediction and its variants, dropped where that scored
-# below the best baseline (search.Belief); steps without it ran with the belief on the
-# prediction throughout and are shown as MODE-before.
-BELIEF = "best prediction, dropped below the baselines"
+# 2026-12-07 on the best scored of the predictions and the baselines, where the Sobol design
+# ends (search.Belief). Steps of an earlier belief are shown as MODE-SUFFIX (EARLIER): with the
+# belief on the prediction throughout ("before"), or on the best prediction, dropped where a
+# baseline beat it, with the Sobol design kept ("checked").
+BELIEF = "best start, design ended"
+EARLIER = {None: "before", "best prediction, dropped below the baselines": "checked"}
 WEIGHTED = ("pibo", "learned", "pairs")
 # The prior's rule the steps of the modes above but "default" (and suggest) were measured
 # with: a step of another rule is run again. "balanced": prior.py's rule with each task
@@ -116,7 +121,7 @@ def current(record: dict) -> bool:
     if not record["step"].startswith("search:"):
         return record.get("rule") == RULE
     _, _, mode, trials, seed = record["step"].split(":")
-    ours = _settings(mode.removesuffix("-before"), int(trials), int(seed), [])
+    ours = _settings(mode.split("-")[0], int(trials), int(seed), [])
     theirs = dict(record.get("settings", {}), prior_from=[])
     return theirs == ours.model_dump(mode="json") and (
         mode == "default" or record.get("rule") == RULE
@@ -124,12 +129,14 @@ def current(record: dict) -> bool:
 
 
 def as_run(record: dict) -> dict:
-    """A step of a weighted mode from before BELIEF, named MODE-before (shown, never resumed)."""
+    """A step of a weighted mode from before BELIEF, named MODE-SUFFIX (EARLIER; shown, never
+    resumed)."""
     if not record["step"].startswith("search:"):
         return record
     _, pair, mode, trials, seed = record["step"].split(":")
     if mode in WEIGHTED and record.get("belief") != BELIEF:
-        return dict(record, step=f"search:{pair}:{mode}-before:{trials}:{seed}")
+        earlier = EARLIER[record.get("belief")]
+        return dict(record, step=f"search:{pair}:{mode}-{earlier}:{trials}:{seed}")
     return record
 
 
@@ -138,7 +145,7 @@ def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done:
     rule or other settings is replaced)."""
     settings = _settings(mode, trials, seed, learned_from(pair, mode, trials, seed, done))
     ruled = mode if mode == "default" else f"{mode}-{RULE}"  # another rule: another folder
-    ruled += "-best" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
+    ruled += "-start" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
     out = search_folder(digest, f"prior:{pair}:{ruled}:{trials}:{seed}")
     same = (out / rundir.SETTINGS).is_file() and rundir.RunRecord.read(
         out).settings.model_dump(mode="json") == settings.model_dump(mode="json")  # fmt: skip
@@ -301,11 +308,12 @@ def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
             "seeds are left out of the trial ratios above and count in the final best H."
         )
     text.append(
-        "πBO multiplies the acquisition by a prior centred on the best scored of the "
-        "prediction and its variants (on the prediction, in the columns 'belief on the "
-        "prediction'), and drops it where they scored below the best baseline: it is as good "
-        "as they are: compare the `suggest` rows below with the baselines (the predictions "
-        "scored alone). --prior-from other seeds learns from runs of the same models, the most a "
+        "πBO multiplies the acquisition by a prior centred on the best start: the best "
+        "scored of the baselines, the prediction and its variants, where the Sobol design "
+        "ends. Earlier columns: 'belief on the prediction' kept it on the prediction; 'belief "
+        "checked, Sobol design' centred it on the best prediction, dropped it where a "
+        "baseline beat them, and kept the Sobol design. Compare the `suggest` rows below with "
+        "the baselines (the predictions scored alone). --prior-from other seeds learns from runs of the same models, the most a "
         "user who merges again can expect; from other pairs it can only be as good as "
         "their blocks are alike."
     )
@@ -337,7 +345,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--modes",
-        default=",".join(m for m in MODES if not m.endswith("-before")),
+        default=",".join(m for m in MODES if "-" not in m),
         help="which searches to run, in this order",
     )
     parser.add_argument("--work", type=Path, default=CACHE / "prior-runs",
@@ -348,7 +356,7 @@ def main() -> None:
     pairs = [p for p in args.pairs.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",")]
     modes = [m for m in args.modes.split(",") if m]
-    runnable = [m for m in MODES if not m.endswith("-before")]
+    runnable = [m for m in MODES if "-" not in m]
     if unknown := [m for m in modes if m not in runnable]:
         parser.error(f"--modes: no such mode {', '.join(unknown)} (modes: {', '.join(runnable)})")
     if "demo" in pairs and not args.render:

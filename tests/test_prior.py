@@ -217,7 +217,7 @@ def test_prior_acquisition_prefers_the_belief_and_counts_inactive_parameters_as_
     space = build_space(blocks, ("a", "b"), settings)
     believed = {"L2:method": "ties", "L2:mix": 0.5, "L2:density:a": 0.3, "L2:density:b": 0.3,
                 "L10:method": "linear", "L10:mix": 0.5}  # fmt: skip
-    belief = Belief(space, {"prior": believed}, [], 0)
+    belief = Belief(space, {"prior": believed}, {}, 0)
     prior = _ConditionalPrior(EI(), 5.0, belief)
     prior.model = RandomForest(space, seed=0)
     near = Configuration(space, believed)
@@ -238,11 +238,8 @@ def _trial(number: int, config: dict, h: float, partial: bool = False) -> TrialR
                        tasks={}, seconds={}, partial=partial)  # fmt: skip
 
 
-def test_the_belief_moves_to_the_best_scored_prediction_or_is_dropped_below_the_baselines():
-    from smac.acquisition.function import EI
-    from smac.model.random_forest import RandomForest
-
-    from automerge_mk.search.optimizer import Belief, _ConditionalPrior
+def test_the_belief_settles_on_the_best_start_and_ends_the_design():
+    from automerge_mk.search.optimizer import Belief
     from automerge_mk.space import build_space
 
     blocks = (Block(name="L0", tensors=("L0",), filters=("L0",), parameters=1),)
@@ -253,46 +250,51 @@ def test_the_belief_moves_to_the_best_scored_prediction_or_is_dropped_below_the_
 
     centres = {"prior": config(0.5, 1.0), "prior x1.25": config(0.5, 1.25),
                "prior, full balance": config(0.3, 1.0)}  # fmt: skip
-    baselines = [config(0.5, 0.5), config(0.5, 1.0)]  # the second is also the prediction
+    baselines = {"w=0.5": config(0.5, 0.5), "w=1": config(0.5, 1.0)}  # w=1 is the prediction
     assert set(centres["prior"]) == set(space)  # every parameter named: a valid configuration
 
     def centre(belief: Belief) -> tuple[float, float]:
         return belief.believed["L0:mix"].mu, belief.believed["L0:scale"].mu
 
+    def following(belief: Belief) -> list:  # the design as SMAC holds it: 2 known, 3 Sobol
+        design = ["w=0.5", "w=1", "sobol 1", "sobol 2", "sobol 3"]
+        belief.follow(design, 2)
+        return design
+
     belief = Belief(space, centres, baselines, 0)
-    first = [_trial(0, baselines[0], 0.60), _trial(1, baselines[1], 0.70)]
+    design = following(belief)
+    first = [_trial(0, baselines["w=0.5"], 0.60), _trial(1, baselines["w=1"], 0.70)]
     belief.observe(first + [_trial(2, centres["prior x1.25"], 0.90)])
     assert not belief.settled and centre(belief) == (0.5, 1.0)  # the rule's until all scored
+    assert belief.design_size() == 5 and len(design) == 5
     scored = first + [_trial(2, centres["prior x1.25"], 0.90),
                       _trial(3, centres["prior, full balance"], 0.80)]  # fmt: skip
     belief.observe(scored)  # the prediction itself is a baseline's configuration: 0.70
     assert belief.label == "prior x1.25" and centre(belief) == (0.5, 1.25)
+    assert design == ["w=0.5", "w=1"] and belief.design_size() == 2  # the Sobol points cut
     belief.observe([*scored, _trial(4, centres["prior"], 0.99)])  # settled: stays
     assert belief.label == "prior x1.25"
 
-    # Every candidate below the best baseline scored on all of its data: dropped, and the
-    # acquisition's prior is 1 everywhere (plain expected improvement).
-    low = [_trial(0, baselines[0], 0.95), _trial(1, baselines[1], 0.70),
+    # A baseline above every candidate centres the belief (it is the best start there is).
+    low = [_trial(0, baselines["w=0.5"], 0.95), _trial(1, baselines["w=1"], 0.70),
            _trial(2, centres["prior x1.25"], 0.90),
            _trial(3, centres["prior, full balance"], 0.80)]  # fmt: skip
-    dropped = Belief(space, centres, baselines, 0)
-    dropped.observe(low)
-    assert dropped.settled and dropped.label is None and dropped.believed is None
-    prior = _ConditionalPrior(EI(), 5.0, dropped)
-    prior.model = RandomForest(space, seed=0)
-    vectors = numpy.array([Configuration(space, c).get_array() for c in centres.values()])
-    assert (prior._compute_prior(vectors) == 1).all()
-    # A baseline stopped early (racing) is no bar; a candidate stopped early never centres.
+    below = Belief(space, centres, baselines, 0)
+    following(below)
+    below.observe(low)
+    assert below.settled and below.label == "w=0.5" and centre(below) == (0.5, 0.5)
+    # A trial stopped early (racing) never centres it: it was not scored on all of the data.
     raced = Belief(space, centres, baselines, 0)
-    raced.observe([_trial(0, baselines[0], 0.95, partial=True), *low[1:3],
+    following(raced)
+    raced.observe([_trial(0, baselines["w=0.5"], 0.95, partial=True), *low[1:3],
                    _trial(3, centres["prior, full balance"], 0.99, partial=True)])  # fmt: skip
     assert raced.label == "prior x1.25"
 
 
 # On the demo every prediction scores below linear's baseline (scripts/results/prior.md):
-# with the baselines the belief is dropped; without them it is centred on the best prediction.
-@pytest.mark.parametrize("with_baselines", [True, False], ids=["dropped", "centred"])
-def test_prior_acquisition_draws_the_proposals_after_the_design_toward_the_belief(
+# with the baselines the belief settles on a baseline; without them on the best prediction.
+@pytest.mark.parametrize("with_baselines", [True, False], ids=["on-a-baseline", "on-a-prediction"])
+def test_prior_acquisition_ends_the_design_and_searches_around_the_best_start(
     demo_models, tmp_path, with_baselines
 ):
     from automerge_mk.search.optimizer import Belief
@@ -308,22 +310,21 @@ def test_prior_acquisition_draws_the_proposals_after_the_design_toward_the_belie
         assert result.exit_code == 0, result.output + repr(result.exception)
         runs[name] = [t.config for t in RunDir(out).trials()]
     baselines = json.loads((tmp_path / "weighted" / "baselines.json").read_text())
-    known = runs["weighted"][: len([b for b in baselines.values() if "trial" in b])]
+    known = {label: runs["weighted"][b["trial"]] for label, b in baselines.items() if "trial" in b}
     predicted = json.loads((tmp_path / "weighted" / "prior.json").read_text())["configs"]
-    design = len(known) + len([c for c in predicted.values() if c not in known]) + 4
+    design = len(known) + len([c for c in predicted.values() if c not in known.values()])
     assert runs["weighted"][:design] == runs["design-only"][:design]  # the same start
+    sobol = runs["design-only"][design : design + 4]  # --initial 4: what the design had left
+    assert len(sobol) == 4 and not any(c in runs["weighted"] for c in sobol)
     record = RunRecord.read(tmp_path / "weighted")
     space = build_space(record.blocks, record.names, record.settings)
     belief = Belief(space, predicted, known, 0)  # where the search's belief settled
+    belief.follow([], 0)
     belief.observe(RunDir(tmp_path / "weighted").trials())
+    assert belief.settled and belief.label in (known if with_baselines else predicted)
     summary = (tmp_path / "weighted" / "summary.md").read_text()
+    assert f"around the best start, {belief.label}" in summary, summary
     after = {name: configs[design:] for name, configs in runs.items()}
-    assert (belief.believed is None) == with_baselines
-    if belief.believed is None:  # every prediction below a baseline: plain EI, as design-only
-        assert "dropped" in summary, summary
-        assert after["weighted"] == after["design-only"]
-        return
-    assert f"centred on {belief.label}" in summary, summary
 
     def log_prior(config) -> float:  # the density πBO weighs by, over the active values
         vector = Configuration(space, values=config).get_array()

@@ -37,56 +37,70 @@ class _RepeatableLocalSearch(LocalSearch):
 
 
 class Belief:
-    """Where πBO's prior is centred, checked by the search's own first trials.
+    """Where πBO's prior is centred, checked by the search's own first trials, and where the
+    search goes after them.
 
     The prior's rule predicts a configuration and variants of it (prior.prior_plans), all
     evaluated right after the baselines. The belief starts at the rule's prediction
-    (`centres`' first) and, once every candidate centre has a result, moves to the best of
-    them scored on all of the data (the search never races them; one stopped early would not
-    count); where even that one scored below the best baseline scored on all of the data, the
-    belief is dropped and the acquisition is SMAC's plain expected improvement. bench_prior
-    measured why (scripts/results/prior.md): on both SmolLM2 pairs a
-    variant beat the prediction in every seed (sentiment-wordnet: full balance, validation H
-    1.05 vs 0.94; langid-digits: weights x1.25, 0.77 vs 0.65), and on the demo every candidate
-    scored below linear's 0.63 (0.54-0.57), where a prior centred on the prediction kept the
-    search from the default's best.
+    (`centres`' first) and, once every candidate centre has a result, settles on the best
+    configuration scored on all of the data so far, of the candidates and the baselines
+    (`references`); a candidate stopped early never centres it (the search never races
+    them). Settled, it also ends the initial design (`follow`): the Sobol points not asked
+    yet are dropped, and the search goes on from the trials it has, by πBO around that centre.
+    bench_prior measured why (scripts/results/prior.md): on both SmolLM2 pairs a variant
+    beat the prediction in every seed (sentiment-wordnet: full balance, validation H 1.05 vs
+    0.94; langid-digits: weights x1.25, 0.77 vs 0.65), and on the demo every candidate scored
+    below linear's 0.63 (0.54-0.57). Dropping the belief there, or keeping 17 Sobol points
+    after a good start, left the search at the default's pace: 94-134 % of its trials to reach
+    its best. NePS, by πBO's authors, also spends its initial design near the prior (it draws
+    it from the prior: neps/optimizers/bayesian_optimization.py), not uniformly.
 
-    `space` is the searched space; `centres` and `references` (the baselines) are the
-    configurations by label, as trials record them (space.plain_values).
+    `space` is the searched space; `centres` and `references` are the configurations by
+    label, as trials record them (space.plain_values).
     """
 
     def __init__(self, space: ConfigurationSpace, centres: dict[str, dict],
-                 references: Sequence[dict], seed: int):  # fmt: skip
+                 references: dict[str, dict], seed: int):  # fmt: skip
         self._space, self._seed = space, seed
-        self._centres, self._references = centres, list(references)
-        self.label: str | None = next(iter(centres))
+        self._centres, self._references = centres, references
+        self._design: list[Configuration] = []
+        self._first = 0
+        self.label: str = next(iter(centres))
         self.settled = False
-        self.believed = self._believed(self.label)
+        self.believed = self._believed(centres[self.label])
 
-    def _believed(self, label: str | None) -> ConfigurationSpace | None:
-        if label is None:
-            return None
-        return with_prior(self._space, Configuration(self._space, values=self._centres[label]),
-                          self._seed)  # fmt: skip
+    def _believed(self, values: dict) -> ConfigurationSpace:
+        return with_prior(self._space, Configuration(self._space, values=values), self._seed)
+
+    def follow(self, design: list[Configuration], first: int) -> None:
+        """The initial design as SMAC reads it, one configuration at a time (make_optimizer):
+        the configurations after the first `first` (the baselines and the candidates) are
+        the Sobol points that settling drops."""
+        self._design, self._first = design, first
+
+    def design_size(self) -> int:
+        """The initial design's size now: πBO's prior fades with the trials after it."""
+        return len(self._design)
 
     def observe(self, results: Sequence[TrialResult]) -> None:
         """Settle the belief once every candidate centre has a result (then it stays: the
         same trials give the same belief, resumed or not)."""
         if self.settled:
             return
-        full = [r for r in results if r.status == "ok" and not r.partial]
-        scored = {}
-        for label, config in self._centres.items():
-            if not any(r.config == config for r in results):
-                return  # not scored yet
-            ours = [r.harmonic_mean for r in full if r.config == config]
-            scored[label] = max(ours) if ours else -np.inf  # stopped early: below the best
-        best = max(scored, key=scored.get)
-        bar = max((r.harmonic_mean for r in full if r.config in self._references),
-                  default=-np.inf)  # fmt: skip
-        self.label = best if scored[best] >= bar else None
+        if not all(any(r.config == c for r in results) for c in self._centres.values()):
+            return  # not all scored yet
+        scores = {}
+        for label, config in {**self._centres, **self._references}.items():
+            ours = [r.harmonic_mean for r in results
+                    if r.config == config and r.status == "ok" and not r.partial]  # fmt: skip
+            if ours:
+                scores[label] = max(ours)
+        if scores:  # else every candidate failed: stay on the prediction
+            self.label = max(scores, key=scores.get)
+            self.believed = self._believed({**self._centres, **self._references}[self.label])
         self.settled = True
-        self.believed = self._believed(self.label)
+        # SMAC reads the design by index: what is cut was never asked, and no point repeats.
+        del self._design[self._first :]
 
 
 class _ConditionalPrior(PriorAcquisitionFunction):
@@ -100,17 +114,17 @@ class _ConditionalPrior(PriorAcquisitionFunction):
     conditional normal parameters, so the forest and the maximiser keep the uniform space
     (the two encode configurations alike: ConfigSpace maps every float to [0, 1])."""
 
-    def __init__(self, acquisition, decay_beta: float, belief: Belief, design: int = 0):
+    def __init__(self, acquisition, decay_beta: float, belief: Belief):
         super().__init__(acquisition, decay_beta)
-        self._belief, self._design = belief, design
+        self._belief = belief
 
     def _update(self, **kwargs) -> None:
         # SMAC counts trials from the data the forest first saw, which on Dask workers (or a
         # resumed run told its finished trials first) is not the design's end: count them
-        # from the design's size, fixed here.
+        # from the design's size, which the belief cuts when it settles.
         self._eta = kwargs["eta"]
-        self._initial_design_size = self._design
-        self._iteration_number = max(0, kwargs["num_data"] - self._design)
+        self._initial_design_size = self._belief.design_size()
+        self._iteration_number = max(0, kwargs["num_data"] - self._initial_design_size)
         self._acquisition_function.update(model=self.model, **kwargs)
 
     @property
@@ -124,8 +138,6 @@ class _ConditionalPrior(PriorAcquisitionFunction):
 
     def _compute_prior(self, X: np.ndarray) -> np.ndarray:
         values = np.ones((len(X), 1))
-        if self._belief.believed is None:  # dropped: plain expected improvement
-            return values
         self._hyperparameters = dict(self._belief.believed)  # where the belief is now
         bins = int(np.ceil(self._discrete_bins_factor * self._decay_beta
                            / (self._iteration_number + 1)))  # fmt: skip
@@ -149,7 +161,9 @@ class _KnownFirst:
 
     def select_configurations(self) -> list[Configuration]:
         known = list(self._additional_configs)
-        return known + [c for c in super().select_configurations() if c not in known]
+        # kept: SMAC reads this list lazily, and a settled Belief cuts its tail (follow)
+        self.selected = known + [c for c in super().select_configurations() if c not in known]
+        return self.selected
 
 
 class _SobolKnownFirst(_KnownFirst, SobolInitialDesign):
@@ -186,7 +200,8 @@ def make_optimizer(
     along the Pareto front instead of crowding at one compromise. `belief`: a prior over the
     optimum (Belief, --prior-acquisition); the acquisition is then SMAC's πBO (Hvarfner et
     al. 2022), expected improvement times the prior, whose weight decays as decay_beta /
-    (trials since the design + 1), decay_beta = trials / 10 (SMAC's recommended value).
+    (trials since the design + 1), decay_beta = trials / 10 (SMAC's recommended value); the
+    design ends when the belief settles (Belief.follow).
     """
     known = list(known)[:trials]
     initial = max(0, min(initial, trials - len(known))) if known else initial
@@ -225,7 +240,7 @@ def make_optimizer(
     if belief is not None:
         acquisition["acquisition_function"] = _ConditionalPrior(
             HyperparameterOptimizationFacade.get_acquisition_function(scenario), trials / 10,
-            belief, len(known) + initial,
+            belief,
         )  # fmt: skip
     maximizer._local_search.__class__ = _RepeatableLocalSearch
     if fidelity:
@@ -236,20 +251,22 @@ def make_optimizer(
     else:
         facade = HyperparameterOptimizationFacade
         intensifier = facade.get_intensifier(scenario, max_config_calls=1)
-    return facade(
+    design = _SobolKnownFirst(scenario, n_configs=initial, max_ratio=1.0, additional_configs=known)
+    optimizer = facade(
         scenario,
         target_function=None,  # trials are run by ask/tell, so every result is recorded first
         model=RandomForest(space, n_jobs=1, log_y=True, seed=seed),
         acquisition_maximizer=maximizer,
-        initial_design=_SobolKnownFirst(
-            scenario, n_configs=initial, max_ratio=1.0, additional_configs=known
-        ),
+        initial_design=design,
         intensifier=intensifier,
         overwrite=True,
         logging_level=40,
         **several,
         **acquisition,
     )
+    if belief is not None:
+        belief.follow(design.selected, len(known))
+    return optimizer
 
 
 def check_same_space(earlier: ConfigurationSpace, current: ConfigurationSpace, where: str) -> None:
