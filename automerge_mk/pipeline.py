@@ -914,8 +914,9 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
 
 def _belief(space_, predicted: dict, known: dict, settings: SearchSettings):
     """--prior-acquisition's belief (πBO, search.Belief): centred on the predicted
-    configuration, then on the best scored of it, its variants and the baselines (`known`),
-    where the initial design ends; or None (said why) where the acquisition cannot take it."""
+    configuration, then on the best scored of it and its variants where that beat the
+    baselines (`known`; the initial design ends there), else dropped; or None (said why) where
+    the acquisition cannot take it."""
     from . import search, space
 
     if not (settings.prior and settings.prior_acquisition):
@@ -945,8 +946,15 @@ def _prior_sentence(results: list[TrialResult], prior: dict, belief=None) -> str
 
     where = ""
     if belief is not None and belief.settled:
-        where = (f" After them the search went on around the best start, {belief.label} "
-                 "(πBO's belief, in place of the rest of the Sobol design).")  # fmt: skip
+        confirmed = (
+            f" {belief.label} beat every baseline: the search went on around it "
+            "(πBO's belief, in place of the rest of the Sobol design)."
+        )
+        dropped = (
+            " A baseline beat every prediction: πBO's belief was dropped, and the "
+            "search went on with the Sobol design and plain expected improvement."
+        )
+        where = confirmed if belief.label else dropped
 
     wanted = {json.dumps(space.plain_values(c), sort_keys=True): k for k, c in prior.items()}
     found = [(wanted[key], t) for t in results

@@ -61,21 +61,29 @@ MODES = {
     # MODE-SUFFIX: shown, not run: searches of an earlier belief (BELIEF, EARLIER)
     "pibo-before": ({"prior": True}, "--prior (πBO), belief on the prediction"),
     "pibo-checked": ({"prior": True}, "--prior (πBO), belief checked, Sobol design"),
+    "pibo-start": ({"prior": True}, "--prior (πBO), best start, baselines too"),
     "pibo": ({"prior": True}, "--prior (πBO)"),
     "learned-before": ({"prior": True}, "--prior-from other seeds, belief on the prediction"),
     "learned-checked": ({"prior": True}, "--prior-from other seeds, belief checked, Sobol design"),
+    "learned-start": ({"prior": True}, "--prior-from other seeds, best start, baselines too"),
     "learned": ({"prior": True}, "--prior-from other seeds"),
     "pairs-before": ({"prior": True}, "--prior-from other pairs, belief on the prediction"),
     "pairs-checked": ({"prior": True}, "--prior-from other pairs, belief checked, Sobol design"),
+    "pairs-start": ({"prior": True}, "--prior-from other pairs, best start, baselines too"),
     "pairs": ({"prior": True}, "--prior-from other pairs"),
 }  # fmt: skip
 # Where πBO's belief is (the modes that weight the acquisition: pibo, learned, pairs): since
-# 2026-12-07 on the best scored of the predictions and the baselines, where the Sobol design
-# ends (search.Belief). Steps of an earlier belief are shown as MODE-SUFFIX (EARLIER): with the
-# belief on the prediction throughout ("before"), or on the best prediction, dropped where a
-# baseline beat it, with the Sobol design kept ("checked").
-BELIEF = "best start, design ended"
-EARLIER = {None: "before", "best prediction, dropped below the baselines": "checked"}
+# 2026-12-06 (search.Belief) on the best scored of the prediction and its variants where it beat
+# every baseline, and the Sobol design ends there; dropped, the design kept, where a baseline
+# beat them. Steps of an earlier belief are shown as MODE-SUFFIX (EARLIER): the belief on the
+# prediction throughout ("before"); on the best prediction or dropped, the Sobol design kept
+# either way ("checked"); on the best start, a baseline too, the design ended ("start").
+BELIEF = "confirmed prediction, design ended; dropped below the baselines"
+EARLIER = {
+    None: "before",
+    "best prediction, dropped below the baselines": "checked",
+    "best start, design ended": "start",
+}
 WEIGHTED = ("pibo", "learned", "pairs")
 # The prior's rule the steps of the modes above but "default" (and suggest) were measured
 # with: a step of another rule is run again. "balanced": prior.py's rule with each task
@@ -145,7 +153,7 @@ def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done:
     rule or other settings is replaced)."""
     settings = _settings(mode, trials, seed, learned_from(pair, mode, trials, seed, done))
     ruled = mode if mode == "default" else f"{mode}-{RULE}"  # another rule: another folder
-    ruled += "-start" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
+    ruled += "-confirmed" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
     out = search_folder(digest, f"prior:{pair}:{ruled}:{trials}:{seed}")
     same = (out / rundir.SETTINGS).is_file() and rundir.RunRecord.read(
         out).settings.model_dump(mode="json") == settings.model_dump(mode="json")  # fmt: skip
@@ -177,6 +185,51 @@ def reach(record: dict, target: float) -> tuple[int | None, float]:
         if not partial and h >= target - 1e-12:
             return index + 1, seconds
     return None, seconds
+
+
+def best_after(record: dict, count: int) -> float | None:
+    """The best validation H of a search's first `count` trials scored on all of the data."""
+    scored = [h for h, partial, _ in record["trials"][:count] if not partial]
+    return max(scored, default=None)
+
+
+ANYTIME = (10, 15, 20, 30, 50)  # prior.md: the best H after this many trials
+
+
+def _anytime(pair: str, done: dict, modes: list[str], seeds, trials: int) -> str:
+    """The best H so far after ANYTIME trials: the default search's (mean over its seeds) and
+    each mode's minus the default's (mean over the seeds the mode ran): how far a search got
+    by then, not only when it passed the default's final best."""
+    counts = [n for n in ANYTIME if n <= trials]
+    runs = {}
+    for mode in ["default", *modes]:
+        steps = {s: f"search:{pair}:{mode}:{trials}:{s}" for s in seeds}
+        runs[mode] = {s: done[step] for s, step in steps.items() if step in done}
+    if not runs["default"]:
+        return ""
+
+    def after(record: dict, n: int) -> float:
+        return best_after(record, n) or 0.0
+
+    rows = ["| best validation H after … trials | seeds | " + " | ".join(map(str, counts)) + " |",
+            "|---" * (len(counts) + 2) + "|"]  # fmt: skip
+    default = runs["default"]
+    rows.append(
+        f"| default (mean) | {', '.join(map(str, default))} | "
+        + " | ".join(
+            f"{statistics.mean(after(r, n) for r in default.values()):.4f}" for n in counts
+        )
+        + " |"
+    )
+    for mode in modes:
+        ours = {s: r for s, r in runs[mode].items() if s in default}
+        if not ours:
+            continue
+        cells = [statistics.mean(after(r, n) - after(default[s], n) for s, r in ours.items())
+                 for n in counts]  # fmt: skip
+        rows.append(f"| {MODES[mode][1]} − default | {', '.join(map(str, ours))} | "
+                    + " | ".join(f"{c:+.4f}" for c in cells) + " |")  # fmt: skip
+    return "\n".join(rows)
 
 
 def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str]) -> dict:
@@ -289,6 +342,8 @@ def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
         "\n".join(rows),
         f"Racing rule of these searches: {'; '.join(sorted(racing))}.",
     ]
+    anytime = _anytime(pair, done, others, seeds, trials)
+    text += [anytime] if anytime else []
     for mode in others:
         if finals[mode]:
             share = f"{statistics.mean(ratios[mode]):.0%}" if ratios[mode] else "-"
@@ -308,14 +363,16 @@ def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
             "seeds are left out of the trial ratios above and count in the final best H."
         )
     text.append(
-        "πBO multiplies the acquisition by a prior centred on the best start: the best "
-        "scored of the baselines, the prediction and its variants, where the Sobol design "
-        "ends. Earlier columns: 'belief on the prediction' kept it on the prediction; 'belief "
-        "checked, Sobol design' centred it on the best prediction, dropped it where a "
-        "baseline beat them, and kept the Sobol design. Compare the `suggest` rows below with "
-        "the baselines (the predictions scored alone). --prior-from other seeds learns from runs of the same models, the most a "
-        "user who merges again can expect; from other pairs it can only be as good as "
-        "their blocks are alike."
+        "--prior (πBO): where the best scored of the prediction and its variants beat every "
+        "baseline, the Sobol design ends there and the acquisition is multiplied by a prior "
+        "centred on it; where a baseline beat them, the prior is dropped and the design goes "
+        "on. Earlier columns: 'belief on the prediction' kept the prior on the prediction; "
+        "'belief checked, Sobol design' did as now but kept the Sobol design; 'best start, "
+        "baselines too' ended the design at the best of baselines and predictions, and "
+        "centred the prior on it even where a baseline had won. Compare the `suggest` rows "
+        "below with the baselines (the predictions scored alone). --prior-from other seeds "
+        "learns from runs of the same models, the most a user who merges again can expect; "
+        "from other pairs it can only be as good as their blocks are alike."
     )
     suggested = done.get(f"suggest:{pair}")
     if suggested:
