@@ -26,8 +26,12 @@ def test_killed_search_resumes_without_losing_or_repeating_a_trial(demo_models, 
     out = tmp_path / "run"
     trials = out / "trials.jsonl"
     command = [sys.executable, "-c", "from automerge_mk.cli import main; main()"]
-    # The same search as the `demo_run` fixture, in another folder.
-    process = subprocess.Popen(command + demo_search_arguments(demo_models, out))
+    # The same search as the `demo_run` fixture, in another folder, in the dtype it scored in:
+    # --eval-dtype auto times both on the tiny demo model, and on a loaded CPU (0.040 s each)
+    # another process may choose the other one, whose scores steer the search elsewhere.
+    dtype = json.loads((demo_run / "memory.json").read_text())["eval_dtype"]
+    arguments = demo_search_arguments(demo_models, out) + ["--eval-dtype", dtype]
+    process = subprocess.Popen(command + arguments)
     deadline = time.monotonic() + 600
     while not (trials.exists() and trials.read_text().count("\n") >= KILL_AFTER):
         assert process.poll() is None, "the search ended before it could be killed"
