@@ -947,8 +947,8 @@ def _prior_sentence(results: list[TrialResult], prior: dict, belief=None) -> str
     where = ""
     if belief is not None and belief.settled:
         confirmed = (
-            f" {belief.label} beat every baseline: the search went on around it "
-            "(πBO's belief, in place of the rest of the Sobol design)."
+            f" The best prediction ({belief.label}) beat every baseline: the search went on "
+            "around it (πBO's belief, in place of the rest of the Sobol design)."
         )
         dropped = (
             " A baseline beat every prediction: πBO's belief was dropped, and the "

@@ -334,7 +334,7 @@ def test_prior_acquisition_searches_around_a_confirmed_prediction_or_drops_it(
         assert "belief was dropped" in summary, summary
         assert runs["weighted"] == runs["design-only"]
         return
-    assert f"{belief.label} beat every baseline" in summary, summary
+    assert f"The best prediction ({belief.label}) beat every baseline" in summary, summary
     sobol = runs["design-only"][design : design + 4]  # --initial 4: what the design had left
     assert len(sobol) == 4 and not any(c in runs["weighted"] for c in sobol)
     after = {name: configs[design:] for name, configs in runs.items()}
