@@ -98,9 +98,8 @@ class Belief:
         full = [r for r in results if r.status == "ok" and not r.partial]
 
         def best(configs: dict[str, dict]) -> dict[str, float]:
-            scores = {label: max((r.harmonic_mean for r in full if r.config == config),
-                                 default=-np.inf) for label, config in configs.items()}  # fmt: skip
-            return scores
+            return {label: max((r.harmonic_mean for r in full if r.config == config),
+                               default=-np.inf) for label, config in configs.items()}  # fmt: skip
 
         ours, theirs = best(self._centres), best(self._references)
         label = max(ours, key=ours.get)
