@@ -104,12 +104,12 @@ class SearchSettings(Frozen):
     )
     prior_acquisition: bool = Field(
         True,
-        description="With --prior, search around the best start once the predictions are "
-        "scored: the Sobol design ends there, and SMAC's acquisition is weighted toward the "
-        "best of the baselines and predictions (πBO: expected improvement times a prior "
-        "centred on it, half the method choice and a normal of 15 % of each range per value, "
-        "fading as trials accumulate); off (and with --optimizer random or --fidelity): the "
-        "predictions are only added to the initial design.",
+        description="With --prior, where the best scored prediction beats every baseline, "
+        "end the Sobol design there and search around it: SMAC's acquisition weighted toward "
+        "it (πBO: expected improvement times a prior centred on it, half the method choice "
+        "and a normal of 15 % of each range per value, fading as trials accumulate); where a "
+        "baseline beats them, the search goes on as without it. Off (and with --optimizer "
+        "random or --fidelity): the predictions only join the initial design.",
     )
     prior_from: tuple[str, ...] = Field(
         (),
