@@ -939,22 +939,38 @@ def _belief(space_, predicted: dict, known: dict, settings: SearchSettings):
     )
 
 
+def _settled(belief) -> str:
+    """Where a settled πBO belief (search.Belief) sent the search."""
+    if belief.label:
+        return (
+            f"The best prediction ({belief.label}) beat every baseline: the search went on "
+            "around it (πBO's belief, in place of the rest of the Sobol design)."
+        )
+    return (
+        "A baseline beat every prediction: πBO's belief was dropped, and the search went on "
+        "with the Sobol design and plain expected improvement."
+    )
+
+
+def _noting(belief):
+    """belief.observe, with a note to the user the moment it settles: the search changes
+    course there (a resumed run settles, and says so, again)."""
+
+    def observe(results: list[TrialResult]) -> None:
+        if not belief.settled:
+            belief.observe(results)
+            if belief.settled:
+                _note(f"--prior: {_settled(belief)}")
+
+    return observe
+
+
 def _prior_sentence(results: list[TrialResult], prior: dict, belief=None) -> str:
     """summary.md: which trials the prior's configurations were and how they scored, and
     where πBO's belief settled (search.Belief)."""
     from . import space
 
-    where = ""
-    if belief is not None and belief.settled:
-        confirmed = (
-            f" The best prediction ({belief.label}) beat every baseline: the search went on "
-            "around it (πBO's belief, in place of the rest of the Sobol design)."
-        )
-        dropped = (
-            " A baseline beat every prediction: πBO's belief was dropped, and the "
-            "search went on with the Sobol design and plain expected improvement."
-        )
-        where = confirmed if belief.label else dropped
+    where = f" {_settled(belief)}" if belief is not None and belief.settled else ""
 
     wanted = {json.dumps(space.plain_values(c), sort_keys=True): k for k, c in prior.items()}
     found = [(wanted[key], t) for t in results
@@ -1153,7 +1169,7 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     )
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
-    observe = belief.observe if belief else None
+    observe = _noting(belief) if belief else None
     if settings.workers > 1 or settings.scheduler:
         predictions = [space.plain_values(c) for c in prior.values()]
         results = _parallel_search(optimizer, session, progress, finished, predictions, observe)

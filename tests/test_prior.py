@@ -310,7 +310,7 @@ def test_prior_acquisition_searches_around_a_confirmed_prediction_or_drops_it(
     from automerge_mk.search.optimizer import Belief
     from automerge_mk.space import build_space
 
-    runs = {}
+    runs, outputs = {}, {}
     first = [] if with_baselines else ["--no-baselines-first"]
     for name, extra in (("weighted", []), ("design-only", ["--no-prior-acquisition"])):
         out = tmp_path / name
@@ -319,6 +319,7 @@ def test_prior_acquisition_searches_around_a_confirmed_prediction_or_drops_it(
         result = CliRunner().invoke(main, arguments)
         assert result.exit_code == 0, result.output + repr(result.exception)
         runs[name] = [t.config for t in RunDir(out).trials()]
+        outputs[name] = result.output  # the notes too, on stderr
     baselines = json.loads((tmp_path / "weighted" / "baselines.json").read_text())
     known = {label: runs["weighted"][b["trial"]] for label, b in baselines.items() if "trial" in b}
     predicted = json.loads((tmp_path / "weighted" / "prior.json").read_text())["configs"]
@@ -332,9 +333,11 @@ def test_prior_acquisition_searches_around_a_confirmed_prediction_or_drops_it(
     assert belief.settled and (belief.believed is None) == with_baselines
     if belief.believed is None:  # a baseline beat every prediction: Sobol, then plain EI
         assert "belief was dropped" in summary, summary
+        assert "--prior: A baseline beat every prediction" in outputs["weighted"]
         assert runs["weighted"] == runs["design-only"]
         return
     assert f"The best prediction ({belief.label}) beat every baseline" in summary, summary
+    assert f"--prior: The best prediction ({belief.label}) beat" in outputs["weighted"]
     sobol = runs["design-only"][design : design + 4]  # --initial 4: what the design had left
     assert len(sobol) == 4 and not any(c in runs["weighted"] for c in sobol)
     after = {name: configs[design:] for name, configs in runs.items()}
