@@ -8,13 +8,14 @@ Per pair and seed, the default search (every default: baselines first, racing, b
 confidence pinned at RACE_CONFIDENCE, what these runs were measured at) at `--trials`
 (50, the issue's) and four searches with a prior: `--prior --no-prior-acquisition` (the
 rule's predicted configuration and two variants right after the baselines, nothing else),
-`--prior` (the same, and SMAC's acquisition weighted toward the prediction: πBO),
+`--prior` (the same; where the best of them beat every baseline, the Sobol design ends
+there and SMAC's acquisition is weighted toward it: πBO),
 `--prior-from` the default searches of the pair's other seeds (the rule learned from earlier
 runs: here of the same models, as for a user who merges a pair again, so an upper bound of
 what learning across pairs gives), and `--prior-from` the default searches of the other
 pairs (what a user who merged other models first gets). Measured: the trials and the minutes
 (merge + scoring + optimiser, summed over trials) each search took to reach the default
-search's final best validation H, and each final best. Then `automerge-mk suggest`'s recipe
+search's final best validation H, each final best, and the best H after 10-50 trials. Then `automerge-mk suggest`'s recipe
 (the prior alone, no evaluation; and the rule at full balance and without balance) on the
 disjoint test split next to the search's baselines and the default search's result.
 
