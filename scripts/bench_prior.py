@@ -15,9 +15,10 @@ runs: here of the same models, as for a user who merges a pair again, so an uppe
 what learning across pairs gives), and `--prior-from` the default searches of the other
 pairs (what a user who merged other models first gets). Measured: the trials and the minutes
 (merge + scoring + optimiser, summed over trials) each search took to reach the default
-search's final best validation H, each final best, and the best H after 10-50 trials. Then `automerge-mk suggest`'s recipe
-(the prior alone, no evaluation; and the rule at full balance and without balance) on the
-disjoint test split next to the search's baselines and the default search's result.
+search's final best validation H, each final best, and the best H after 10-50 trials.
+Then `automerge-mk suggest`'s recipe (the prior alone, no evaluation; and the rule at full
+balance and without balance) on the disjoint test split next to the search's baselines and
+the default search's result.
 
 Pairs: `demo` (the demo's models, built here when missing) and scripts/bench_space.py's two
 SmolLM2-135M pairs. Each finished step is appended to scripts/results/prior-steps.jsonl with
