@@ -56,37 +56,40 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "automerge-mk"
 DEMO = CACHE / "demo-models"
 PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchmark's
-# mode -> (its settings, its column); "learned" and "pairs" add --prior-from (learned_from)
-MODES = {
-    "default": ({}, "default"),
-    "prior": ({"prior": True, "prior_acquisition": False}, "--prior, design only"),
-    # MODE-SUFFIX: shown, not run: searches of an earlier belief (BELIEF, EARLIER)
-    "pibo-before": ({"prior": True}, "--prior (πBO), belief on the prediction"),
-    "pibo-checked": ({"prior": True}, "--prior (πBO), belief checked, Sobol design"),
-    "pibo-start": ({"prior": True}, "--prior (πBO), best start, baselines too"),
-    "pibo": ({"prior": True}, "--prior (πBO)"),
-    "learned-before": ({"prior": True}, "--prior-from other seeds, belief on the prediction"),
-    "learned-checked": ({"prior": True}, "--prior-from other seeds, belief checked, Sobol design"),
-    "learned-start": ({"prior": True}, "--prior-from other seeds, best start, baselines too"),
-    "learned": ({"prior": True}, "--prior-from other seeds"),
-    "pairs-before": ({"prior": True}, "--prior-from other pairs, belief on the prediction"),
-    "pairs-checked": ({"prior": True}, "--prior-from other pairs, belief checked, Sobol design"),
-    "pairs-start": ({"prior": True}, "--prior-from other pairs, best start, baselines too"),
-    "pairs": ({"prior": True}, "--prior-from other pairs"),
-}  # fmt: skip
-# Where πBO's belief is (the modes that weight the acquisition: pibo, learned, pairs): since
-# 2026-12-06 (search.Belief) on the best scored of the prediction and its variants where it beat
-# every baseline, and the Sobol design ends there; dropped, the design kept, where a baseline
-# beat them. Steps of an earlier belief are shown as MODE-SUFFIX (EARLIER): the belief on the
-# prediction throughout ("before"); on the best prediction or dropped, the Sobol design kept
-# either way ("checked"); on the best start, a baseline too, the design ended ("start").
+# Where πBO's belief is (the modes that weight the acquisition, WEIGHTED): since 2026-12-06
+# (search.Belief) on the best scored of the prediction and its variants where it beat every
+# baseline, and the Sobol design ends there; dropped, the design kept, where a baseline beat
+# them. Steps of an earlier belief are shown, never run, as MODE-SUFFIX (EARLIER, SHOWN): the
+# belief on the prediction throughout ("before"); on the best prediction or dropped, the Sobol
+# design kept either way ("checked"); on the best start, a baseline too, the design ended
+# ("start").
 BELIEF = "confirmed prediction, design ended; dropped below the baselines"
 EARLIER = {
     None: "before",
     "best prediction, dropped below the baselines": "checked",
     "best start, design ended": "start",
 }
-WEIGHTED = ("pibo", "learned", "pairs")
+SHOWN = {
+    "before": "belief on the prediction",
+    "checked": "belief checked, Sobol design",
+    "start": "best start, baselines too",
+}
+# the modes that weight the acquisition -> their column; "learned" and "pairs" add
+# --prior-from (learned_from)
+WEIGHTED = {
+    "pibo": "--prior (πBO)",
+    "learned": "--prior-from other seeds",
+    "pairs": "--prior-from other pairs",
+}
+# mode -> (its settings, its column), in the order of prior.md's columns
+MODES = {
+    "default": ({}, "default"),
+    "prior": ({"prior": True, "prior_acquisition": False}, "--prior, design only"),
+}
+for _mode, _column in WEIGHTED.items():
+    for _suffix, _how in SHOWN.items():
+        MODES[f"{_mode}-{_suffix}"] = ({"prior": True}, f"{_column}, {_how}")
+    MODES[_mode] = ({"prior": True}, _column)
 # The prior's rule the steps of the modes above but "default" (and suggest) were measured
 # with: a step of another rule is run again. "balanced": prior.py's rule with each task
 # vector scaled to the weakest one's norm (before: weights from cosine and relative norm only).
