@@ -885,13 +885,18 @@ def predicted_plans(inputs: Inputs, settings: SearchSettings):
     return features, {k: p.model_copy(update={"tokenizer": tokenizer}) for k, p in plans.items()}
 
 
+CORRECTED = "prior, by the baselines"  # the start prior.by_baselines gives
+
+
 def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     """--prior: the predicted configurations of the search's space, computed once and kept in
     prior.json, from which a resumed run reads them: all of them (the first, "prior", is the
-    centre of --prior-acquisition's prior) and those the search adds after the baselines."""
+    centre of --prior-acquisition's prior) and those the search adds after the baselines.
+    With baselines (and no --fidelity, whose baselines are scored on a part of the data) the
+    first added is CORRECTED, here the rule before the baselines correct it (_Correction)."""
     from ConfigSpace import Configuration
 
-    from . import space
+    from . import prior, space
 
     run, inputs, settings = session.run, session.inputs, session.settings
     if (run.path / rundir.PRIOR).is_file():
@@ -899,6 +904,11 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
         configs = {label: Configuration(space_, values=v) for label, v in stored.items()}
     else:
         features, plans = predicted_plans(inputs, settings)
+        if known and not inputs.fidelity:
+            first = next(iter(plans.values()))
+            plans[CORRECTED] = prior.by_baselines(
+                features, inputs.blocks, first.sources, first.base, settings, inputs.dtype
+            ).model_copy(update={"tokenizer": first.tokenizer})
         names = tuple(s.name for s in inputs.sources)
         configs = space.known_configs(plans, space_, names, settings)
         run.write_json(rundir.PRIOR, {
@@ -907,9 +917,105 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
             "learned_from": list(settings.prior_from),
         })  # fmt: skip
     added = {k: c for k, c in configs.items() if c not in known.values()}
+    if CORRECTED in added:  # first: the best start on two of bench_prior's three pairs
+        added = {CORRECTED: added.pop(CORRECTED), **added}
     among = ", ".join(added) or "none: they are among them or outside the space"
     _note(f"--prior: {len(added)} predicted configurations follow the baselines ({among})")
     return configs, added
+
+
+class _Correction:
+    """--prior's start CORRECTED: the rule corrected by the scored baselines (prior.py,
+    by_baselines), chosen when SMAC reads its slot, right after the baselines (make_optimizer's
+    `late`; on Dask workers, from the baselines finished by then). Once chosen it is kept in
+    prior.json, which a resumed run reads. `told`: functions called with the chosen
+    configuration (the belief, the objective's unraced list)."""
+
+    def __init__(self, session: Session, space_, known: dict, stand_in, told=()):
+        self.session, self.space, self.known, self.stand_in = session, space_, known, stand_in
+        self.told, self.results = list(told), []
+
+    def observe(self, results: list[TrialResult]) -> None:
+        self.results = results
+
+    def __call__(self):
+        from ConfigSpace import Configuration
+
+        from . import prior, space
+        from .features import ModelFeatures
+
+        run, inputs, settings = self.session.run, self.session.inputs, self.session.settings
+        names = tuple(s.name for s in inputs.sources)
+        scores = _baseline_scores(self.known, self.results)
+        finished = {k: r for k, r in scores.items() if r is not None}
+        best = max(finished, key=lambda label: finished[label].harmonic_mean, default=None)
+        tasks = finished[best].tasks if best else {}
+        if any(n not in tasks or tasks[n].preservation is None for n in names):
+            _note(f"--prior: no baseline scored on all of the data yet: {CORRECTED} is the rule "
+                  "without its norm balance, uncorrected")  # fmt: skip
+            return self._tell(self.stand_in, None)
+        preservation = [tasks[n].preservation for n in names]
+        features = ModelFeatures.model_validate(run.read_json(rundir.PRIOR)["features"])
+        ties_lost = _ties_lost(
+            _baseline_plans(inputs, settings),
+            _baseline_scores(self.known, self.results, full=False),
+        )
+        sources = tuple(str(s.path) for s in inputs.sources)
+        plan = prior.by_baselines(features, inputs.blocks, sources, str(inputs.base.path),
+                                  settings, inputs.dtype, preservation, ties_lost)  # fmt: skip
+        config = space.config_from_plan(plan, self.space, names, settings) or self.stand_in
+        config = Configuration(self.space, values=space.plain_values(config))
+        lowest = min(preservation)
+        factors = ", ".join(f"{n} x{(lowest / p) ** prior.PRESERVATION_POWER:.2f}"
+                            for n, p in zip(names, preservation) if p > 0)  # fmt: skip
+        kept = ", ".join(f"{n} {p:.2f}" for n, p in zip(names, preservation))
+        _note(
+            f"--prior: {CORRECTED}: the best baseline ({best}) kept {kept}, so the rule's "
+            f"weights are {factors} (x{prior.SCALE:g} each)"
+            + ("; TIES lost to task arithmetic at the same weights: none" if ties_lost else "")
+        )
+        why = {"baseline": best, "preservation": dict(zip(names, preservation)),
+               "ties_lost": ties_lost}  # fmt: skip
+        return self._tell(config, why)
+
+    def _tell(self, config, why):
+        from . import space
+
+        stored = self.session.run.read_json(rundir.PRIOR)
+        stored["configs"][CORRECTED] = space.plain_values(config)
+        self.session.run.write_json(rundir.PRIOR, {**stored, "corrected_by": why})
+        for tell in self.told:
+            tell(config)
+        return config
+
+
+def _baseline_scores(known: dict, results: list[TrialResult], full: bool = True) -> dict:
+    """Baseline label -> its best result (`full`: on all of the data, None where racing
+    stopped it, below the best so far; else racing's estimate counts too); baselines not
+    finished yet are left out."""
+    from . import space
+
+    scores = {}
+    for label, config in known.items():
+        values = space.plain_values(config)
+        found = [r for r in results if r.config == values and r.status == "ok"]
+        kept = [r for r in found if not (full and r.partial)]
+        if found:
+            scores[label] = max(kept, key=lambda r: r.harmonic_mean) if kept else None
+    return scores
+
+
+def _ties_lost(plans: dict, scores: dict) -> bool:
+    """Whether a TIES baseline scored below task arithmetic at the same weights (`scores`:
+    label -> its best result, racing's estimate where racing stopped it)."""
+    arith = {p.choices[0].weights: scores.get(label) for label, p in plans.items()
+             if p.choices[0].method == "task_arithmetic"}  # fmt: skip
+    for label, plan in plans.items():
+        other = arith.get(plan.choices[0].weights)
+        if plan.choices[0].method == "ties" and label in scores and other is not None:
+            if scores[label].harmonic_mean < other.harmonic_mean:
+                return True
+    return False
 
 
 def _belief(space_, predicted: dict, known: dict, settings: SearchSettings):
@@ -1155,6 +1261,17 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     # The baselines race like any trial (scripts/results/racing.md: a third fewer tokens, no
     # stop that mattered); the prior's predictions are scored whole, as bench_prior measured.
     objective = session.objective(to_plan, tuple(space.plain_values(c) for c in prior.values()))
+    late, observers = {}, [_noting(belief)] if belief else []
+    if CORRECTED in prior and "corrected_by" not in run.read_json(rundir.PRIOR):
+
+        def chosen(config) -> None:  # serial: scored whole; a Dask worker races it
+            prior[CORRECTED] = config
+            objective.unraced.append(space.plain_values(config))
+            if belief:
+                belief.place(CORRECTED, space.plain_values(config))
+
+        correction = _Correction(session, space_, known, prior[CORRECTED], [chosen])
+        late, observers = {len(known): correction}, [correction.observe, *observers]
     optimizer = search.make_optimizer(
         space_,
         settings.trials,
@@ -1166,10 +1283,15 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         tuple(first.values()),
         names if settings.objective == "pareto" else (),
         belief,
+        late,
     )
     search.warm_start(optimizer, space_, inputs.warm_start, inputs.fidelity)
     finished = run.trials() if resume else []
-    observe = _noting(belief) if belief else None
+
+    def observe(results: list[TrialResult]) -> None:
+        for seen in observers:
+            seen(results)
+
     if settings.workers > 1 or settings.scheduler:
         predictions = [space.plain_values(c) for c in prior.values()]
         results = _parallel_search(optimizer, session, progress, finished, predictions, observe)

@@ -98,7 +98,9 @@ class SearchSettings(Frozen):
         description="Start from what the weights say: per-block similarity features of the "
         "task vectors and a probe of the validation texts (see `automerge-mk suggest`) give a "
         "predicted merge per block, which the search evaluates with two variants (weights "
-        "x1.25; longer task vectors fully balanced) right after the baselines. Needs --base. "
+        "x1.25; longer task vectors fully balanced) right after the baselines, first the rule "
+        "corrected by them (more weight to the task the best baseline kept least; no TIES "
+        "where TIES lost to task arithmetic). Needs --base. "
         "Off by default until scripts/results/prior.md shows it saves trials on the real "
         "benchmark.",
     )

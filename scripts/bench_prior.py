@@ -63,16 +63,18 @@ PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchma
 # belief on the prediction throughout ("before"); on the best prediction or dropped, the Sobol
 # design kept either way ("checked"); on the best start, a baseline too, the design ended
 # ("start").
-BELIEF = "confirmed prediction, design ended; dropped below the baselines"
+BELIEF = "the rule corrected by the baselines first; confirmed prediction, design ended"
 EARLIER = {
     None: "before",
     "best prediction, dropped below the baselines": "checked",
     "best start, design ended": "start",
+    "confirmed prediction, design ended; dropped below the baselines": "rule",
 }
 SHOWN = {
     "before": "belief on the prediction",
     "checked": "belief checked, Sobol design",
     "start": "best start, baselines too",
+    "rule": "the rule's starts only",
 }
 # the modes that weight the acquisition -> their column; "learned" and "pairs" add
 # --prior-from (learned_from)
@@ -158,7 +160,7 @@ def search_step(pair: str, mode: str, trials: int, seed: int, digest: str, done:
     rule or other settings is replaced)."""
     settings = _settings(mode, trials, seed, learned_from(pair, mode, trials, seed, done))
     ruled = mode if mode == "default" else f"{mode}-{RULE}"  # another rule: another folder
-    ruled += "-confirmed" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
+    ruled += "-corrected" if mode in WEIGHTED else ""  # the belief of BELIEF: another folder
     out = search_folder(digest, f"prior:{pair}:{ruled}:{trials}:{seed}")
     same = (out / rundir.SETTINGS).is_file() and rundir.RunRecord.read(
         out).settings.model_dump(mode="json") == settings.model_dump(mode="json")  # fmt: skip

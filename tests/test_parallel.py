@@ -134,15 +134,17 @@ def test_a_pareto_search_on_two_workers_scores_every_trial(demo_models, tmp_path
 
 
 def test_a_prior_search_on_two_workers_ends_its_design_at_the_prediction(demo_models, tmp_path):
-    # The belief settles while a Sobol point may still be on a worker: the design's tail is
-    # cut under SMAC's reading of it, and no trial may be lost or repeated for that. Without
-    # baselines (on the demo linear's beats every prediction) the best prediction is confirmed.
+    # The rule corrected by the baselines is chosen when SMAC reads its slot, with a baseline
+    # maybe still on a worker; the belief settles while a Sobol point may be out too: the
+    # design's tail is cut under SMAC's reading of it. No trial may be lost or repeated for
+    # either. On the demo the corrected start beats every baseline: confirmed.
     out = tmp_path / "run"
-    result = _search(demo_models, out, "--prior", "--no-baselines-first", "--trials", "16")
+    result = _search(demo_models, out, "--prior", "--trials", "16")
     assert result.exit_code == 0, result.output + repr(result.exception)
     trials = _lines(out / "trials.jsonl")
     assert sorted(t["trial"] for t in trials) == list(range(16))
     assert len({json.dumps(t["config"], sort_keys=True) for t in trials}) == 16
-    predicted = json.loads((out / "prior.json").read_text())["configs"].values()
-    assert all(c in [t["config"] for t in trials] for c in predicted)
+    prior = json.loads((out / "prior.json").read_text())
+    assert prior["corrected_by"]["baseline"]  # from a baseline finished when it was read
+    assert all(c in [t["config"] for t in trials] for c in prior["configs"].values())
     assert ") beat every baseline: the search went on" in (out / "summary.md").read_text()

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from automerge_mk.cli import main
 from automerge_mk.engine import MergeEngine
 from automerge_mk.features import BlockFeatures, ModelFeatures, model_features
-from automerge_mk.prior import balance, block_choice, learned_choice, prior_plans
+from automerge_mk.pipeline import CORRECTED
+from automerge_mk.prior import balance, block_choice, by_baselines, learned_choice, prior_plans
 from automerge_mk.rundir import RunDir, RunRecord
 from automerge_mk.segment import segment_model
 from automerge_mk.settings import SearchSettings
@@ -115,6 +116,35 @@ def test_the_rule_shortens_a_longer_task_vector_toward_the_weakest_ones_length()
     assert balance((0.0, 0.0)) == (1.0, 1.0)  # a block no source moved
 
 
+def test_the_baselines_correct_the_rule_toward_the_task_a_merge_loses():
+    settings = SearchSettings()
+    blocks = (
+        Block(name="near", tensors=("a",), filters=("a",), parameters=1),
+        Block(name="conflict", tensors=("b",), filters=("b",), parameters=1),
+    )
+    longer_first = {"norms": (4.0, 1.0), "norm_ratio": 4.0}  # the norm balance would cut source 0
+    features = ModelFeatures(blocks=(
+        _features(block="near", **longer_first),
+        _features(block="conflict", sign_conflict=0.9, density_90=0.7, **longer_first),
+    ), kl=0.1)  # fmt: skip
+
+    def corrected(**kwargs):
+        plan = by_baselines(features, blocks, ("a", "b"), "base", settings, "float32", **kwargs)
+        return [(c.method, c.weights) for c in plan.choices]
+
+    # Before any baseline: the rule without its norm balance, x SCALE (1.25).
+    assert corrected() == [("task_arithmetic", (1.25, 1.25)), ("ties", (1.25, 1.25))]
+    # The best baseline kept source 0's task at 0.8 and source 1's at 0.4: source 1, the
+    # shorter task vector, is what the merge loses; source 0 gets (0.4 / 0.8) ** 2 of it.
+    assert corrected(preservation=(0.8, 0.4)) == [
+        ("task_arithmetic", (0.31, 1.25)), ("ties", (0.31, 1.25))]  # fmt: skip
+    # The same for the longer one: the correction follows the scores, not the norms.
+    assert corrected(preservation=(0.4, 0.8))[0] == ("task_arithmetic", (1.25, 0.31))
+    # TIES lost to task arithmetic at the same weights: the conflicting block is added whole.
+    assert corrected(preservation=(0.5, 0.5), ties_lost=True) == [
+        ("task_arithmetic", (1.25, 1.25)), ("task_arithmetic", (1.25, 1.25))]  # fmt: skip
+
+
 def test_suggest_writes_the_prior_as_a_recipe_stock_mergekit_builds_bit_for_bit(
     demo_models, tmp_path
 ):
@@ -165,9 +195,16 @@ def test_a_prior_search_evaluates_the_prior_after_the_baselines_and_repeats(demo
     baselines = json.loads((runs[0] / "baselines.json").read_text())
     first = len([b for b in baselines.values() if "trial" in b])
     trials = RunDir(runs[0]).trials()
-    configs = list(prior["configs"].values())
+    # first the rule corrected by the baselines, from the best one scored on all of the data
+    configs = [prior["configs"].pop(CORRECTED), *prior["configs"].values()]
     assert configs and [t.config for t in trials[first : first + len(configs)]] == configs
     assert all(not t.partial for t in trials[first : first + len(configs)])  # never raced
+    full = {label: trials[b["trial"]] for label, b in baselines.items()
+            if "trial" in b and not trials[b["trial"]].partial}  # fmt: skip
+    best = max(full, key=lambda label: full[label].harmonic_mean)
+    assert prior["corrected_by"]["baseline"] == best
+    assert prior["corrected_by"]["preservation"] == {
+        name: task.preservation for name, task in full[best].tasks.items()}  # fmt: skip
     assert "The --prior configurations were trials" in (runs[0] / "summary.md").read_text()
     assert [t.config for t in trials] == [t.config for t in RunDir(runs[1]).trials()]
 
@@ -301,10 +338,11 @@ def test_a_confirmed_prediction_centres_the_belief_and_ends_the_design():
     assert raced.label == "prior x1.25"
 
 
-# On the demo every prediction scores below linear's baseline (scripts/results/prior.md):
-# with the baselines the belief is dropped; without them it is centred on the best prediction.
-@pytest.mark.parametrize("with_baselines", [True, False], ids=["dropped", "confirmed"])
-def test_prior_acquisition_searches_around_a_confirmed_prediction_or_drops_it(
+# On the demo the rule's predictions score below linear's baseline, the rule corrected by the
+# baselines above it (scripts/results/prior.md): with the baselines the belief settles on that
+# one; without them, on the best of the rule's. (Dropped: test_a_confirmed_prediction_...)
+@pytest.mark.parametrize("with_baselines", [True, False], ids=["corrected", "rule"])
+def test_prior_acquisition_searches_around_a_confirmed_prediction(
     demo_models, tmp_path, with_baselines
 ):
     from automerge_mk.search.optimizer import Belief
@@ -330,12 +368,8 @@ def test_prior_acquisition_searches_around_a_confirmed_prediction_or_drops_it(
     belief = Belief(space, predicted, known, 0)  # where the search's belief settled
     belief.observe(RunDir(tmp_path / "weighted").trials())
     summary = (tmp_path / "weighted" / "summary.md").read_text()
-    assert belief.settled and (belief.believed is None) == with_baselines
-    if belief.believed is None:  # a baseline beat every prediction: Sobol, then plain EI
-        assert "belief was dropped" in summary, summary
-        assert "--prior: A baseline beat every prediction" in outputs["weighted"]
-        assert runs["weighted"] == runs["design-only"]
-        return
+    assert belief.settled and belief.believed is not None
+    assert (belief.label == CORRECTED) == with_baselines
     assert f"The best prediction ({belief.label}) beat every baseline" in summary, summary
     assert f"--prior: The best prediction ({belief.label}) beat" in outputs["weighted"]
     sobol = runs["design-only"][design : design + 4]  # --initial 4: what the design had left

@@ -5,7 +5,7 @@ forest, warm starts, and the check that an earlier run searched the same space.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,9 @@ class Belief:
     """Where πBO's prior is centred, checked by the search's own first trials, and where the
     search goes after them.
 
-    The prior's rule predicts a configuration and variants of it (prior.prior_plans), all
-    evaluated right after the baselines. The belief starts at the rule's prediction
+    The prior's rule predicts a configuration and variants of it (prior.prior_plans, and the
+    rule corrected by the baselines, prior.by_baselines, chosen when SMAC reads it: `place`),
+    all evaluated right after the baselines. The belief starts at the rule's prediction
     (`centres`' first) and settles once every candidate centre has a result, on the best of
     them scored on all of the data (a candidate stopped early never centres it; the search
     never races them). Where that one scored at least as well as every baseline scored on
@@ -83,6 +84,11 @@ class Belief:
         the configurations after the first `first` (the baselines and the candidates) are
         the Sobol points a confirmed prediction drops."""
         self._design, self._first = design, first
+
+    def place(self, label: str, values: dict) -> None:
+        """A candidate centre chosen when SMAC read its slot (make_optimizer's `late`), in
+        place of the one it stood in for."""
+        self._centres[label] = values
 
     def design_size(self) -> int:
         """The initial design's size now: πBO's prior fades with the trials after it."""
@@ -166,14 +172,45 @@ class _ConditionalPrior(PriorAcquisitionFunction):
         return values
 
 
+class _Design(list):
+    """The initial design as SMAC 2.4.1's ConfigSelector reads it: by index, one
+    configuration per ask (it iterates the list, so a cut tail is never asked). A slot in
+    `late` is read as what its function returns at that moment: a start that depends on the
+    trials scored before it (pipeline: the rule corrected by the baselines). No other way
+    was found: SMAC's initial designs return their configurations whole, before any trial."""
+
+    def __init__(self, configs: Sequence[Configuration], late: dict[int, Callable] | None = None):
+        super().__init__(configs)
+        self.late = dict(late or {})
+
+    def __iter__(self):
+        index = 0
+        while index < len(self):
+            if index in self.late:
+                self[index] = self.late.pop(index)()
+            yield self[index]
+            index += 1
+
+
 class _KnownFirst:
     """An initial design that starts with its additional configurations (SMAC appends them
-    after its own points; here they are what is known, the baselines, so they go first)."""
+    after its own points; here they are what is known, the baselines, so they go first).
+    `late`: the slots _Design fills when SMAC reads them."""
+
+    late: dict[int, Callable] = {}
+
+    @classmethod
+    def with_late(cls, late: dict[int, Callable], *args, **kwargs):
+        design = cls(*args, **kwargs)
+        design.late = late
+        return design
 
     def select_configurations(self) -> list[Configuration]:
         known = list(self._additional_configs)
         # kept: SMAC reads this list lazily, and a settled Belief cuts its tail (follow)
-        self.selected = known + [c for c in super().select_configurations() if c not in known]
+        self.selected = _Design(
+            known + [c for c in super().select_configurations() if c not in known], self.late
+        )
         return self.selected
 
 
@@ -196,6 +233,7 @@ def make_optimizer(
     known: Sequence[Configuration] = (),
     objectives: Sequence[str] = (),
     belief: Belief | None = None,
+    late: dict[int, Callable[[], Configuration]] | None = None,
 ) -> AbstractFacade:
     """SMAC's HPO facade with an explicit Sobol initial design and a single-threaded forest.
 
@@ -212,9 +250,11 @@ def make_optimizer(
     optimum (Belief, --prior-acquisition); the acquisition is then SMAC's πBO (Hvarfner et
     al. 2022), expected improvement times the prior, whose weight decays as decay_beta /
     (trials since the design + 1), decay_beta = trials / 10 (SMAC's recommended value); the
-    design ends when the belief settles (Belief.follow).
+    design ends when the belief settles (Belief.follow). `late`: index in `known` -> the
+    function that gives that start when SMAC reads it (the known one stands in for it).
     """
     known = list(known)[:trials]
+    late = {i: get for i, get in (late or {}).items() if i < len(known)}
     initial = max(0, min(initial, trials - len(known))) if known else initial
     budgets = {"min_budget": fidelity.low, "max_budget": fidelity.high} if fidelity else {}
     scenario = Scenario(
@@ -238,8 +278,8 @@ def make_optimizer(
         return RandomFacade(
             scenario,
             target_function=None,
-            initial_design=_RandomKnownFirst(
-                scenario, n_configs=0 if known else 1, additional_configs=known
+            initial_design=_RandomKnownFirst.with_late(
+                late, scenario, n_configs=0 if known else 1, additional_configs=known
             ),
             intensifier=RandomFacade.get_intensifier(scenario, max_config_calls=1),
             overwrite=True,
@@ -262,7 +302,8 @@ def make_optimizer(
     else:
         facade = HyperparameterOptimizationFacade
         intensifier = facade.get_intensifier(scenario, max_config_calls=1)
-    design = _SobolKnownFirst(scenario, n_configs=initial, max_ratio=1.0, additional_configs=known)
+    design = _SobolKnownFirst.with_late(late, scenario, n_configs=initial, max_ratio=1.0,
+                                        additional_configs=known)  # fmt: skip
     optimizer = facade(
         scenario,
         target_function=None,  # trials are run by ask/tell, so every result is recorded first
