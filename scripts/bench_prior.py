@@ -8,8 +8,9 @@ Per pair and seed, the default search (every default: baselines first, racing, b
 confidence pinned at RACE_CONFIDENCE, what these runs were measured at) at `--trials`
 (50, the issue's) and four searches with a prior: `--prior --no-prior-acquisition` (the
 rule's predicted configuration and two variants right after the baselines, nothing else),
-`--prior` (the same; where the best of them beat every baseline, the Sobol design ends
-there and SMAC's acquisition is weighted toward it: πBO),
+`--prior` (the same, first the rule corrected by the scored baselines, prior.by_baselines;
+where the best of them beat every baseline, the Sobol design ends there and SMAC's
+acquisition is weighted toward it: πBO),
 `--prior-from` the default searches of the pair's other seeds (the rule learned from earlier
 runs: here of the same models, as for a user who merges a pair again, so an upper bound of
 what learning across pairs gives), and `--prior-from` the default searches of the other
@@ -17,8 +18,8 @@ pairs (what a user who merged other models first gets). Measured: the trials and
 (merge + scoring + optimiser, summed over trials) each search took to reach the default
 search's final best validation H, each final best, and the best H after 10-50 trials.
 Then `automerge-mk suggest`'s recipe (the prior alone, no evaluation; and the rule at full
-balance and without balance) on the disjoint test split next to the search's baselines and
-the default search's result.
+balance and without balance) and --prior's corrected start on the disjoint test split next
+to the search's baselines and the default search's result.
 
 Pairs: `demo` (the demo's models, built here when missing) and scripts/bench_space.py's two
 SmolLM2-135M pairs. Each finished step is appended to scripts/results/prior-steps.jsonl with
@@ -31,6 +32,7 @@ from whatever is finished.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -50,6 +52,7 @@ from benchmark import (  # noqa: E402
 
 from automerge_mk import pipeline, prior, rundir, space  # noqa: E402
 from automerge_mk.demo import build_demo_models  # noqa: E402
+from automerge_mk.errors import RunDirectoryError  # noqa: E402
 from automerge_mk.settings import SearchSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,7 +65,8 @@ PAIRS["demo"] = (DEMO, ("arith", "reverse"))  # the demo's layout is the benchma
 # them. Steps of an earlier belief are shown, never run, as MODE-SUFFIX (EARLIER, SHOWN): the
 # belief on the prediction throughout ("before"); on the best prediction or dropped, the Sobol
 # design kept either way ("checked"); on the best start, a baseline too, the design ended
-# ("start").
+# ("start"); since 2026-12-06 (2) the rule corrected by the baselines (prior.by_baselines)
+# starts first, and steps without it are "rule".
 BELIEF = "the rule corrected by the baselines first; confirmed prediction, design ended"
 EARLIER = {
     None: "before",
@@ -239,11 +243,17 @@ def _anytime(pair: str, done: dict, modes: list[str], seeds, trials: int) -> str
     return "\n".join(rows)
 
 
-def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str]) -> dict:
+CORRECTED_ROW = "--prior's first start: the rule corrected by the baselines"
+
+
+def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str],
+                 searched: Path | None = None, before: dict | None = None) -> dict:  # fmt: skip
     """suggest's recipe (validation probe, no evaluation) scored on the test split, with the
     baselines beside it; with `learned` runs, also `suggest --prior-from` them. The rule's
     plans (the prediction, full balance, no balance) are scored on the validation split too:
-    what the balance's exponent was chosen on."""
+    what the balance's exponent was chosen on. With a --prior search `searched`, also the
+    start the baselines corrected there (prior.json's corrected_by), on both splits: its
+    power was chosen on the validation split."""
     request = pair_inputs(pair, "validation")
     out = work / f"{pair}-suggested.yaml"
     settings = SearchSettings()
@@ -260,18 +270,48 @@ def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str]) -> di
             level, inputs.blocks, plans["prior"].sources, plans["prior"].base, settings,
             inputs.dtype)["prior"],
     }  # fmt: skip
+    corrected = searched and rundir.RunDir(searched).read_json(rundir.PRIOR).get("corrected_by")
+    if corrected:
+        names = [s.name for s in inputs.sources]
+        ruled[CORRECTED_ROW] = prior.by_baselines(
+            features,
+            inputs.blocks,
+            plans["prior"].sources,
+            plans["prior"].base,
+            settings,
+            inputs.dtype,
+            [corrected["preservation"][n] for n in names],
+            corrected["ties_lost"],
+        )
     rows = {label: scorers["test"].score_plan(plan, label) for label, plan in ruled.items()}
     validation = {label: scorers["validation"].score_plan(plan, label)["harmonic_mean"]
                   for label, plan in ruled.items()}  # fmt: skip
     if learned:
-        settings = SearchSettings(prior_from=learned)
-        _, plans = pipeline.predicted_plans(inputs, settings)
         label = f"suggest --prior-from (seeds {', '.join(r.rsplit('-', 1)[1] for r in learned)})"
-        rows[label] = scorers["test"].score_plan(plans["prior"], label)
+        try:
+            _, plans = pipeline.predicted_plans(inputs, SearchSettings(prior_from=learned))
+            rows[label] = scorers["test"].score_plan(plans["prior"], label)
+        except RunDirectoryError as error:  # e.g. models rebuilt since (their fingerprints)
+            print(f"suggest:{pair}: {error}; the row measured before is kept", flush=True)
+            rows.update({k: v for k, v in (before or {}).get("rows", {}).items()
+                         if k.startswith("suggest --prior-from")})  # fmt: skip
     for label, plan in scorers["test"].fixed_rows().items():
         if label in BASELINES:
             rows[label] = scorers["test"].score_plan(plan, label)
     return {"rows": rows, "validation": validation, "recipe": str(out)}
+
+
+def _learned_rows(steps_file: Path, pair: str, digest: str) -> dict:
+    """The last `suggest --prior-from` rows recorded for this build, kept where the runs they
+    learned from are refused now (suggest_step)."""
+    found = {}
+    for line in steps_file.read_text().splitlines() if steps_file.is_file() else ():
+        record = json.loads(line)
+        if record["step"] == f"suggest:{pair}" and record.get("models") == digest:
+            rows = {k: v for k, v in record.get("rows", {}).items()
+                    if k.startswith("suggest --prior-from")}  # fmt: skip
+            found = rows or found
+    return {"rows": found}
 
 
 def render(builds: dict, pairs, seeds, trials: int, digests: dict) -> str:
@@ -370,10 +410,12 @@ def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
             "seeds are left out of the trial ratios above and count in the final best H."
         )
     text.append(
-        "--prior (πBO): where the best scored of the prediction and its variants beat every "
+        "--prior (πBO): first the rule corrected by the baselines, then the prediction and its "
+        "variants; where the best scored of them beat every "
         "baseline, the Sobol design ends there and the acquisition is multiplied by a prior "
         "centred on it; where a baseline beat them, the prior is dropped and the design goes "
-        "on. Earlier columns: 'belief on the prediction' kept the prior on the prediction; "
+        "on. Earlier columns: 'the rule's starts only' did as now without the corrected "
+        "start; 'belief on the prediction' kept the prior on the prediction; "
         "'belief checked, Sobol design' did as now but kept the Sobol design; 'best start, "
         "baselines too' ended the design at the best of baselines and predictions, and "
         "centred the prior on it even where a baseline had won. Compare the `suggest` rows "
@@ -398,7 +440,10 @@ def _pair_section(pair: str, title: str, done: dict, seeds, trials: int) -> str:
             valid = suggested.get("validation", {}).get(label)
             valid = "" if valid is None else f"{valid:.4f}"
             table.append(f"| {label} | {row['harmonic_mean']:.4f} | {aps} | {valid} |")
-        text.append("`suggest` (no evaluation) on the test split:\n\n" + "\n".join(table))
+        text.append(
+            "`suggest` (no evaluation) and --prior's corrected start on the test split:\n\n"
+            + "\n".join(table)
+        )
     return "\n\n".join(text)
 
 
@@ -481,9 +526,13 @@ def main() -> None:
             record(test_step, pair, {"row": row, "rule": RULE})
         learned = learned_from(pair, "learned", args.trials, seeds[0], done)
         rows = len(done.get(f"suggest:{pair}", {}).get("rows", ()))
-        if rows < 3 + len(BASELINES) + bool(learned):  # the rule's 3, baselines, learned
+        prior_search = done.get(f"search:{pair}:pibo:{args.trials}:{seeds[0]}")
+        searched = recorded_path(prior_search["run"]) if prior_search else None
+        # the rule's 3, baselines, learned, the corrected start
+        if rows < 3 + len(BASELINES) + bool(learned) + bool(searched):
             print(f"suggest:{pair}: running", flush=True)
-            row = suggest_step(pair, args.work, scorers[pair], learned)
+            row = suggest_step(pair, args.work, scorers[pair], learned, searched,
+                               _learned_rows(steps_file, pair, digests[pair]))  # fmt: skip
             record(f"suggest:{pair}", pair, row | {"rule": RULE})
     write()
     print((args.results / "prior.md").read_text())
