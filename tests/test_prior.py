@@ -479,10 +479,12 @@ def test_prior_from_a_folder_that_is_no_run_or_of_other_sources_is_refused_befor
     record = json.loads((demo_run / "settings.json").read_text())
     name = record["models"][0]["name"]
     weights = record["fingerprints"]["models"][name]["files"]
-    for file in weights.values():
-        file["mtime_ns"] -= 10**9  # the file now is a second younger than the one searched
+    for file in weights.values():  # the file now is a second younger, with other content
+        file["mtime_ns"] -= 10**9
+        file["content_sha256"] = "0" * 64
     (retrained / "settings.json").write_text(json.dumps(record))
     shutil.copy(demo_run / "trials.jsonl", retrained / "trials.jsonl")
     result = CliRunner().invoke(main, arguments + ["--prior-from", str(retrained)])
-    assert result.exit_code == 1 and "changed since the run used it" in result.output, result.output
+    changed = "changed since the run used it (other content, modified"
+    assert result.exit_code == 1 and changed in result.output, result.output
     assert not (tmp_path / "run").exists()

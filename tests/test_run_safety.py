@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -290,6 +291,40 @@ def test_a_changed_source_weight_file_is_refused_on_resume(models, tmp_path):
     result = _invoke(["search", "--resume", out, "--quiet"])
     _assert_refused(result, "InputChangedError", f"weights file {shard} changed")
     assert (out / "trials.jsonl").read_bytes() == trials
+
+
+def test_a_source_copied_byte_for_byte_resumes_and_one_byte_changed_is_refused(models, tmp_path):
+    out = tmp_path / "run"
+    assert _invoke(_search(models, out, 4)).exit_code == 0
+    lines = (out / "trials.jsonl").read_text().splitlines(keepends=True)
+    (out / "trials.jsonl").write_text("".join(lines[:2]))  # as if killed after two trials
+    (out / "summary.md").unlink()
+    shard = models["arith"] / "model.safetensors"
+    content = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(content)  # as `cp` without -p, or a second download, writes it
+    later = shard.stat().st_mtime_ns + 10**9
+    os.utime(shard, ns=(later, later))
+    resumed = _invoke(["search", "--resume", out, "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "trials.jsonl").read_text().splitlines(keepends=True)[:2] == lines[:2]
+    assert len((out / "trials.jsonl").read_text().splitlines()) == 4
+    # One value changed in the middle of one tensor: the same size, header and time, refused.
+    (out / "summary.md").unlink()
+    lines = (out / "trials.jsonl").read_text().splitlines(keepends=True)
+    (out / "trials.jsonl").write_text("".join(lines[:3]))
+    header = 8 + struct.unpack("<Q", content[:8])[0]
+    tensors = {k: v for k, v in json.loads(content[8:header]).items() if k != "__metadata__"}
+    name = max(tensors, key=lambda k: tensors[k]["data_offsets"][1])  # the last one
+    begin, end = tensors[name]["data_offsets"]
+    middle = header + (begin + end) // 2
+    edited = bytearray(content)
+    edited[middle] ^= 0x01
+    shard.write_bytes(bytes(edited))
+    os.utime(shard, ns=(later, later))
+    result = _invoke(["search", "--resume", out, "--quiet"])
+    _assert_refused(result, "InputChangedError", f"weights file {shard} changed")
+    assert "other content" in result.output, name
 
 
 def test_an_edited_settings_file_is_refused_on_resume(short_run, tmp_path):
