@@ -904,19 +904,20 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
         configs = {label: Configuration(space_, values=v) for label, v in stored.items()}
     else:
         features, plans = predicted_plans(inputs, settings)
-        if known and not inputs.fidelity:
-            first = next(iter(plans.values()))
-            plans[CORRECTED] = prior.by_baselines(
-                features, inputs.blocks, first.sources, first.base, settings, inputs.dtype
-            ).model_copy(update={"tokenizer": first.tokenizer})
         names = tuple(s.name for s in inputs.sources)
         configs = space.known_configs(plans, space_, names, settings)
+        if known and not inputs.fidelity:  # its place, even where it stands in for a config
+            first = next(iter(plans.values()))  # already here: it is chosen when read
+            stand_in = prior.by_baselines(features, inputs.blocks, first.sources, first.base,
+                                          settings, inputs.dtype)  # fmt: skip
+            config = space.config_from_plan(stand_in, space_, names, settings)
+            configs |= {CORRECTED: config} if config is not None else {}
         run.write_json(rundir.PRIOR, {
             "features": features.model_dump(mode="json"),
             "configs": {label: space.plain_values(c) for label, c in configs.items()},
             "learned_from": list(settings.prior_from),
         })  # fmt: skip
-    added = {k: c for k, c in configs.items() if c not in known.values()}
+    added = {k: c for k, c in configs.items() if k == CORRECTED or c not in known.values()}
     if CORRECTED in added:  # first: the best start on two of bench_prior's three pairs
         added = {CORRECTED: added.pop(CORRECTED), **added}
     among = ", ".join(added) or "none: they are among them or outside the space"
@@ -929,14 +930,18 @@ class _Correction:
     by_baselines), chosen when SMAC reads its slot, right after the baselines (make_optimizer's
     `late`; on Dask workers, from the baselines finished by then). Once chosen it is kept in
     prior.json, which a resumed run reads. `told`: functions called with the chosen
-    configuration (the belief, the objective's unraced list)."""
+    configuration (the belief, the objective's unraced list). A --warm-start run's trials count
+    as scored here (its inputs are checked the same). On Dask workers the chosen one races
+    like any trial (the workers' list of whole-scored predictions is sent before it exists),
+    so a stopped one cannot be the belief's centre; with more workers than baselines it is
+    read before any is scored, and stays uncorrected."""
 
     def __init__(self, session: Session, space_, known: dict, stand_in, told=()):
         self.session, self.space, self.known, self.stand_in = session, space_, known, stand_in
-        self.told, self.results = list(told), []
+        self.told, self.results = list(told), list(session.inputs.warm_start)
 
     def observe(self, results: list[TrialResult]) -> None:
-        self.results = results
+        self.results = [*self.session.inputs.warm_start, *results]
 
     def __call__(self):
         from ConfigSpace import Configuration

@@ -172,13 +172,17 @@ def _content_sha256(file: Path) -> str:
     size = file.stat().st_size
     with open(file, "rb") as handle:
         head = handle.read(8)
+        starts = None
         if file.suffix == ".safetensors" and len(head) == 8:
             length = struct.unpack("<Q", head)[0]
-            header = json.loads(handle.read(length))
-            spans = sorted(tuple(v["data_offsets"]) for k, v in header.items()
-                           if k != "__metadata__")  # fmt: skip
-            starts = [(8 + length + a, 8 + length + b) for a, b in spans]
-        else:
+            try:  # an unreadable header is sampled as another file (loading names it later)
+                header = json.loads(handle.read(min(length, size)))
+                spans = sorted(tuple(v["data_offsets"]) for k, v in header.items()
+                               if k != "__metadata__")  # fmt: skip
+                starts = [(8 + length + a, 8 + length + max(a, b)) for a, b in spans]
+            except (ValueError, TypeError, KeyError, AttributeError):
+                starts = None
+        if starts is None:
             step = max(size // 64, 1)
             starts = [(i, min(i + step, size)) for i in range(0, size, step)]
         for begin, end in starts:
@@ -220,9 +224,11 @@ def _model_changes(what: str, recorded: ModelPrint, current: ModelPrint) -> list
     ]
     for name in sorted(set(recorded.files) & set(current.files)):
         old, new = recorded.files[name], current.files[name]
-        same_bytes = old.content_sha256 is not None and old.model_copy(
-            update={"mtime_ns": new.mtime_ns}) == new  # fmt: skip
-        if old != new and not same_bytes:  # (copied, downloaded again: the same bytes)
+        if old.content_sha256 is None:  # recorded before content samples: the time decides
+            changed = old != new.model_copy(update={"content_sha256": None})
+        else:  # another time with the same bytes: copied, downloaded again
+            changed = old.model_copy(update={"mtime_ns": new.mtime_ns}) != new
+        if changed:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(new.mtime_ns / 1e9))
             if old.size != new.size:
                 detail = f"size {old.size} -> {new.size}"

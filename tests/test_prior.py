@@ -209,6 +209,22 @@ def test_a_prior_search_evaluates_the_prior_after_the_baselines_and_repeats(demo
     assert [t.config for t in trials] == [t.config for t in RunDir(runs[1]).trials()]
 
 
+def test_a_warm_started_prior_search_corrects_the_rule_by_the_earlier_runs_baselines(
+    demo_models, tmp_path
+):
+    earlier = tmp_path / "earlier"
+    result = CliRunner().invoke(main, short_search_arguments(demo_models, earlier, 8))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = tmp_path / "run"  # its baselines are the earlier run's, told, never run again
+    arguments = short_search_arguments(demo_models, out, 9) + ["--prior", "--warm-start", earlier]
+    result = CliRunner().invoke(main, [str(a) for a in arguments])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    prior = json.loads((out / "prior.json").read_text())
+    told = {label: b for label, b in json.loads((earlier / "baselines.json").read_text()).items()}
+    assert prior["corrected_by"]["baseline"] in told  # scored there, not here
+    assert RunDir(out).trials()[0].config == prior["configs"][CORRECTED]
+
+
 def test_prior_without_a_base_is_refused_before_anything_loads(demo_models, tmp_path):
     arguments = short_search_arguments(demo_models, tmp_path / "run", 12)
     arguments += ["--prior", "--methods", "linear,slerp"]  # methods that need no base

@@ -327,6 +327,22 @@ def test_a_source_copied_byte_for_byte_resumes_and_one_byte_changed_is_refused(m
     assert "other content" in result.output, name
 
 
+def test_a_run_recorded_before_content_samples_is_held_to_the_time_alone():
+    from automerge_mk.rundir import ModelPrint, WeightPrint, _model_changes
+
+    def printed(mtime: int, content: str | None) -> ModelPrint:
+        weights = WeightPrint(size=8, mtime_ns=mtime, header_sha256="h", content_sha256=content)
+        return ModelPrint(reference="/m", files={"model.safetensors": weights})
+
+    now = printed(2, "c")
+    assert _model_changes("source", printed(2, None), now) == []  # the same time: unchanged
+    (older,) = _model_changes("source", printed(1, None), now)
+    assert "from before content samples, so the time decides" in older
+    assert _model_changes("source", printed(1, "c"), now) == []  # the same bytes, copied
+    (other,) = _model_changes("source", printed(2, "d"), now)
+    assert "other content" in other
+
+
 def test_an_edited_settings_file_is_refused_on_resume(short_run, tmp_path):
     out = _interrupted_copy(short_run, tmp_path / "run", keep=2)
     settings = json.loads((out / "settings.json").read_text())

@@ -87,7 +87,8 @@ class Belief:
 
     def place(self, label: str, values: dict) -> None:
         """A candidate centre chosen when SMAC read its slot (make_optimizer's `late`), in
-        place of the one it stood in for."""
+        place of the one it stood in for. One that is a baseline's counts as the rule's, as
+        a prediction equal to a baseline does."""
         self._centres[label] = values
 
     def design_size(self) -> int:
