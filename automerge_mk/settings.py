@@ -101,8 +101,8 @@ class SearchSettings(Frozen):
         "x1.25; longer task vectors fully balanced) right after the baselines, first the rule "
         "corrected by them (more weight to the task the best baseline kept least; no TIES "
         "where TIES lost to task arithmetic). Needs --base. "
-        "Off by default until scripts/results/prior.md shows it saves trials on the real "
-        "benchmark.",
+        "Off by default; scripts/results/prior.md measures it: on the benchmark pairs it "
+        "reached the default search's 50-trial best in 24-41 % of its trials where it did.",
     )
     prior_acquisition: bool = Field(
         True,
