@@ -220,7 +220,7 @@ def by_baselines(
     source's task in the best baseline (None: not scored yet, no correction but the scale);
     `ties_lost`: the TIES baseline scored below task arithmetic at the same weights."""
     by_name = {f.block: f for f in features.blocks}
-    lowest = min(preservation, default=0.0) if preservation else 0.0
+    lowest = min(preservation) if preservation else 0.0
     shares = [(lowest / p) ** PRESERVATION_POWER for p in preservation] if lowest > 0 \
         else [1.0] * len(sources)  # fmt: skip
     methods = tuple(m for m in settings.methods if not (ties_lost and m == "ties"))
