@@ -189,7 +189,8 @@ def summary_markdown(
         "\n\n".join(
             [
                 f"# {title}",
-                f"{len(trials)} trials ({failed} failed) in {wall_seconds:.0f} s; best trial "
+                f"{len(trials)} trial{'s' * (len(trials) != 1)} ({failed} failed) in "
+                f"{wall_seconds:.0f} s; best trial "
                 f"{best.trial} with harmonic-mean AP {best.harmonic_mean:.4f} at search time."
                 + (f" {versus_baselines}" if versus_baselines else "")
                 + (f" {tokens}" if (tokens := tokens_sentence(trials)) else ""),

@@ -45,3 +45,15 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "not an automerge-mk run directory" in result.output
+
+
+def test_a_one_trial_search_summary_counts_one_trial(demo_models, tmp_path):
+    from click.testing import CliRunner
+    from conftest import short_search_arguments
+
+    from automerge_mk.cli import main
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, short_search_arguments(demo_models, out, 1))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (out / "summary.md").read_text().split("\n\n")[1].startswith("1 trial (0 failed) in ")
