@@ -143,8 +143,10 @@ def _check_inputs(
 ) -> Inputs:
     """Resolve and check models, data, methods and parameters; tokenise the data; segment.
 
-    `files` and `data_sha` are what `_check_paths` found, by source name.
+    `files` and `data_sha` are what `_check_paths` found, by source name (so a missing data
+    file is named before the libraries below are imported: seconds).
     """
+    _quiet_libraries()
     from . import evaluate, kinds, methods, plugins, segment, sources, vocab
     from .engine import check_device, check_dtype
     from .search import Fidelity
@@ -589,7 +591,6 @@ def worker_objective(model_refs, base_ref, data, settings: dict, prior: tuple = 
     from .search import MergeObjective
 
     settings = SearchSettings(**settings)
-    _quiet_libraries()
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data), settings)
     engine, raw = _load_sources(inputs, settings)
     references = {name: scores[name] for name, scores in raw.items()}
@@ -631,7 +632,6 @@ def open_session(
         RunDir.check_free(out, overwrite)
         run = recorded = None
     try:
-        _quiet_libraries()
         # A resumed --prior-from run has its prediction in prior.json: the earlier runs it
         # learned from need not be there any more.
         predicted = resume and (out / rundir.PRIOR).is_file()
@@ -1102,14 +1102,13 @@ def features_text(request: MergeRequest, settings: SearchSettings, as_json: bool
         AutomergeError: (a subclass) for any problem with the input; SettingsError without a
             base.
     """
-    from .features import features_table
-
-    _quiet_libraries()
     model_refs, base_ref, data = request
     if base_ref is None:
         raise SettingsError("--features needs --base: task vectors are each source minus it")
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data),
                            settings.model_copy(update={"prior": True}))  # its checks  # fmt: skip
+    from .features import features_table  # torch: after the checks that need none
+
     features = _features(inputs, settings)
     if as_json:
         return features.model_dump_json(indent=1)
@@ -1125,11 +1124,8 @@ def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
         OutputExistsError: when `out` exists and `overwrite` is false.
         AutomergeError: (a subclass) for any problem with the input.
     """
-    from . import recipe
     from .errors import OutputExistsError
-    from .features import features_table
 
-    _quiet_libraries()
     model_refs, base_ref, data = request
     if base_ref is None:
         raise SettingsError("suggest needs --base: task vectors are each source minus it")
@@ -1140,6 +1136,9 @@ def run_suggest(request: MergeRequest, settings: SearchSettings, out: Path,
                             "vectors interfere): keep task_arithmetic in --methods")  # fmt: skip
     inputs = _check_inputs(model_refs, base_ref, *_check_paths(model_refs, data),
                            settings.model_copy(update={"prior": True}))  # fmt: skip
+    from . import recipe  # mergekit and torch: after the checks that need neither
+    from .features import features_table
+
     features, plans = predicted_plans(inputs, settings)
     plan = plans["prior"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1654,7 +1653,6 @@ def run_pick(
     from .engine import eval_dtype, resolve_device
 
     run_dir = run_dir.resolve()
-    _quiet_libraries()
     chosen, on_front, finished_trials = _chosen_trial(run_dir, trial, prefer)
     out = (out or run_dir.parent / f"{run_dir.name}-trial-{chosen.trial}").resolve()
     if out == run_dir:

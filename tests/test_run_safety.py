@@ -431,13 +431,18 @@ def test_a_read_only_out_is_a_named_error(models, read_only):
                     "choose an --out folder you can write to")  # fmt: skip
 
 
-def test_a_missing_data_file_is_refused_before_the_heavy_imports(models, tmp_path):
+@pytest.mark.parametrize("command", ["search", "suggest", "segment --features", "baselines"])
+def test_a_missing_data_file_is_refused_before_the_heavy_imports(models, tmp_path, command):
     """The cheap checks import no torch: a subprocess shows it (this process has torch)."""
     missing = tmp_path / "nowhere.jsonl"
     arguments = _search(models, tmp_path / "run", 3)
     arguments[arguments.index(f"arith={models['data'] / 'arith-validation.jsonl'}")] = (
         f"arith={missing}"
     )
+    if command != "search":  # the same models, base and data; only search's own options go
+        arguments = command.split() + arguments[1 : arguments.index("--out")]
+        arguments += {"suggest": ["--out", str(tmp_path / "s.yaml")],
+                      "baselines": ["--out", str(tmp_path / "b")]}.get(command, [])  # fmt: skip
     probe = (
         "import sys\nfrom automerge_mk.cli import main\ntry:\n    main()\nfinally:\n"
         "    print('heavy:', sorted(m for m in ('torch', 'transformers', 'mergekit', 'smac') "
