@@ -961,10 +961,7 @@ class _Correction:
             return self._tell(self.stand_in, None)
         preservation = [tasks[n].preservation for n in names]
         features = ModelFeatures.model_validate(run.read_json(rundir.PRIOR)["features"])
-        ties_lost = _ties_lost(
-            _baseline_plans(inputs, settings),
-            _baseline_scores(self.known, self.results, full=False),
-        )
+        ties_lost = _ties_lost(len(names), _baseline_scores(self.known, self.results, full=False))
         sources = tuple(str(s.path) for s in inputs.sources)
         plan = prior.by_baselines(features, inputs.blocks, sources, str(inputs.base.path),
                                   settings, inputs.dtype, preservation, ties_lost)  # fmt: skip
@@ -1010,15 +1007,17 @@ def _baseline_scores(known: dict, results: list[TrialResult], full: bool = True)
     return scores
 
 
-def _ties_lost(plans: dict, scores: dict) -> bool:
-    """Whether a TIES baseline scored below task arithmetic at the same weights (`scores`:
-    label -> its best result, racing's estimate where racing stopped it)."""
-    arith = {p.choices[0].weights: scores.get(label) for label, p in plans.items()
-             if p.choices[0].method == "task_arithmetic"}  # fmt: skip
-    for label, plan in plans.items():
-        other = arith.get(plan.choices[0].weights)
-        if plan.choices[0].method == "ties" and label in scores and other is not None:
-            if scores[label].harmonic_mean < other.harmonic_mean:
+def _ties_lost(sources: int, scores: dict) -> bool:
+    """Whether a TIES baseline (space.BASELINES) scored below task arithmetic at the same
+    weights (`scores`: label -> its best result, racing's estimate where racing stopped it)."""
+    from . import space
+
+    arith = {b.each_weight(sources): scores.get(b.label(sources)) for b in space.BASELINES
+             if b.method == "task_arithmetic"}  # fmt: skip
+    for row in space.BASELINES:
+        ours, other = scores.get(row.label(sources)), arith.get(row.each_weight(sources))
+        if row.method == "ties" and ours is not None and other is not None:
+            if ours.harmonic_mean < other.harmonic_mean:
                 return True
     return False
 
