@@ -886,6 +886,8 @@ def predicted_plans(inputs: Inputs, settings: SearchSettings):
 
 
 CORRECTED = "prior, by the baselines"  # the start prior.by_baselines gives
+# --prior's last two starts: the best merge so far rescaled, then again or the other way
+RESCALED = ("prior, best so far rescaled", "prior, rescaled again")
 
 
 def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
@@ -893,7 +895,9 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     prior.json, from which a resumed run reads them: all of them (the first, "prior", is the
     centre of --prior-acquisition's prior) and those the search adds after the baselines.
     With baselines (and no --fidelity, whose baselines are scored on a part of the data) the
-    first added is CORRECTED, here the rule before the baselines correct it (_Correction)."""
+    first added is CORRECTED, here the rule before the baselines correct it (_Correction).
+    Without --fidelity the last two are RESCALED, here stand-ins (the first added one x
+    prior.RESCALE) for the line search _Rescale chooses."""
     from ConfigSpace import Configuration
 
     from . import prior, space
@@ -912,6 +916,7 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
                                           settings, inputs.dtype)  # fmt: skip
             config = space.config_from_plan(stand_in, space_, names, settings)
             configs |= {CORRECTED: config} if config is not None else {}
+        configs |= _rescale_stand_ins(configs, known, space_, inputs, settings)
         run.write_json(rundir.PRIOR, {
             "features": features.model_dump(mode="json"),
             "configs": {label: space.plain_values(c) for label, c in configs.items()},
@@ -920,6 +925,10 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     added = {k: c for k, c in configs.items() if k == CORRECTED or c not in known.values()}
     if CORRECTED in added:  # first: the best start on two of bench_prior's three pairs
         added = {CORRECTED: added.pop(CORRECTED), **added}
+    added = {
+        **{k: c for k, c in added.items() if k not in RESCALED},
+        **{k: added[k] for k in RESCALED if k in added},
+    }  # fmt: skip  (last)
     among = ", ".join(added) or "none: they are among them or outside the space"
     _note(f"--prior: {len(added)} predicted configurations follow the baselines ({among})")
     return configs, added
@@ -988,6 +997,117 @@ class _Correction:
         self.session.run.write_json(rundir.PRIOR, {**stored, "corrected_by": why})
         for tell in self.told:
             tell(config)
+        return config
+
+
+def _rescale_stand_ins(configs: dict, known: dict, space_, inputs, settings) -> dict:
+    """RESCALED's stand-ins (_prior_configs): the first start the prior adds x each of
+    prior.RESCALE, or none without --prior starts or with --fidelity."""
+    from ConfigSpace import Configuration
+
+    from . import prior, space
+
+    names = tuple(s.name for s in inputs.sources)
+    starts = [c for k, c in configs.items() if k == CORRECTED or c not in known.values()]
+    if inputs.fidelity or not starts:
+        return {}
+    first = space.plain_values(configs.get(CORRECTED, starts[0]))
+    stand_ins = {}
+    for label, factor in zip(RESCALED, prior.RESCALE):
+        values = space.rescaled(first, factor, inputs.blocks, names, settings) or first
+        stand_ins[label] = Configuration(space_, values=values)
+    return stand_ins
+
+
+class _Rescale:
+    """--prior's last two starts RESCALED, a line search on how far the task vectors go (the
+    starts' least certain guess; prior.py): the best merge scored whole so far x RESCALE[0]
+    (x RESCALE[1] where that changes nothing or was scored), then the first step x RESCALE[0]
+    again where it beat that best, else the best x RESCALE[1]. Each is chosen when SMAC reads
+    its slot (make_optimizer's `late`), kept in prior.json (`rescaled`: what it scaled and
+    why) and read back by a resumed run. A step with nothing to scale (--weighting convex,
+    normalising methods only, scales at their bounds) keeps its stand-in. `told`: functions
+    called with (label, configuration), as _Correction's. On Dask workers the steps race
+    and are chosen from the trials finished by then."""
+
+    def __init__(self, session: Session, space_, stand_ins: dict, told=()):
+        self.session, self.space, self.stand_ins = session, space_, stand_ins
+        self.told, self.results = list(told), list(session.inputs.warm_start)
+
+    def observe(self, results: list[TrialResult]) -> None:
+        self.results = [*self.session.inputs.warm_start, *results]
+
+    def _whole(self) -> list[TrialResult]:
+        return [r for r in self.results if r.status == "ok" and not r.partial
+                and r.harmonic_mean is not None and math.isfinite(r.harmonic_mean)]  # fmt: skip
+
+    def _scaled(self, values: dict, factor: float) -> dict | None:
+        """`values` x factor, or None where that changes nothing or was scored already."""
+        from . import space
+
+        inputs = self.session.inputs
+        names = tuple(s.name for s in inputs.sources)
+        out = space.rescaled(values, factor, inputs.blocks, names, self.session.settings)
+        return None if out is None or any(r.config == out for r in self.results) else out
+
+    def first(self):
+        from . import prior
+
+        whole = self._whole()
+        best = max(whole, key=lambda r: r.harmonic_mean, default=None)
+        for factor in prior.RESCALE if best else ():
+            values = self._scaled(best.config, factor)
+            if values is not None:
+                why = {"from": best.config, "from_H": best.harmonic_mean, "factor": factor,
+                       "trial": best.trial}  # fmt: skip
+                return self._tell(RESCALED[0], values, why)
+        return self._tell(RESCALED[0], None, None)
+
+    def second(self):
+        from . import prior
+
+        up, down = prior.RESCALE
+        step = self.session.run.read_json(rundir.PRIOR).get("rescaled", {}).get(RESCALED[0])
+        if not step:
+            return self._tell(RESCALED[1], None, None)
+        chosen = self.session.run.read_json(rundir.PRIOR)["configs"][RESCALED[0]]
+        scored = [r.harmonic_mean for r in self._whole() if r.config == chosen]
+        won = bool(scored) and max(scored) > step["from_H"]
+        back = down if step["factor"] == up else up
+        # (configuration to scale, by, how far from the best that is)
+        tries = [(chosen, step["factor"], step["factor"] ** 2)] if won else []
+        tries += [(step["from"], back, back)]
+        for base, factor, total in tries:
+            values = self._scaled(base, factor)
+            if values is not None:
+                why = {"from": step["from"], "from_H": step["from_H"], "factor": total,
+                       "trial": step["trial"], "first_won": won}  # fmt: skip
+                return self._tell(RESCALED[1], values, why)
+        return self._tell(RESCALED[1], None, None)
+
+    def _tell(self, label: str, values: dict | None, why: dict | None):
+        from ConfigSpace import Configuration
+
+        from . import space
+
+        config = (
+            self.stand_ins[label] if values is None else Configuration(self.space, values=values)
+        )
+        if why is None:
+            _note(f"--prior: {label}: nothing to rescale, its stand-in is scored instead")
+        else:
+            after = {
+                True: " (the first step won: once more)",
+                False: " (the first step lost: the other way)",
+            }.get(why.get("first_won"), "")
+            _note(f"--prior: {label}: trial {why['trial']} (H {why['from_H']:.4f}) with its "
+                  f"task vectors x{why['factor']:.4g}{after}")  # fmt: skip
+        stored = self.session.run.read_json(rundir.PRIOR)
+        stored["configs"][label] = space.plain_values(config)
+        stored["rescaled"] = {**stored.get("rescaled", {}), label: why}
+        self.session.run.write_json(rundir.PRIOR, stored)
+        for tell in self.told:
+            tell(label, config)
         return config
 
 
@@ -1275,6 +1395,20 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
 
         correction = _Correction(session, space_, known, prior[CORRECTED], [chosen])
         late, observers = {len(known): correction}, [correction.observe, *observers]
+    chosen_steps = run.read_json(rundir.PRIOR).get("rescaled", {}) if prior else {}
+    if all(label in prior for label in RESCALED) and RESCALED[1] not in chosen_steps:
+
+        def stepped(label, config) -> None:  # as `chosen`
+            prior[label] = config
+            objective.unraced.append(space.plain_values(config))
+            if belief:
+                belief.place(label, space.plain_values(config))
+
+        rescale = _Rescale(session, space_, {k: prior[k] for k in RESCALED}, [stepped])
+        slots = {label: len(known) + list(prior).index(label) for label in RESCALED}
+        late |= {slots[label]: get for label, get in zip(RESCALED, (rescale.first, rescale.second))
+                 if label not in chosen_steps}  # fmt: skip
+        observers = [rescale.observe, *observers]
     optimizer = search.make_optimizer(
         space_,
         settings.trials,

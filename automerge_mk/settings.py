@@ -100,7 +100,8 @@ class SearchSettings(Frozen):
         "predicted merge per block, which the search evaluates with two variants (weights "
         "x1.25; longer task vectors fully balanced) right after the baselines, first the rule "
         "corrected by them (more weight to the task the best baseline kept least; no TIES "
-        "where TIES lost to task arithmetic). Needs --base. "
+        "where TIES lost to task arithmetic), and last the best merge so far with its task "
+        "vectors x1.15, then x1.15 again where that won, else x0.85. Needs --base. "
         "Off by default; scripts/results/prior.md measures it: on the benchmark pairs it "
         "reached the default search's 50-trial best in 24-41 % of its trials where it did.",
     )

@@ -228,6 +228,33 @@ def config_from_plan(
         return None
 
 
+def rescaled(
+    values: Mapping[str, Any],
+    factor: float,
+    blocks: tuple[Block, ...],
+    source_names: tuple[str, ...],
+    settings: SearchSettings,
+) -> dict | None:
+    """`values` (a configuration, as plain_values gives it) with the task vectors of every
+    block whose method adds them without normalising taken `factor` times: its scale (two
+    sources, --weighting scaled) or each of its weights (three or more sources), clipped to
+    --weight-range and rounded to 3 decimals. None where that changes nothing: --weighting
+    convex (a weight w and 1 - w has no overall scale), only normalising methods, or every
+    scale already at the bound."""
+    out = dict(values)
+    for block in blocks:
+        method = values.get(_name(block, "method"))
+        if len(source_names) == 2 and method in _scaled(settings):
+            names = [_name(block, "scale")]
+        elif len(source_names) != 2 and adds_weights(method, settings.method_parameters):
+            names = [_name(block, "weight", s) for s in source_names]
+        else:
+            continue
+        for name in names:
+            out[name] = round(_clamped(float(values[name]) * factor, settings.weight_range), 3)
+    return out if out != dict(values) else None
+
+
 def uniform_plan(
     method: str,
     weights: tuple[float, ...],
