@@ -922,7 +922,8 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
             "configs": {label: space.plain_values(c) for label, c in configs.items()},
             "learned_from": list(settings.prior_from),
         })  # fmt: skip
-    added = {k: c for k, c in configs.items() if k == CORRECTED or c not in known.values()}
+    chosen_later = (CORRECTED, *RESCALED)  # stand-ins: kept even where one is a baseline's
+    added = {k: c for k, c in configs.items() if k in chosen_later or c not in known.values()}
     if CORRECTED in added:  # first: the best start on two of bench_prior's three pairs
         added = {CORRECTED: added.pop(CORRECTED), **added}
     added = {
@@ -1001,32 +1002,32 @@ class _Correction:
 
 
 def _rescale_stand_ins(configs: dict, known: dict, space_, inputs, settings) -> dict:
-    """RESCALED's stand-ins (_prior_configs): the first start the prior adds x each of
-    prior.RESCALE, or none without --prior starts or with --fidelity."""
+    """RESCALED's stand-ins (_prior_configs): the first start the prior adds that has task
+    vectors to scale, x each of prior.RESCALE; none with --fidelity (whose trials are not
+    scored whole) or where no start has any (TIES in every block, --weighting convex)."""
     from ConfigSpace import Configuration
 
     from . import prior, space
 
     names = tuple(s.name for s in inputs.sources)
-    starts = [c for k, c in configs.items() if k == CORRECTED or c not in known.values()]
-    if inputs.fidelity or not starts:
-        return {}
-    first = space.plain_values(configs.get(CORRECTED, starts[0]))
-    stand_ins = {}
-    for label, factor in zip(RESCALED, prior.RESCALE):
-        values = space.rescaled(first, factor, inputs.blocks, names, settings) or first
-        stand_ins[label] = Configuration(space_, values=values)
-    return stand_ins
+    starts = [c for k, c in configs.items() if k != CORRECTED and c not in known.values()]
+    corrected = [configs[CORRECTED]] if CORRECTED in configs else []
+    for start in [] if inputs.fidelity else corrected + starts:
+        values = [space.rescaled(space.plain_values(start), factor, inputs.blocks, names,
+                                 settings) for factor in prior.RESCALE]  # fmt: skip
+        if all(v is not None for v in values):
+            return {k: Configuration(space_, values=v) for k, v in zip(RESCALED, values)}
+    return {}
 
 
 class _Rescale:
     """--prior's last two starts RESCALED, a line search on how far the task vectors go (the
-    starts' least certain guess; prior.py): the best merge scored whole so far x RESCALE[0]
-    (x RESCALE[1] where that changes nothing or was scored), then the first step x RESCALE[0]
-    again where it beat that best, else the best x RESCALE[1]. Each is chosen when SMAC reads
-    its slot (make_optimizer's `late`), kept in prior.json (`rescaled`: what it scaled and
-    why) and read back by a resumed run. A step with nothing to scale (--weighting convex,
-    normalising methods only, scales at their bounds) keeps its stand-in. `told`: functions
+    starts' least certain guess; prior.py): the best merge scored whole so far that has task
+    vectors to scale (space.rescaled) x RESCALE[0] (x RESCALE[1] where that changes nothing
+    or was scored), then the first step x RESCALE[0] again where it beat that best, else the
+    best x RESCALE[1]. Each is chosen when SMAC reads its slot (make_optimizer's `late`), kept
+    in prior.json (`rescaled`: what it scaled and why) and read back by a resumed run. A step
+    with nothing left to scale keeps its stand-in. `told`: functions
     called with (label, configuration), as _Correction's. On Dask workers the steps race
     and are chosen from the trials finished by then."""
 
@@ -1053,9 +1054,8 @@ class _Rescale:
     def first(self):
         from . import prior
 
-        whole = self._whole()
-        best = max(whole, key=lambda r: r.harmonic_mean, default=None)
-        for factor in prior.RESCALE if best else ():
+        ranked = sorted(self._whole(), key=lambda r: -r.harmonic_mean)
+        for best, factor in itertools.product(ranked, prior.RESCALE):  # best first, up first
             values = self._scaled(best.config, factor)
             if values is not None:
                 why = {"from": best.config, "from_H": best.harmonic_mean, "factor": factor,

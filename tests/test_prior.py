@@ -255,6 +255,16 @@ def test_a_prior_search_stopped_between_its_rescaled_starts_chooses_the_second_a
     assert json.loads((out / "prior.json").read_text())["rescaled"][RESCALED[1]]
 
 
+def test_a_prior_search_with_nothing_to_rescale_adds_no_rescaled_starts(demo_models, tmp_path):
+    out = tmp_path / "run"  # --weighting convex: a weight and 1 - weight, no overall scale
+    arguments = short_search_arguments(demo_models, out, 12) + ["--prior", "--weighting", "convex"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    prior = json.loads((out / "prior.json").read_text())
+    assert CORRECTED in prior["configs"] and not set(RESCALED) & set(prior["configs"])
+    assert "rescaled" not in prior and "rescaled" not in result.output
+
+
 def test_rescaled_scales_the_task_vectors_of_the_methods_that_add_them():
     blocks = tuple(Block(name=n, tensors=(n,), filters=(n,), parameters=1) for n in ("A", "B"))
     settings = SearchSettings(methods=("linear", "task_arithmetic", "ties"))
