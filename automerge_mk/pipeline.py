@@ -931,7 +931,7 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
         **{k: added[k] for k in RESCALED if k in added},
     }  # fmt: skip  (last)
     among = ", ".join(added) or "none: they are among them or outside the space"
-    _note(f"--prior: {len(added)} predicted configurations follow the baselines ({among})")
+    _note(f"--prior: {len(added)} starts follow the baselines ({among})")
     return configs, added
 
 
@@ -1027,9 +1027,9 @@ class _Rescale:
     or was scored), then the first step x RESCALE[0] again where it beat that best, else the
     best x RESCALE[1]. Each is chosen when SMAC reads its slot (make_optimizer's `late`), kept
     in prior.json (`rescaled`: what it scaled and why) and read back by a resumed run. A step
-    with nothing left to scale keeps its stand-in. `told`: functions
-    called with (label, configuration), as _Correction's. On Dask workers the steps race
-    and are chosen from the trials finished by then."""
+    with nothing left to scale keeps its stand-in. `told`: functions called with (label,
+    configuration), as _Correction's. On Dask workers the steps race and are chosen from the
+    trials finished by then."""
 
     def __init__(self, session: Session, space_, stand_ins: dict, told=()):
         self.session, self.space, self.stand_ins = session, space_, stand_ins
