@@ -62,7 +62,7 @@ class Belief:
     0.03 below the default search, whose wider exploration found better merges. Since the rule
     corrected by the baselines starts first (pipeline._Correction), it is the confirmed one on
     the demo (0.69) and on sentiment-wordnet (1.06) in every seed; rescaled last, it becomes
-    x1.15 on the demo (0.694), the line search's gain that moved the demo past its default
+    x1.15 on the demo (0.6935), the line search's gain that moved the demo past its default
     searches' bests. NePS, by πBO's authors, also
     spends its initial design near a prior when there is one (it draws it from the prior:
     neps/optimizers/bayesian_optimization.py), not uniformly.
