@@ -935,23 +935,45 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     return configs, added
 
 
-class _Correction:
+class _LateStart:
+    """A --prior start chosen when SMAC reads its slot (make_optimizer's `late`), from the
+    trials scored by then (`observe`; a --warm-start run's count, its inputs checked the
+    same), and kept in prior.json, which a resumed run reads. `told`: functions called with
+    (label, configuration) once it is chosen (the belief, the objective's unraced list)."""
+
+    def __init__(self, session: Session, space_, told=()):
+        self.session, self.space = session, space_
+        self.told, self.results = list(told), list(session.inputs.warm_start)
+
+    def observe(self, results: list[TrialResult]) -> None:
+        self.results = [*self.session.inputs.warm_start, *results]
+
+    def _keep(self, label: str, config, key: str, why, by_label: bool = False):
+        """Record `config` as `label` and `why` as prior.json's `key` (`by_label`: as its
+        entry for `label`), tell, and return `config`."""
+        from . import space
+
+        stored = self.session.run.read_json(rundir.PRIOR)
+        stored["configs"][label] = space.plain_values(config)
+        stored[key] = {**stored.get(key, {}), label: why} if by_label else why
+        self.session.run.write_json(rundir.PRIOR, stored)
+        for tell in self.told:
+            tell(label, config)
+        return config
+
+
+class _Correction(_LateStart):
     """--prior's start CORRECTED: the rule corrected by the scored baselines (prior.py,
     by_baselines), chosen when SMAC reads its slot, right after the baselines (make_optimizer's
-    `late`; on Dask workers, from the baselines finished by then). Once chosen it is kept in
-    prior.json, which a resumed run reads. `told`: functions called with the chosen
-    configuration (the belief, the objective's unraced list). A --warm-start run's trials count
-    as scored here (its inputs are checked the same). On Dask workers the chosen one races
+    `late`; on Dask workers, from the baselines finished by then; _LateStart), kept in
+    prior.json with `corrected_by`. On Dask workers the chosen one races
     like any trial (the workers' list of whole-scored predictions is sent before it exists),
     so a stopped one cannot be the belief's centre; with more workers than baselines it is
     read before any is scored, and stays uncorrected."""
 
     def __init__(self, session: Session, space_, known: dict, stand_in, told=()):
-        self.session, self.space, self.known, self.stand_in = session, space_, known, stand_in
-        self.told, self.results = list(told), list(session.inputs.warm_start)
-
-    def observe(self, results: list[TrialResult]) -> None:
-        self.results = [*self.session.inputs.warm_start, *results]
+        super().__init__(session, space_, told)
+        self.known, self.stand_in = known, stand_in
 
     def __call__(self):
         from ConfigSpace import Configuration
@@ -991,14 +1013,7 @@ class _Correction:
         return self._tell(config, why)
 
     def _tell(self, config, why):
-        from . import space
-
-        stored = self.session.run.read_json(rundir.PRIOR)
-        stored["configs"][CORRECTED] = space.plain_values(config)
-        self.session.run.write_json(rundir.PRIOR, {**stored, "corrected_by": why})
-        for tell in self.told:
-            tell(config)
-        return config
+        return self._keep(CORRECTED, config, "corrected_by", why)
 
 
 def _rescale_stand_ins(configs: dict, known: dict, space_, inputs, settings) -> dict:
@@ -1020,23 +1035,19 @@ def _rescale_stand_ins(configs: dict, known: dict, space_, inputs, settings) -> 
     return {}
 
 
-class _Rescale:
+class _Rescale(_LateStart):
     """--prior's last two starts RESCALED, a line search on how far the task vectors go (the
     starts' least certain guess; prior.py): the best merge scored whole so far that has task
     vectors to scale (space.rescaled) x RESCALE[0] (x RESCALE[1] where that changes nothing
     or was scored), then the first step x RESCALE[0] again where it beat that best, else the
     best x RESCALE[1]. Each is chosen when SMAC reads its slot (make_optimizer's `late`), kept
     in prior.json (`rescaled`: what it scaled and why) and read back by a resumed run. A step
-    with nothing left to scale keeps its stand-in. `told`: functions called with (label,
-    configuration), as _Correction's. On Dask workers the steps race and are chosen from the
-    trials finished by then."""
+    with nothing left to scale keeps its stand-in. On Dask workers the steps race and are
+    chosen from the trials finished by then."""
 
     def __init__(self, session: Session, space_, stand_ins: dict, told=()):
-        self.session, self.space, self.stand_ins = session, space_, stand_ins
-        self.told, self.results = list(told), list(session.inputs.warm_start)
-
-    def observe(self, results: list[TrialResult]) -> None:
-        self.results = [*self.session.inputs.warm_start, *results]
+        super().__init__(session, space_, told)
+        self.stand_ins = stand_ins
 
     def _whole(self) -> list[TrialResult]:
         return [r for r in self.results if r.status == "ok" and not r.partial
@@ -1067,10 +1078,11 @@ class _Rescale:
         from . import prior
 
         up, down = prior.RESCALE
-        step = self.session.run.read_json(rundir.PRIOR).get("rescaled", {}).get(RESCALED[0])
+        stored = self.session.run.read_json(rundir.PRIOR)
+        step = stored.get("rescaled", {}).get(RESCALED[0])
         if not step:
             return self._tell(RESCALED[1], None, None)
-        chosen = self.session.run.read_json(rundir.PRIOR)["configs"][RESCALED[0]]
+        chosen = stored["configs"][RESCALED[0]]
         scored = [r.harmonic_mean for r in self._whole() if r.config == chosen]
         won = bool(scored) and max(scored) > step["from_H"]
         back = down if step["factor"] == up else up
@@ -1088,8 +1100,6 @@ class _Rescale:
     def _tell(self, label: str, values: dict | None, why: dict | None):
         from ConfigSpace import Configuration
 
-        from . import space
-
         config = (
             self.stand_ins[label] if values is None else Configuration(self.space, values=values)
         )
@@ -1102,13 +1112,7 @@ class _Rescale:
             }.get(why.get("first_won"), "")
             _note(f"--prior: {label}: trial {why['trial']} (H {why['from_H']:.4f}) with its "
                   f"task vectors x{why['factor']:.4g}{after}")  # fmt: skip
-        stored = self.session.run.read_json(rundir.PRIOR)
-        stored["configs"][label] = space.plain_values(config)
-        stored["rescaled"] = {**stored.get("rescaled", {}), label: why}
-        self.session.run.write_json(rundir.PRIOR, stored)
-        for tell in self.told:
-            tell(label, config)
-        return config
+        return self._keep(label, config, "rescaled", why, by_label=True)
 
 
 def _baseline_scores(known: dict, results: list[TrialResult], full: bool = True) -> dict:
@@ -1385,26 +1389,19 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
     # stop that mattered); the prior's predictions are scored whole, as bench_prior measured.
     objective = session.objective(to_plan, tuple(space.plain_values(c) for c in prior.values()))
     late, observers = {}, [_noting(belief)] if belief else []
+
+    def chosen(label, config) -> None:  # a late start (_LateStart): serial, it is scored whole
+        prior[label] = config
+        objective.unraced.append(space.plain_values(config))
+        if belief:
+            belief.place(label, space.plain_values(config))
+
     if CORRECTED in prior and "corrected_by" not in run.read_json(rundir.PRIOR):
-
-        def chosen(config) -> None:  # serial: scored whole; a Dask worker races it
-            prior[CORRECTED] = config
-            objective.unraced.append(space.plain_values(config))
-            if belief:
-                belief.place(CORRECTED, space.plain_values(config))
-
         correction = _Correction(session, space_, known, prior[CORRECTED], [chosen])
         late, observers = {len(known): correction}, [correction.observe, *observers]
     chosen_steps = run.read_json(rundir.PRIOR).get("rescaled", {}) if prior else {}
     if all(label in prior for label in RESCALED) and RESCALED[1] not in chosen_steps:
-
-        def stepped(label, config) -> None:  # as `chosen`
-            prior[label] = config
-            objective.unraced.append(space.plain_values(config))
-            if belief:
-                belief.place(label, space.plain_values(config))
-
-        rescale = _Rescale(session, space_, {k: prior[k] for k in RESCALED}, [stepped])
+        rescale = _Rescale(session, space_, {k: prior[k] for k in RESCALED}, [chosen])
         slots = {label: len(known) + list(prior).index(label) for label in RESCALED}
         late |= {slots[label]: get for label, get in zip(RESCALED, (rescale.first, rescale.second))
                  if label not in chosen_steps}  # fmt: skip
