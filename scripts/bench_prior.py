@@ -253,6 +253,14 @@ def _anytime(pair: str, done: dict, modes: list[str], seeds, trials: int) -> str
 CORRECTED_ROW = "--prior's first start: the rule corrected by the baselines"
 
 
+def rescaled_starts(searched: Path | None) -> dict:
+    """A --prior search's rescaled starts (pipeline._Rescale) as rows: label -> configuration."""
+    stored = rundir.RunDir(searched).read_json(rundir.PRIOR) if searched else {}
+    steps = {label: why for label, why in stored.get("rescaled", {}).items() if why}
+    return {f"--prior's {label.removeprefix('prior, ')}: trial {why['trial']} x{why['factor']:.4g}":
+            stored["configs"][label] for label, why in steps.items()}  # fmt: skip
+
+
 def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str],
                  searched: Path | None = None, before: dict | None = None) -> dict:  # fmt: skip
     """suggest's recipe (validation probe, no evaluation) scored on the test split, with the
@@ -260,7 +268,8 @@ def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str],
     plans (the prediction, full balance, no balance) are scored on the validation split too:
     what the balance's exponent was chosen on. With a --prior search `searched`, also the
     start the baselines corrected there (prior.json's corrected_by), on both splits: its
-    power was chosen on the validation split."""
+    power was chosen on the validation split; and the starts it rescaled (pipeline._Rescale),
+    chosen on the validation split by that search."""
     request = pair_inputs(pair, "validation")
     out = work / f"{pair}-suggested.yaml"
     settings = SearchSettings()
@@ -290,6 +299,11 @@ def suggest_step(pair: str, work: Path, scorers: dict, learned: list[str],
             [corrected["preservation"][n] for n in names],
             corrected["ties_lost"],
         )
+    names = tuple(s.name for s in inputs.sources)
+    for label, config in rescaled_starts(searched).items():  # the search's, on the test split
+        first = plans["prior"]
+        ruled[label] = space.plan_from_config(config, inputs.blocks, first.sources, names,
+                                              first.base, settings, inputs.dtype)  # fmt: skip
     rows = {label: scorers["test"].score_plan(plan, label) for label, plan in ruled.items()}
     validation = {label: scorers["validation"].score_plan(plan, label)["harmonic_mean"]
                   for label, plan in ruled.items()}  # fmt: skip
@@ -558,8 +572,9 @@ def main() -> None:
         rows = len(done.get(f"suggest:{pair}", {}).get("rows", ()))
         prior_search = done.get(f"search:{pair}:pibo:{args.trials}:{seeds[0]}")
         searched = recorded_path(prior_search["run"]) if prior_search else None
-        # the rule's 3, baselines, learned, the corrected start
-        if rows < 3 + len(BASELINES) + bool(learned) + bool(searched):
+        # the rule's 3, baselines, learned, the corrected start, the rescaled ones
+        wanted = 3 + len(BASELINES) + bool(learned) + bool(searched)
+        if rows < wanted + len(rescaled_starts(searched)):
             print(f"suggest:{pair}: running", flush=True)
             row = suggest_step(pair, args.work, scorers[pair], learned, searched,
                                _learned_rows(steps_file, pair, digests[pair]))  # fmt: skip
