@@ -47,7 +47,7 @@ from .rundir import (
     writing,
 )
 from .settings import SearchSettings
-from .types import Block, SourceModel, TaskScore, TrialResult, best_trial
+from .types import Block, SourceModel, TaskScore, TrialResult, best_trial, top_budget
 
 if TYPE_CHECKING:  # these import torch: the cheap checks must not wait for them
     from transformers import PreTrainedTokenizerBase
@@ -896,8 +896,8 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
     centre of --prior-acquisition's prior) and those the search adds after the baselines.
     With baselines (and no --fidelity, whose baselines are scored on a part of the data) the
     first added is CORRECTED, here the rule before the baselines correct it (_Correction).
-    Without --fidelity the last two are RESCALED, here stand-ins (the first added one x
-    prior.RESCALE) for the line search _Rescale chooses."""
+    Without --fidelity the last two are RESCALED, here stand-ins (_rescale_stand_ins) for the
+    line search _Rescale chooses."""
     from ConfigSpace import Configuration
 
     from . import prior, space
@@ -924,12 +924,9 @@ def _prior_configs(session: Session, space_, known: dict) -> tuple[dict, dict]:
         })  # fmt: skip
     chosen_later = (CORRECTED, *RESCALED)  # stand-ins: kept even where one is a baseline's
     added = {k: c for k, c in configs.items() if k in chosen_later or c not in known.values()}
-    if CORRECTED in added:  # first: the best start on two of bench_prior's three pairs
-        added = {CORRECTED: added.pop(CORRECTED), **added}
-    added = {
-        **{k: c for k, c in added.items() if k not in RESCALED},
-        **{k: added[k] for k in RESCALED if k in added},
-    }  # fmt: skip  (last)
+    # CORRECTED first (the best start on two of bench_prior's three pairs), RESCALED last
+    order = sorted(added, key=lambda k: (k != CORRECTED) + (k in RESCALED))  # stable
+    added = {k: added[k] for k in order}
     among = ", ".join(added) or "none: they are among them or outside the space"
     _note(f"--prior: {len(added)} starts follow the baselines ({among})")
     return configs, added
@@ -1049,10 +1046,6 @@ class _Rescale(_LateStart):
         super().__init__(session, space_, told)
         self.stand_ins = stand_ins
 
-    def _whole(self) -> list[TrialResult]:
-        return [r for r in self.results if r.status == "ok" and not r.partial
-                and r.harmonic_mean is not None and math.isfinite(r.harmonic_mean)]  # fmt: skip
-
     def _scaled(self, values: dict, factor: float) -> dict | None:
         """`values` x factor, or None where that changes nothing or was scored already."""
         from . import space
@@ -1065,7 +1058,7 @@ class _Rescale(_LateStart):
     def first(self):
         from . import prior
 
-        ranked = sorted(self._whole(), key=lambda r: -r.harmonic_mean)
+        ranked = sorted(top_budget(self.results), key=lambda r: -r.harmonic_mean)  # whole
         for best, factor in itertools.product(ranked, prior.RESCALE):  # best first, up first
             values = self._scaled(best.config, factor)
             if values is not None:
@@ -1083,7 +1076,7 @@ class _Rescale(_LateStart):
         if not step:
             return self._tell(RESCALED[1], None, None)
         chosen = stored["configs"][RESCALED[0]]
-        scored = [r.harmonic_mean for r in self._whole() if r.config == chosen]
+        scored = [r.harmonic_mean for r in top_budget(self.results) if r.config == chosen]
         won = bool(scored) and max(scored) > step["from_H"]
         back = down if step["factor"] == up else up
         # (configuration to scale, by, how far from the best that is)
@@ -1396,10 +1389,11 @@ def _search(session: Session, progress: bool, resume: bool, started: float) -> P
         if belief:
             belief.place(label, space.plain_values(config))
 
-    if CORRECTED in prior and "corrected_by" not in run.read_json(rundir.PRIOR):
+    stored = run.read_json(rundir.PRIOR) if prior else {}  # what a resumed run chose already
+    if CORRECTED in prior and "corrected_by" not in stored:
         correction = _Correction(session, space_, known, prior[CORRECTED], [chosen])
         late, observers = {len(known): correction}, [correction.observe, *observers]
-    chosen_steps = run.read_json(rundir.PRIOR).get("rescaled", {}) if prior else {}
+    chosen_steps = stored.get("rescaled", {})
     if all(label in prior for label in RESCALED) and RESCALED[1] not in chosen_steps:
         rescale = _Rescale(session, space_, {k: prior[k] for k in RESCALED}, [chosen])
         slots = {label: len(known) + list(prior).index(label) for label in RESCALED}
